@@ -1,0 +1,595 @@
+//! `up`, `down`, `status` and `exec`: the testbed's stable interface for tests and benchmarks.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::daemon::{Daemon, tail};
+use crate::gobuild::{self, GoBinary};
+use crate::layout::*;
+use crate::machine::{self, cgroup, cgroup2_root, ip, ip_idempotent, list_netns, netns_path, sysctl};
+use crate::pki::{self, Pki};
+
+/// Options of `testbed up`.
+#[derive(Clone, Copy, Debug)]
+pub struct UpOptions {
+    /// Number of nodes (1..=8); node 1 runs the control plane.
+    pub nodes: u8,
+}
+
+impl Default for UpOptions {
+    fn default() -> Self {
+        UpOptions { nodes: 1 }
+    }
+}
+
+/// One testbed instance (there is one per workspace).
+#[derive(Clone, Debug)]
+pub struct Testbed {
+    pub layout: Layout,
+}
+
+/// The control plane components the multi-call binary provides (symlinked into bin/).
+const CLUSTER_TOOLS: &[&str] =
+    &["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl", "coredns"];
+
+impl Default for Testbed {
+    fn default() -> Self {
+        Testbed { layout: Layout::default_workspace() }
+    }
+}
+
+fn require_root() -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the testbed needs root (network namespaces, cgroups, mounts); run it as root");
+    }
+    Ok(())
+}
+
+fn waiting(what: &str, started: Instant, last: &mut Instant) {
+    if last.elapsed() >= Duration::from_secs(5) {
+        eprintln!("testbed: waiting for {what} ({:.0?})", started.elapsed());
+        *last = Instant::now();
+    }
+}
+
+impl Testbed {
+    pub fn new(layout: Layout) -> Testbed {
+        Testbed { layout }
+    }
+
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.layout.kubeconfig()
+    }
+
+    /// Nodes of the running testbed (0 when down).
+    pub fn nodes(&self) -> u8 {
+        Daemon::recorded(&self.layout).iter().filter(|d| d.name == "kt-node" && d.alive()).count() as u8
+    }
+
+    /// Whether the control plane answers.
+    pub fn is_up(&self) -> bool {
+        Daemon::running(&self.layout, Machine::Node(1), "kube-apiserver").is_some()
+            && self.kubectl_in(Machine::Node(1), &["get", "--raw", "/readyz"]).is_ok_and(|o| o.status.success())
+    }
+
+    /// Brings the testbed up; returns at once if it is up with that many nodes.
+    pub fn up(&self, opts: UpOptions) -> Result<()> {
+        require_root()?;
+        if !(1..=MAX_NODES).contains(&opts.nodes) {
+            bail!("--nodes must be between 1 and {MAX_NODES}");
+        }
+        let l = &self.layout;
+        let cluster_bin = gobuild::ensure(l, GoBinary::Cluster)?;
+        let node_bin = gobuild::ensure(l, GoBinary::Node)?;
+        self.link_tools(&cluster_bin, &node_bin)?;
+        let have = self.nodes();
+        if have != 0 && have != opts.nodes {
+            eprintln!("testbed: it runs {have} node(s), {} asked; recreating it", opts.nodes);
+            self.down()?;
+        }
+        if have == opts.nodes && self.is_up() && self.healthy().is_ok() {
+            eprintln!("testbed: up ({} node(s)); kubeconfig: {}", opts.nodes, l.kubeconfig().display());
+            return Ok(());
+        }
+        let started = Instant::now();
+        let pki = pki::ensure(l, opts.nodes)?;
+        fs::write(l.kubeconfig(), pki::kubeconfig(&pki, "kubernetes-admin", &pki.admin_cert(), &pki.admin_key(), "default")?)?;
+        self.network(opts.nodes)?;
+        self.write_configs(opts.nodes)?;
+        self.start_control_plane(&pki, &cluster_bin)?;
+        self.start_nodes(&pki, opts.nodes, &cluster_bin, &node_bin)?;
+        self.bootstrap(opts.nodes)?;
+        eprintln!(
+            "testbed: up in {:.0?} ({} node(s)); kubeconfig: {}",
+            started.elapsed(),
+            opts.nodes,
+            l.kubeconfig().display()
+        );
+        println!("{}", l.kubeconfig().display());
+        Ok(())
+    }
+
+    /// bin/: kubectl and friends (symlinks to the multi-call binary), kt-node, and the
+    /// workspace's binaries once built ([`Testbed::link_workspace_binaries`]).
+    fn link_tools(&self, cluster: &Path, node: &Path) -> Result<()> {
+        let bin = self.layout.bin();
+        fs::create_dir_all(&bin)?;
+        let link = |name: &str, target: &Path| -> Result<()> {
+            let p = bin.join(name);
+            if fs::read_link(&p).ok().as_deref() != Some(target) {
+                let _ = fs::remove_file(&p);
+                std::os::unix::fs::symlink(target, &p).with_context(|| format!("linking {}", p.display()))?;
+            }
+            Ok(())
+        };
+        link("kt-cluster", cluster)?;
+        for t in CLUSTER_TOOLS {
+            link(t, cluster)?;
+        }
+        link("kt-node", node)
+    }
+
+    /// Points bin/ktctl and bin/kt-router (the `kt-router:*` image) at a cargo profile's builds.
+    pub fn link_workspace_binaries(&self, profile_dir: &Path) -> Result<()> {
+        let bin = self.layout.bin();
+        fs::create_dir_all(&bin)?;
+        for name in ["ktctl", "kt-router"] {
+            let target = profile_dir.join(name);
+            let p = bin.join(name);
+            let _ = fs::remove_file(&p);
+            std::os::unix::fs::symlink(&target, &p)?;
+        }
+        Ok(())
+    }
+
+    /// The fabric (a bridge in its own namespace), the machines and their cgroups.
+    fn network(&self, nodes: u8) -> Result<()> {
+        let mut machines: Vec<Machine> = (1..=nodes).map(Machine::Node).collect();
+        machines.push(Machine::Laptop);
+        if !netns_path(FABRIC_NS).exists() {
+            ip(&["netns", "add", FABRIC_NS])?;
+        }
+        ip_idempotent(&["-n", FABRIC_NS, "link", "add", BRIDGE, "type", "bridge"])?;
+        ip(&["-n", FABRIC_NS, "link", "set", BRIDGE, "up"])?;
+        ip(&["-n", FABRIC_NS, "link", "set", "lo", "up"])?;
+        let cg_root = cgroup2_root()?;
+        for &m in &machines {
+            let name = m.name();
+            let cg = cg_root.join(&name);
+            if !cg.exists() {
+                fs::create_dir(&cg).with_context(|| format!("creating cgroup {}", cg.display()))?;
+            }
+            if netns_path(&name).exists() {
+                continue;
+            }
+            ip(&["netns", "add", &name])?;
+            let fab = format!("fab-{}", name.trim_start_matches("kt-"));
+            ip(&["-n", FABRIC_NS, "link", "add", &fab, "type", "veth", "peer", "name", "eth0", "netns", &name])?;
+            ip(&["-n", FABRIC_NS, "link", "set", &fab, "master", BRIDGE, "up"])?;
+            ip(&["-n", &name, "link", "set", "lo", "up"])?;
+            ip(&["-n", &name, "link", "set", "eth0", "up"])?;
+            match m {
+                Machine::Laptop => {
+                    // The laptop reaches the API server's address and nothing else.
+                    ip(&["-n", &name, "addr", "add", &format!("{}/32", m.ip()), "dev", "eth0"])?;
+                    ip(&["-n", &name, "route", "add", &format!("{}/32", api_server_ip()), "dev", "eth0"])?;
+                }
+                Machine::Node(n) => {
+                    ip(&["-n", &name, "addr", "add", &format!("{}/{LAN_PREFIX}", m.ip()), "dev", "eth0"])?;
+                    // Service IPs need a route for the first lookup; kube-proxy's DNAT then
+                    // re-routes to an endpoint (a real node's default route plays this part).
+                    ip(&["-n", &name, "route", "add", SERVICE_CIDR, "dev", "eth0"])?;
+                    sysctl(&name, "net.ipv4.ip_forward", "1")?;
+                    sysctl(&name, "net.ipv4.conf.all.rp_filter", "0")?;
+                    for other in 1..=nodes {
+                        if other != n {
+                            let o = Machine::Node(other);
+                            ip(&["-n", &name, "route", "add", &o.pod_cidr().unwrap_or_default(), "via", &o.ip().to_string()])?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn write_configs(&self, nodes: u8) -> Result<()> {
+        let l = &self.layout;
+        let cfg = l.config();
+        fs::create_dir_all(&cfg)?;
+        for n in 1..=nodes {
+            let m = Machine::Node(n);
+            fs::write(
+                cfg.join(format!("kube-proxy-{}.yaml", m.name())),
+                format!(
+                    "apiVersion: kubeproxy.config.k8s.io/v1alpha1\nkind: KubeProxyConfiguration\n\
+                     clientConnection:\n  kubeconfig: {kc}\nhostnameOverride: {name}\nbindAddress: {ip}\n\
+                     clusterCIDR: {POD_CIDR}\nmode: nftables\n\
+                     conntrack:\n  maxPerCore: 0\n  min: 0\n  tcpEstablishedTimeout: 0s\n  tcpCloseWaitTimeout: 0s\n\
+                     metricsBindAddress: 127.0.0.1:10249\nhealthzBindAddress: 127.0.0.1:10256\n",
+                    kc = l.kubeconfig().display(),
+                    name = m.name(),
+                    ip = m.ip()
+                ),
+            )?;
+        }
+        // The laptop's own resolver and resolv.conf (bind-mounted over /etc/resolv.conf in it).
+        fs::write(
+            cfg.join("laptop.Corefile"),
+            format!(
+                ".:53 {{\n    bind {LAPTOP_RESOLVER}\n    hosts {{\n        192.168.50.200 home.test\n        192.168.50.201 printer.home.test\n    }}\n    errors\n}}\n"
+            ),
+        )?;
+        let etc = Layout::netns_etc(Machine::Laptop);
+        fs::create_dir_all(&etc)?;
+        fs::write(etc.join("resolv.conf"), format!("nameserver {LAPTOP_RESOLVER}\nsearch {LAPTOP_SEARCH}\n"))?;
+        Ok(())
+    }
+
+    fn start(&self, m: Machine, name: &str, args: Vec<String>) -> Result<Daemon> {
+        if let Some(d) = Daemon::running(&self.layout, m, name) {
+            return Ok(d);
+        }
+        Daemon::spawn(&self.layout, m, name, &args)
+    }
+
+    fn start_control_plane(&self, pki: &Pki, bin: &Path) -> Result<()> {
+        let l = &self.layout;
+        let node1 = Machine::Node(1);
+        let b = |tool: &str| vec![bin.display().to_string(), tool.to_string()];
+        let p = |path: PathBuf| path.display().to_string();
+        let etcd_dir = l.state().join("etcd");
+        let mut etcd = b("etcd");
+        etcd.extend([
+            "--name=kt".into(),
+            format!("--data-dir={}", etcd_dir.display()),
+            "--listen-client-urls=http://127.0.0.1:2379".into(),
+            "--advertise-client-urls=http://127.0.0.1:2379".into(),
+            "--listen-peer-urls=http://127.0.0.1:2380".into(),
+            "--initial-advertise-peer-urls=http://127.0.0.1:2380".into(),
+            "--initial-cluster=kt=http://127.0.0.1:2380".into(),
+            "--unsafe-no-fsync".into(),
+            "--log-level=warn".into(),
+        ]);
+        let d = self.start(node1, "etcd", etcd)?;
+        self.wait("etcd", Duration::from_secs(60), &[&d], || {
+            Ok(machine::output(l, node1, &["curl", "-fsS", "-m", "2", "http://127.0.0.1:2379/health"])?.status.success())
+        })?;
+
+        let mut api = b("kube-apiserver");
+        api.extend([
+            format!("--advertise-address={}", api_server_ip()),
+            "--bind-address=0.0.0.0".into(),
+            "--secure-port=6443".into(),
+            "--etcd-servers=http://127.0.0.1:2379".into(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            format!("--tls-cert-file={}", p(pki.apiserver_cert())),
+            format!("--tls-private-key-file={}", p(pki.apiserver_key())),
+            format!("--client-ca-file={}", p(pki.ca_cert())),
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local".into(),
+            format!("--service-account-key-file={}", p(pki.sa_pub())),
+            format!("--service-account-signing-key-file={}", p(pki.sa_key())),
+            "--authorization-mode=RBAC".into(),
+            "--allow-privileged=true".into(),
+            format!("--kubelet-client-certificate={}", p(pki.admin_cert())),
+            format!("--kubelet-client-key={}", p(pki.admin_key())),
+            "--kubelet-preferred-address-types=InternalIP".into(),
+            format!("--cert-dir={}", p(l.state().join("apiserver"))),
+            "--profiling=false".into(),
+            "--event-ttl=1h".into(),
+        ]);
+        let api_d = self.start(node1, "kube-apiserver", api)?;
+        self.wait("kube-apiserver", Duration::from_secs(120), &[&api_d], || {
+            Ok(self.kubectl_in(node1, &["get", "--raw", "/readyz"])?.status.success())
+        })?;
+
+        let kc = format!("--kubeconfig={}", p(l.kubeconfig()));
+        let mut cm = b("kube-controller-manager");
+        cm.extend([
+            kc.clone(),
+            "--leader-elect=false".into(),
+            "--secure-port=0".into(),
+            format!("--service-account-private-key-file={}", p(pki.sa_key())),
+            format!("--root-ca-file={}", p(pki.ca_cert())),
+            format!("--cluster-signing-cert-file={}", p(pki.ca_cert())),
+            format!("--cluster-signing-key-file={}", p(pki.ca_key())),
+            format!("--cluster-cidr={POD_CIDR}"),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+        ]);
+        self.start(node1, "kube-controller-manager", cm)?;
+        let mut sched = b("kube-scheduler");
+        sched.extend([kc, "--leader-elect=false".into(), "--secure-port=0".into()]);
+        self.start(node1, "kube-scheduler", sched)?;
+        let mut dns = b("coredns");
+        dns.extend(["-conf".into(), p(l.config().join("laptop.Corefile"))]);
+        self.start(Machine::Laptop, "resolver", dns)?;
+        Ok(())
+    }
+
+    fn start_nodes(&self, pki: &Pki, nodes: u8, cluster_bin: &Path, node_bin: &Path) -> Result<()> {
+        let l = &self.layout;
+        for n in 1..=nodes {
+            let m = Machine::Node(n);
+            let mut proxy = vec![cluster_bin.display().to_string(), "kube-proxy".into()];
+            proxy.push(format!("--config={}", l.config().join(format!("kube-proxy-{}.yaml", m.name())).display()));
+            self.start(m, "kube-proxy", proxy)?;
+            let state = l.state().join(m.name());
+            fs::create_dir_all(&state)?;
+            let args = vec![
+                node_bin.display().to_string(),
+                "run".into(),
+                format!("--name={}", m.name()),
+                format!("--node-ip={}", m.ip()),
+                format!("--pod-cidr={}", m.pod_cidr().unwrap_or_default()),
+                format!("--kubeconfig={}", l.kubeconfig().display()),
+                format!("--state-dir={}", state.display()),
+                format!("--cgroup={}", cgroup(m)?.display()),
+                format!("--images={}", l.testbed_src().join("images.yaml").display()),
+                format!("--bin-dir={}", l.bin().display()),
+                format!("--cluster-bin={}", cluster_bin.display()),
+                format!("--cluster-dns={CLUSTER_DNS}"),
+                format!("--cluster-domain={CLUSTER_DOMAIN}"),
+                format!("--tls-cert={}", pki.kubelet_cert(m).display()),
+                format!("--tls-key={}", pki.kubelet_key(m).display()),
+                format!("--client-ca={}", pki.ca_cert().display()),
+                format!("--kubelet-version={KUBERNETES_VERSION}"),
+            ];
+            self.start(m, "kt-node", args)?;
+        }
+        Ok(())
+    }
+
+    /// Cluster add-ons and the readiness checks `up` promises.
+    fn bootstrap(&self, nodes: u8) -> Result<()> {
+        let l = &self.layout;
+        let node1 = Machine::Node(1);
+        let all = Daemon::recorded(l);
+        let daemons: Vec<&Daemon> = all.iter().collect();
+        self.wait(&format!("{nodes} node(s) Ready"), Duration::from_secs(120), &daemons, || {
+            let o = self.kubectl_in(node1, &["get", "nodes", "-o", "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}"])?;
+            let text = String::from_utf8_lossy(&o.stdout);
+            Ok(o.status.success() && text.lines().filter(|s| *s == "True").count() == nodes as usize)
+        })?;
+        let manifest = l.testbed_src().join("manifests/coredns.yaml");
+        self.wait("the CoreDNS manifest to apply", Duration::from_secs(60), &daemons, || {
+            Ok(self.kubectl_in(node1, &["apply", "-f", &manifest.display().to_string()])?.status.success())
+        })?;
+        self.wait("CoreDNS Ready", Duration::from_secs(180), &daemons, || {
+            let o = self.kubectl_in(node1, &["-n", "kube-system", "get", "deploy/coredns", "-o", "jsonpath={.status.readyReplicas}"])?;
+            Ok(String::from_utf8_lossy(&o.stdout).trim() == "1")
+        })
+        .map_err(|e| e.context(self.describe("kube-system", "k8s-app=kube-dns")))?;
+        self.wait("cluster DNS to answer", Duration::from_secs(60), &daemons, || {
+            Ok(machine::output(l, node1, &["kt-node", "dns-probe", &CLUSTER_DNS.to_string(), "kubernetes.default.svc.cluster.local"])?.status.success())
+        })?;
+        self.wait("the default ServiceAccount", Duration::from_secs(60), &daemons, || {
+            Ok(self.kubectl_in(node1, &["get", "serviceaccount", "default"])?.status.success())
+        })
+    }
+
+    /// `kubectl describe` of pods matching a selector, for error messages.
+    fn describe(&self, ns: &str, selector: &str) -> String {
+        self.kubectl_in(Machine::Node(1), &["-n", ns, "describe", "pods", "-l", selector])
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Polls `ready` until true; fails early, with its log, if one of `daemons` exits.
+    fn wait(&self, what: &str, timeout: Duration, daemons: &[&Daemon], mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+        let started = Instant::now();
+        let mut last = Instant::now();
+        loop {
+            for d in daemons {
+                d.check(&self.layout)?;
+            }
+            if ready().unwrap_or(false) {
+                return Ok(());
+            }
+            if started.elapsed() > timeout {
+                let logs: Vec<String> = daemons
+                    .iter()
+                    .map(|d| format!("--- {} ({}):\n{}", d.name, d.machine, tail(&Daemon::log_file(&self.layout, d.machine, &d.name), 10)))
+                    .collect();
+                bail!("timed out after {timeout:?} waiting for {what}\n{}", logs.join("\n"));
+            }
+            waiting(what, started, &mut last);
+            sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Every daemon alive; names the first that is not.
+    pub fn healthy(&self) -> Result<()> {
+        for d in Daemon::recorded(&self.layout) {
+            d.check(&self.layout)?;
+        }
+        Ok(())
+    }
+
+    /// kubectl inside a machine (the laptop reaches the API server as a developer would).
+    pub fn kubectl_in(&self, m: Machine, args: &[&str]) -> Result<Output> {
+        let mut all = vec!["kubectl", "--request-timeout=10s"];
+        all.extend_from_slice(args);
+        machine::output(&self.layout, m, &all)
+    }
+
+    /// kubectl from the laptop.
+    pub fn kubectl(&self, args: &[&str]) -> Result<Output> {
+        self.kubectl_in(Machine::Laptop, args)
+    }
+
+    /// `testbed exec`: runs a command in a machine with the terminal attached; CMD's exit code.
+    pub fn exec(&self, m: Machine, args: &[String]) -> Result<i32> {
+        require_root()?;
+        let (prog, rest) = args.split_first().context("no command given (testbed exec MACHINE -- CMD...)")?;
+        let status = machine::command(&self.layout, m, prog)?.args(rest).status().with_context(|| format!("running {prog} in {m}"))?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+    }
+
+    /// `testbed status`: each process, then the nodes and pods as the API server sees them.
+    pub fn status(&self) -> Result<String> {
+        let mut s = String::new();
+        let daemons = Daemon::recorded(&self.layout);
+        if daemons.is_empty() {
+            return Ok("testbed: down\n".into());
+        }
+        for d in &daemons {
+            s += &format!("{:<10} {:<24} pid {:<8} {}\n", d.machine.name(), d.name, d.pid, if d.alive() { "running" } else { "EXITED" });
+        }
+        if let Ok(o) = self.kubectl_in(Machine::Node(1), &["get", "nodes,pods", "-A", "-o", "wide"]) {
+            s += &String::from_utf8_lossy(&o.stdout);
+            s += &String::from_utf8_lossy(&o.stderr);
+        }
+        Ok(s)
+    }
+
+    /// `testbed down`: ends every process it started and removes namespaces, veths, cgroups
+    /// and files in /etc/netns; safe to repeat. Fails if anything is left behind.
+    pub fn down(&self) -> Result<()> {
+        require_root()?;
+        let l = &self.layout;
+        let mut daemons = Daemon::recorded(l);
+        // Node agents first (no new pods), the API server last.
+        daemons.sort_by_key(|d| match d.name.as_str() {
+            "kt-node" => 0,
+            "kube-apiserver" => 3,
+            "etcd" => 4,
+            _ => 1,
+        });
+        for d in &daemons {
+            d.stop(l, Duration::from_secs(5));
+        }
+        // Pods' processes (and anything a test ran in a machine) live in the machines' cgroups.
+        if let Ok(root) = cgroup2_root() {
+            for name in machine_cgroups(&root) {
+                kill_cgroup_tree(&root.join(&name))?;
+            }
+        }
+        for ns in list_netns(POD_NS_PREFIX) {
+            ip(&["netns", "del", &ns])?;
+        }
+        for n in 1..=MAX_NODES {
+            let name = Machine::Node(n).name();
+            if netns_path(&name).exists() {
+                ip(&["netns", "del", &name])?;
+            }
+        }
+        for ns in [Machine::Laptop.name(), FABRIC_NS.to_string()] {
+            if netns_path(&ns).exists() {
+                ip(&["netns", "del", &ns])?;
+            }
+        }
+        let _ = fs::remove_dir_all(Layout::netns_etc(Machine::Laptop));
+        // Pod state (volumes, logs) goes; component logs stay for post-mortems.
+        for n in 1..=MAX_NODES {
+            let _ = fs::remove_dir_all(l.state().join(Machine::Node(n).name()));
+        }
+        let _ = fs::remove_dir_all(l.state().join("etcd"));
+        let left = leftovers();
+        if !left.is_empty() {
+            bail!("testbed down left these behind:\n  {}", left.join("\n  "));
+        }
+        eprintln!("testbed: down");
+        Ok(())
+    }
+}
+
+/// The machines' cgroups under the v2 root.
+fn machine_cgroups(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = (1..=MAX_NODES).map(|n| Machine::Node(n).name()).collect();
+    v.push(Machine::Laptop.name());
+    v.retain(|n| root.join(n).exists());
+    v
+}
+
+/// Kills every process in a cgroup subtree (all of them the testbed's) and removes it.
+fn kill_cgroup_tree(dir: &Path) -> Result<()> {
+    let until = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut pids = vec![];
+        collect_pids(dir, &mut pids);
+        if pids.is_empty() {
+            break;
+        }
+        if Instant::now() > until {
+            bail!("processes in {} survive SIGKILL: {pids:?}", dir.display());
+        }
+        if fs::write(dir.join("cgroup.kill"), "1").is_err() {
+            for pid in pids {
+                // SAFETY: kill(2); every process in the machine's cgroup was started by the testbed.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        sleep(Duration::from_millis(50));
+    }
+    remove_cgroup_tree(dir)
+}
+
+fn collect_pids(dir: &Path, out: &mut Vec<i32>) {
+    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+    }
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                collect_pids(&e.path(), out);
+            }
+        }
+    }
+}
+
+fn remove_cgroup_tree(dir: &Path) -> Result<()> {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_cgroup_tree(&e.path())?;
+            }
+        }
+    }
+    // A cgroup folder is removed with rmdir even though it lists files.
+    fs::remove_dir(dir).or_else(|e| if dir.exists() { Err(e) } else { Ok(()) }).with_context(|| format!("removing cgroup {}", dir.display()))
+}
+
+/// What a testbed could leave on the machine: processes in its cgroups, its cgroups, its
+/// network namespaces, veths in the root namespace, /etc/netns files and mounts under its
+/// state folder. Empty when clean.
+pub fn leftovers() -> Vec<String> {
+    let mut out = vec![];
+    if let Ok(root) = cgroup2_root() {
+        for name in machine_cgroups(&root) {
+            let mut pids = vec![];
+            collect_pids(&root.join(&name), &mut pids);
+            out.push(format!("cgroup {} (processes {pids:?})", root.join(&name).display()));
+        }
+    }
+    for ns in list_netns("kt") {
+        out.push(format!("network namespace {ns}"));
+    }
+    if let Ok(o) = std::process::Command::new("ip").args(["-o", "link", "show"]).output() {
+        for line in String::from_utf8_lossy(&o.stdout).lines() {
+            let name = line.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("");
+            if name.starts_with("ktv") || name.starts_with("fab-") || name == BRIDGE {
+                out.push(format!("interface {name} in the root namespace"));
+            }
+        }
+    }
+    if Layout::netns_etc(Machine::Laptop).exists() {
+        out.push(format!("{}", Layout::netns_etc(Machine::Laptop).display()));
+    }
+    if let Ok(info) = fs::read_to_string("/proc/self/mountinfo") {
+        for line in info.lines() {
+            if let Some(point) = line.split(' ').nth(4)
+                && (point.contains("/testbed/state/") || point.starts_with("/run/netns/kt"))
+            {
+                out.push(format!("mount {point}"));
+            }
+        }
+    }
+    out
+}
