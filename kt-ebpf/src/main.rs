@@ -1,1 +1,247 @@
-fn main(){}
+//! ktctl's eBPF programs (see `kt_common::bpf` for the maps' contract).
+//!
+//! Laptop side, attached to a cgroup v2 through bpf_links owned by ktctl:
+//! - `kt_connect4`/`kt_connect6` (TCP and connected UDP) and `kt_sendmsg4`/`kt_sendmsg6`
+//!   (unconnected UDP) rewrite a cluster address to its loopback alias and DNS to a known
+//!   resolver to ktctl's DNS server (Linux >= 4.17; sendmsg >= 4.18);
+//! - `kt_recvmsg4`/`kt_recvmsg6` (>= 5.2) and `kt_getpeername4`/`kt_getpeername6` (>= 5.8)
+//!   show the application the original address again.
+//!
+//! Network-namespace wide: `kt_sk_lookup` (>= 5.9) steers every alias into the proxy's TCP
+//! listener or UDP socket. The `*6` programs handle IPv4-mapped IPv6 addresses (an AF_INET6
+//! socket connecting to ::ffff:10.96.0.1 does not pass through connect4).
+#![no_std]
+#![no_main]
+
+use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
+
+use aya_ebpf::bindings::{bpf_sock_addr, sk_action};
+use aya_ebpf::helpers::bpf_get_current_pid_tgid;
+use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup};
+use aya_ebpf::maps::lpm_trie::Key;
+use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap};
+use aya_ebpf::programs::{SkLookupContext, SockAddrContext};
+use aya_log_ebpf::debug;
+use kt_common::bpf::{
+    AliasTarget, CidrTarget, Config, DNS_ALIAS_NET, DNS_PORT, DNS_SLOTS, FLAG_DNS, FLAG_REDIRECT, MAX_CIDRS, action,
+    counter, dns_slot, from_alias, is_alias, sock, to_alias,
+};
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const IPPROTO_UDP: u32 = 17;
+
+#[map]
+static KT_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
+/// Cluster CIDRs (and exclusions), keyed by network-order prefix.
+#[map]
+static CLUSTER_V4: LpmTrie<u32, CidrTarget> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+/// Alias blocks back to their CIDRs.
+#[map]
+static ALIAS_V4: LpmTrie<u32, AliasTarget> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
+/// Resolver address (network order) -> slot.
+#[map]
+static RESOLVERS: HashMap<u32, u32> = HashMap::with_max_entries(DNS_SLOTS, 0);
+/// Slot -> resolver address (network order); 0 = free.
+#[map]
+static RESOLVER_SLOTS: Array<u32> = Array::with_max_entries(DNS_SLOTS, 0);
+/// The proxy's sockets (`kt_common::bpf::sock`).
+#[map]
+static PROXY_SOCKS: SockMap = SockMap::with_max_entries(2, 0);
+#[map]
+static KT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+#[inline(always)]
+fn bump(idx: u32) {
+    if let Some(p) = KT_COUNTERS.get_ptr_mut(idx) {
+        // SAFETY: a per-CPU slot; no other writer runs on this CPU meanwhile.
+        unsafe { *p += 1 };
+    }
+}
+
+/// The rewritten destination (network order) of an outgoing `addr:port`, if any.
+#[inline(always)]
+fn rewrite_out(addr_be: u32, port: u16) -> Option<(u32, u32)> {
+    let cfg = KT_CONFIG.get(0)?;
+    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.self_tgid {
+        bump(counter::SELF);
+        return None;
+    }
+    if cfg.flags & FLAG_REDIRECT != 0
+        && let Some(t) = CLUSTER_V4.get(Key::new(32, addr_be))
+        && t.action == action::REDIRECT
+    {
+        return Some((to_alias(t, u32::from_be(addr_be)).to_be(), counter::CONNECT));
+    }
+    if cfg.flags & FLAG_DNS != 0 && port == DNS_PORT {
+        // SAFETY: the value is a u32 copied out at once.
+        if let Some(slot) = unsafe { RESOLVERS.get(&addr_be) } {
+            return Some(((DNS_ALIAS_NET + *slot).to_be(), counter::DNS));
+        }
+    }
+    None
+}
+
+/// The original address (network order) behind an alias, if `addr_be` is one.
+#[inline(always)]
+fn restore_in(addr_be: u32) -> Option<u32> {
+    let a = u32::from_be(addr_be);
+    if is_alias(a) {
+        let t = ALIAS_V4.get(Key::new(32, addr_be))?;
+        return Some(from_alias(t, a).to_be());
+    }
+    let slot = dns_slot(a)?;
+    let ip = *RESOLVER_SLOTS.get(slot)?;
+    if ip == 0 { None } else { Some(ip) }
+}
+
+#[inline(always)]
+fn user_port(sa: *mut bpf_sock_addr) -> u16 {
+    // SAFETY: ctx field, 4-byte read as the verifier requires.
+    u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16)
+}
+
+#[inline(always)]
+fn out4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: ctx field read.
+    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) };
+    if let Some((new, kind)) = rewrite_out(ip, user_port(sa)) {
+        // SAFETY: user_ip4 is writable in connect4/sendmsg4.
+        unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), new) };
+        bump(kind);
+        debug!(ctx, "redirect {:i}:{} to {:i}", u32::from_be(ip), user_port(sa), u32::from_be(new));
+    }
+}
+
+#[inline(always)]
+fn in4(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    // SAFETY: ctx field read.
+    let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) };
+    if let Some(orig) = restore_in(ip) {
+        // SAFETY: user_ip4 is writable in recvmsg4/getpeername4.
+        unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), orig) };
+        bump(counter::RESTORE);
+    }
+}
+
+/// The IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d), network order.
+#[inline(always)]
+fn mapped_v4(sa: *mut bpf_sock_addr) -> Option<u32> {
+    // SAFETY: ctx field reads, 4 bytes each.
+    let (w0, w1, w2, w3) = unsafe {
+        (
+            read_volatile(addr_of!((*sa).user_ip6[0])),
+            read_volatile(addr_of!((*sa).user_ip6[1])),
+            read_volatile(addr_of!((*sa).user_ip6[2])),
+            read_volatile(addr_of!((*sa).user_ip6[3])),
+        )
+    };
+    if w0 == 0 && w1 == 0 && w2 == 0xffffu32.to_be() { Some(w3) } else { None }
+}
+
+#[inline(always)]
+fn out6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    if let Some(ip) = mapped_v4(sa)
+        && let Some((new, kind)) = rewrite_out(ip, user_port(sa))
+    {
+        // SAFETY: user_ip6 is writable in connect6/sendmsg6 (4-byte store).
+        unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[3]), new) };
+        bump(kind);
+    }
+}
+
+#[inline(always)]
+fn in6(ctx: &SockAddrContext) {
+    let sa = ctx.sock_addr;
+    if let Some(ip) = mapped_v4(sa)
+        && let Some(orig) = restore_in(ip)
+    {
+        // SAFETY: user_ip6 is writable in recvmsg6/getpeername6.
+        unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[3]), orig) };
+        bump(counter::RESTORE);
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn kt_connect4(ctx: SockAddrContext) -> i32 {
+    out4(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kt_sendmsg4(ctx: SockAddrContext) -> i32 {
+    out4(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn kt_recvmsg4(ctx: SockAddrContext) -> i32 {
+    in4(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn kt_getpeername4(ctx: SockAddrContext) -> i32 {
+    in4(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn kt_connect6(ctx: SockAddrContext) -> i32 {
+    out6(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn kt_sendmsg6(ctx: SockAddrContext) -> i32 {
+    out6(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn kt_recvmsg6(ctx: SockAddrContext) -> i32 {
+    in6(&ctx);
+    1
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn kt_getpeername6(ctx: SockAddrContext) -> i32 {
+    in6(&ctx);
+    1
+}
+
+/// Steers packets for an alias into the proxy's sockets; everything else takes the normal
+/// socket lookup.
+#[sk_lookup]
+pub fn kt_sk_lookup(ctx: SkLookupContext) -> u32 {
+    let l = ctx.lookup;
+    // SAFETY: ctx field reads.
+    let (family, proto, local) =
+        unsafe { (read_volatile(addr_of!((*l).family)), read_volatile(addr_of!((*l).protocol)), read_volatile(addr_of!((*l).local_ip4))) };
+    if family != AF_INET || !is_alias(u32::from_be(local)) {
+        return sk_action::SK_PASS;
+    }
+    let idx = match proto {
+        IPPROTO_TCP => sock::TCP,
+        IPPROTO_UDP => sock::UDP,
+        _ => return sk_action::SK_PASS,
+    };
+    match PROXY_SOCKS.redirect_sk_lookup(&ctx, idx, 0) {
+        Ok(()) => bump(counter::LOOKUP),
+        Err(_) => bump(counter::LOOKUP_MISS),
+    }
+    sk_action::SK_PASS
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -17,14 +17,15 @@ import (
 	"strings"
 	"sync"
 
+	dto "github.com/prometheus/client_model/go"
 	"github.com/virtual-kubelet/virtual-kubelet/errdefs"
 	"github.com/virtual-kubelet/virtual-kubelet/node/api"
-	dto "github.com/prometheus/client_model/go"
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/record"
 	statsv1alpha1 "k8s.io/kubelet/pkg/apis/stats/v1alpha1"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // Config is everything the agent is told on its command line.
@@ -176,6 +177,19 @@ func (p *Provider) DeletePod(ctx context.Context, pod *corev1.Pod) error {
 		delete(p.pods, key)
 	}
 	p.mu.Unlock()
+	if pod.DeletionTimestamp != nil {
+		// As the kubelet does once the containers are gone: the final delete, so the object
+		// does not linger for the rest of its grace period.
+		go func() {
+			zero := int64(0)
+			uid := pod.UID
+			err := p.cfg.Client.CoreV1().Pods(pod.Namespace).Delete(context.Background(), pod.Name,
+				metav1.DeleteOptions{GracePeriodSeconds: &zero, Preconditions: &metav1.Preconditions{UID: &uid}})
+			if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+				rt.event(corev1.EventTypeWarning, "FailedDelete", "final delete: %v", err)
+			}
+		}()
+	}
 	return nil
 }
 

@@ -61,7 +61,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Setup => setup::run().map(|_| ExitCode::SUCCESS),
+        Cmd::Setup => setup::run().map(|()| ExitCode::SUCCESS),
         Cmd::Testbed { cmd } => {
             let tb = Testbed::default();
             match cmd {

@@ -1,0 +1,691 @@
+//! The tunnel session both ends run: TLS 1.3 with mutual authentication (rustls, ring), yamux
+//! multiplexing with per-stream flow control, the versioned handshake and keepalive.
+//!
+//! Either end may open streams: ktctl opens [`Open::Tcp`]/[`Open::Udp`]/[`Open::Dns`] toward
+//! the cluster; the agent opens [`Open::Inbound`] for connections accepted on exposed ports.
+
+use std::future::poll_fn;
+use std::io;
+use std::net::SocketAddr;
+use std::string::{String, ToString};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+use std::vec::Vec;
+use std::{format, vec};
+
+use bytes::{Bytes, BytesMut};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::wire::{self, Frame, MAX_CONTROL_FRAME, MAX_FRAME, MIN_PROTOCOL_VERSION, Open, PROTOCOL_VERSION, WireError};
+
+/// The name in the agent's certificate that the client checks.
+pub const SERVER_NAME: &str = "shadow.ktctl.invalid";
+/// How long an opener waits for the first frame of a stream.
+pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most streams open at once on one connection.
+pub const MAX_STREAMS: usize = 16_384;
+
+/// A multiplexed stream, as a tokio byte stream.
+pub type MuxStream = Compat<yamux::Stream>;
+
+/// Errors of the tunnel layer.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// Transport failure.
+    #[error("tunnel i/o: {0}")]
+    Io(#[from] io::Error),
+    /// A malformed frame.
+    #[error("bad frame: {0}")]
+    Wire(#[from] WireError),
+    /// The multiplexer failed or closed.
+    #[error("tunnel closed: {0}")]
+    Closed(String),
+    /// TLS setup failed.
+    #[error("TLS: {0}")]
+    Tls(String),
+    /// The peer broke the protocol.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// The agent refused the session.
+    #[error("the agent refused the session: {0}")]
+    Rejected(String),
+    /// The peer did not answer in time.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+/// Result of this module.
+pub type Result<T, E = TunnelError> = std::result::Result<T, E>;
+
+// ---------------------------------------------------------------------------------------------
+// Frames on a stream
+
+/// Reads exactly one frame (never more bytes than the frame has, so a stream can switch to
+/// raw bytes right after it).
+pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Frame> {
+    let mut prefix = [0u8; 4];
+    r.read_exact(&mut prefix).await?;
+    let len = wire::frame_len(prefix, max)?;
+    let mut body = BytesMut::zeroed(len);
+    r.read_exact(&mut body).await?;
+    Ok(Frame::decode(body.freeze())?)
+}
+
+/// Like [`read_frame`] with [`FRAME_TIMEOUT`].
+pub async fn read_frame_timeout<R: AsyncRead + Unpin>(r: &mut R, max: usize, what: &'static str) -> Result<Frame> {
+    tokio::time::timeout(FRAME_TIMEOUT, read_frame(r, max)).await.map_err(|_| TunnelError::Timeout(what))?
+}
+
+/// Writes one frame.
+pub async fn write_frame<W: AsyncWrite + Unpin>(w: &mut W, f: &Frame) -> Result<()> {
+    w.write_all(&f.encode()).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Writes a datagram as a [`Frame::Data`] without copying the payload twice.
+pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> Result<()> {
+    let len = (payload.len() + 1) as u32;
+    let mut head = [0u8; 5];
+    head[..4].copy_from_slice(&len.to_be_bytes());
+    head[4] = wire::DATA_TAG;
+    w.write_all(&head).await?;
+    w.write_all(payload).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads a [`Frame::Data`]; `Ok(None)` at a clean end of stream.
+pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Bytes>> {
+    match read_frame(r, MAX_FRAME).await {
+        Ok(Frame::Data(d)) => Ok(Some(d)),
+        Ok(other) => Err(TunnelError::Protocol(format!("expected a data frame, got {other:?}"))),
+        Err(TunnelError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Multiplexer
+
+type OpenRequest = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
+
+/// A handle on one yamux connection: opens streams; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Mux {
+    open_tx: mpsc::Sender<OpenRequest>,
+    closed: CancellationToken,
+}
+
+/// The yamux settings: many streams, no connection-wide receive cap (each stream's window
+/// still grows only as its reader keeps up, so one bulk stream cannot starve the others).
+pub fn yamux_config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    c.set_max_connection_receive_window(None);
+    c.set_max_num_streams(MAX_STREAMS);
+    c.set_split_send_size(16 * 1024);
+    c
+}
+
+impl Mux {
+    /// Starts the connection's driver task; inbound streams (opened by the peer) arrive on the
+    /// returned receiver. The driver ends when the transport does or [`Mux::close`] is called.
+    pub fn start<T>(io: T, mode: yamux::Mode) -> (Mux, mpsc::Receiver<MuxStream>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = yamux::Connection::new(Decoupled::new(io).compat(), yamux_config(), mode);
+        let (open_tx, open_rx) = mpsc::channel(256);
+        let (in_tx, in_rx) = mpsc::channel(1024);
+        let closed = CancellationToken::new();
+        let token = closed.clone();
+        tokio::spawn(async move {
+            let r = drive(conn, open_rx, in_tx, token.clone()).await;
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "tunnel connection ended");
+            }
+            token.cancel();
+        });
+        (Mux { open_tx, closed }, in_rx)
+    }
+
+    /// Opens a stream to the peer.
+    pub async fn open(&self) -> Result<MuxStream> {
+        let (tx, rx) = oneshot::channel();
+        self.open_tx.send(tx).await.map_err(|_| TunnelError::Closed("connection gone".into()))?;
+        let s = rx
+            .await
+            .map_err(|_| TunnelError::Closed("connection gone".into()))?
+            .map_err(|e| TunnelError::Closed(e.to_string()))?;
+        Ok(s.compat())
+    }
+
+    /// Opens a stream, sends `open` and waits for the agent's reply.
+    pub async fn request(&self, open: Open) -> Result<MuxStream> {
+        let mut s = self.open().await?;
+        write_frame(&mut s, &Frame::Open(open)).await?;
+        expect_ok(&mut s).await?;
+        Ok(s)
+    }
+
+    /// Whether the connection has ended.
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    /// Resolves when the connection has ended.
+    pub async fn closed(&self) {
+        self.closed.cancelled().await
+    }
+
+    /// Ends the connection (streams in flight fail).
+    pub fn close(&self) {
+        self.closed.cancel()
+    }
+}
+
+/// Reads an open's reply; an error reply becomes [`TunnelError::Rejected`]-like I/O error.
+pub async fn expect_ok<S: AsyncRead + Unpin>(s: &mut S) -> Result<()> {
+    match read_frame_timeout(s, MAX_CONTROL_FRAME, "the agent's reply").await? {
+        Frame::Reply(None) => Ok(()),
+        Frame::Reply(Some((code, msg))) => Err(TunnelError::Io(io::Error::new(reply_kind(code), msg))),
+        other => Err(TunnelError::Protocol(format!("expected a reply, got {other:?}"))),
+    }
+}
+
+/// The I/O error kind a failed open stands for.
+pub fn reply_kind(code: wire::ErrorCode) -> io::ErrorKind {
+    use wire::ErrorCode::*;
+    match code {
+        Refused => io::ErrorKind::ConnectionRefused,
+        Unreachable => io::ErrorKind::HostUnreachable,
+        TimedOut => io::ErrorKind::TimedOut,
+        Denied => io::ErrorKind::PermissionDenied,
+        Unsupported | BadRequest => io::ErrorKind::Unsupported,
+        Internal => io::ErrorKind::Other,
+    }
+}
+
+/// The transport as yamux sees it: reads come straight from the socket, writes go to a queue
+/// that a task of their own drains into the socket.
+///
+/// yamux stops reading while a frame it owes the peer (a Pong) cannot be written; when both
+/// ends' socket buffers are full of data, both would stop reading and wait for each other
+/// forever. With writes that never block, reading never stops. The queue stays bounded because
+/// yamux sends stream data only within the windows the peer grants as it reads.
+struct Decoupled<T> {
+    rd: tokio::io::ReadHalf<T>,
+    tx: Option<mpsc::UnboundedSender<Bytes>>,
+}
+
+impl<T: AsyncRead + AsyncWrite + Send + 'static> Decoupled<T> {
+    fn new(io: T) -> Decoupled<T> {
+        let (rd, mut wr) = tokio::io::split(io);
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(64);
+            while rx.recv_many(&mut batch, 64).await > 0 {
+                for b in batch.drain(..) {
+                    if wr.write_all(&b).await.is_err() {
+                        return;
+                    }
+                }
+                if rx.is_empty() && wr.flush().await.is_err() {
+                    return;
+                }
+            }
+            let _ = wr.shutdown().await;
+        });
+        Decoupled { rd, tx: Some(tx) }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Decoupled<T> {
+    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.rd).poll_read(cx, buf)
+    }
+}
+
+impl<T> AsyncWrite for Decoupled<T> {
+    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "tunnel writer ended");
+        match &self.tx {
+            Some(tx) => match tx.send(Bytes::copy_from_slice(buf)) {
+                Ok(()) => Poll::Ready(Ok(buf.len())),
+                Err(_) => Poll::Ready(Err(closed())),
+            },
+            None => Poll::Ready(Err(closed())),
+        }
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        self.tx = None;
+        Poll::Ready(Ok(()))
+    }
+}
+
+async fn drive<T>(
+    mut conn: yamux::Connection<T>,
+    mut open_rx: mpsc::Receiver<OpenRequest>,
+    in_tx: mpsc::Sender<MuxStream>,
+    token: CancellationToken,
+) -> Result<(), yamux::ConnectionError>
+where
+    T: futures::AsyncRead + futures::AsyncWrite + Unpin,
+{
+    let mut pending: Option<OpenRequest> = None;
+    let mut requests_done = false;
+    let cancelled = token.cancelled();
+    tokio::pin!(cancelled);
+    let result = poll_fn(|cx| {
+        loop {
+            if cancelled.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Ok(()));
+            }
+            if pending.is_none() && !requests_done {
+                match open_rx.poll_recv(cx) {
+                    Poll::Ready(Some(req)) => pending = Some(req),
+                    Poll::Ready(None) => requests_done = true,
+                    Poll::Pending => {}
+                }
+            }
+            if let Some(req) = pending.take() {
+                match conn.poll_new_outbound(cx) {
+                    Poll::Ready(res) => {
+                        let _ = req.send(res);
+                        continue;
+                    }
+                    Poll::Pending => pending = Some(req),
+                }
+            }
+            match conn.poll_next_inbound(cx) {
+                Poll::Ready(Some(Ok(s))) => {
+                    // A full queue means nobody serves inbound streams fast enough: refuse
+                    // this one (dropping it resets it) rather than stall the connection.
+                    if in_tx.try_send(s.compat()).is_err() {
+                        tracing::warn!("inbound stream queue full; resetting a stream");
+                    }
+                    continue;
+                }
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    if let Some(req) = pending {
+        let _ = req.send(Err(yamux::ConnectionError::Closed));
+    }
+    // Let queued frames (FIN, GoAway) reach the peer when we close on purpose.
+    let _ = tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_close(cx))).await;
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS
+
+/// One end's credentials: the session CA (the only trust anchor) and its own certificate.
+#[derive(Clone)]
+pub struct Identity {
+    /// PEM of the session CA certificate.
+    pub ca_pem: String,
+    /// PEM of this end's certificate.
+    pub cert_pem: String,
+    /// PEM of this end's private key.
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity").field("key_pem", &"<redacted>").finish_non_exhaustive()
+    }
+}
+
+fn parse(id: &Identity) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let tls = |e: &dyn std::fmt::Display| TunnelError::Tls(e.to_string());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut id.ca_pem.as_bytes()) {
+        roots.add(c.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(TunnelError::Tls("no CA certificate in the session credentials".into()));
+    }
+    let chain: Vec<CertificateDer<'static>> =
+        rustls_pemfile::certs(&mut id.cert_pem.as_bytes()).collect::<std::result::Result<_, _>>().map_err(|e| tls(&e))?;
+    if chain.is_empty() {
+        return Err(TunnelError::Tls("no certificate in the session credentials".into()));
+    }
+    let key = rustls_pemfile::private_key(&mut id.key_pem.as_bytes())
+        .map_err(|e| tls(&e))?
+        .ok_or_else(|| TunnelError::Tls("no private key in the session credentials".into()))?;
+    Ok((roots, chain, key))
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// ktctl's TLS: trusts only the session CA and presents the client certificate.
+pub fn client_tls(id: &Identity) -> Result<tokio_rustls::TlsConnector> {
+    let (roots, chain, key) = parse(id)?;
+    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TunnelError::Tls(e.to_string()))?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .map_err(|e| TunnelError::Tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
+}
+
+/// The agent's TLS: TLS 1.3 only, and only clients with a certificate of the session CA.
+pub fn server_tls(id: &Identity) -> Result<tokio_rustls::TlsAcceptor> {
+    let (roots, chain, key) = parse(id)?;
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TunnelError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| TunnelError::Tls(e.to_string()))?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
+}
+
+/// The server name ktctl checks.
+pub fn server_name() -> ServerName<'static> {
+    ServerName::try_from(SERVER_NAME.to_string()).expect("SERVER_NAME is a valid DNS name")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sessions
+
+/// What the agent said in its Welcome.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Welcome {
+    /// Negotiated protocol version.
+    pub version: u16,
+    /// The agent's self-description.
+    pub agent: String,
+    /// The shadow pod's IP.
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// The cluster DNS the agent relays to.
+    pub dns: Option<SocketAddr>,
+}
+
+/// A client's live session: the multiplexer plus its keepalive task.
+#[derive(Clone, Debug)]
+pub struct ClientSession {
+    /// Opens streams.
+    pub mux: Mux,
+    /// The agent's Welcome.
+    pub welcome: Welcome,
+    rtt: Arc<Mutex<Option<Duration>>>,
+}
+
+impl ClientSession {
+    /// Runs the client side over an established transport (a port-forward stream, a TCP
+    /// connection): TLS, yamux, Hello/Welcome, then pings every `interval`; the session is
+    /// closed when a pong is `interval * 3` late. Inbound streams go to `inbound`.
+    pub async fn connect<T>(
+        io: T,
+        tls: &tokio_rustls::TlsConnector,
+        session: &str,
+        client: &str,
+        interval: Duration,
+    ) -> Result<(ClientSession, mpsc::Receiver<MuxStream>)>
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let tls_stream = tokio::time::timeout(FRAME_TIMEOUT, tls.connect(server_name(), io))
+            .await
+            .map_err(|_| TunnelError::Timeout("the TLS handshake"))?
+            .map_err(|e| TunnelError::Tls(e.to_string()))?;
+        let (mux, inbound) = Mux::start(tls_stream, yamux::Mode::Client);
+        let mut control = mux.open().await?;
+        let hello = Frame::Hello {
+            version: PROTOCOL_VERSION,
+            min_version: MIN_PROTOCOL_VERSION,
+            session: session.to_string(),
+            client: client.to_string(),
+        };
+        write_frame(&mut control, &hello).await?;
+        // With TLS 1.3 a refused client certificate shows up here, as the first read fails.
+        let welcome = match read_frame_timeout(&mut control, MAX_CONTROL_FRAME, "the agent's welcome").await {
+            Ok(Frame::Welcome { version, agent, pod_ip, dns }) => Welcome { version, agent, pod_ip, dns },
+            Ok(Frame::Reject { reason }) => {
+                mux.close();
+                return Err(TunnelError::Rejected(reason));
+            }
+            Ok(other) => {
+                mux.close();
+                return Err(TunnelError::Protocol(format!("expected a welcome, got {other:?}")));
+            }
+            Err(e) => {
+                mux.close();
+                return Err(e);
+            }
+        };
+        let rtt = Arc::new(Mutex::new(None));
+        tokio::spawn(keepalive(control, mux.clone(), interval, rtt.clone()));
+        Ok((ClientSession { mux, welcome, rtt }, inbound))
+    }
+
+    /// The latest keepalive round trip.
+    pub fn rtt(&self) -> Option<Duration> {
+        *self.rtt.lock().expect("rtt lock")
+    }
+}
+
+async fn keepalive(mut control: MuxStream, mux: Mux, interval: Duration, rtt: Arc<Mutex<Option<Duration>>>) {
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            _ = mux.closed() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        nonce += 1;
+        let sent = Instant::now();
+        let exchange = async {
+            write_frame(&mut control, &Frame::Ping { nonce }).await?;
+            loop {
+                match read_frame(&mut control, MAX_CONTROL_FRAME).await? {
+                    Frame::Pong { nonce: n } if n == nonce => return Ok::<_, TunnelError>(()),
+                    Frame::Pong { .. } => continue,
+                    other => return Err(TunnelError::Protocol(format!("unexpected {other:?} on the control stream"))),
+                }
+            }
+        };
+        match tokio::time::timeout(interval * 3, exchange).await {
+            Ok(Ok(())) => *rtt.lock().expect("rtt lock") = Some(sent.elapsed()),
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "tunnel keepalive failed");
+                mux.close();
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(timeout = ?interval * 3, "tunnel keepalive timed out");
+                mux.close();
+                return;
+            }
+        }
+    }
+}
+
+/// What the agent needs to accept sessions.
+#[derive(Clone, Debug)]
+pub struct ServerInfo {
+    /// Sessions must say this id in their Hello.
+    pub session: String,
+    /// The agent's self-description.
+    pub agent: String,
+    /// The pod's IP.
+    pub pod_ip: Option<std::net::IpAddr>,
+    /// The cluster DNS used for [`Open::Dns`].
+    pub dns: Option<SocketAddr>,
+    /// A connection whose control stream is silent this long is dropped.
+    pub idle: Duration,
+}
+
+/// Handles one opened stream on the agent; gets the connection's [`Mux`] to open streams back.
+pub type StreamHandler = Arc<dyn Fn(Mux, Open, MuxStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// Serves one accepted transport: TLS (client certificate required), yamux, the handshake on
+/// the first stream, then each further stream's Open goes to `handler`. Returns when the
+/// connection ends.
+pub async fn serve_connection<T>(io: T, tls: tokio_rustls::TlsAcceptor, info: Arc<ServerInfo>, handler: StreamHandler) -> Result<()>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tls_stream = tokio::time::timeout(FRAME_TIMEOUT, tls.accept(io))
+        .await
+        .map_err(|_| TunnelError::Timeout("the TLS handshake"))?
+        .map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let (mux, mut inbound) = Mux::start(tls_stream, yamux::Mode::Server);
+    let mut control = tokio::select! {
+        s = inbound.recv() => s.ok_or_else(|| TunnelError::Closed("no control stream".into()))?,
+        _ = tokio::time::sleep(FRAME_TIMEOUT) => { mux.close(); return Err(TunnelError::Timeout("the control stream")) }
+    };
+    let hello = match read_frame_timeout(&mut control, MAX_CONTROL_FRAME, "the client's hello").await {
+        Ok(f) => f,
+        Err(e) => {
+            mux.close();
+            return Err(e);
+        }
+    };
+    let verdict = match hello {
+        Frame::Hello { version, min_version, session, .. } => {
+            let v = version.min(PROTOCOL_VERSION);
+            if v < min_version.max(MIN_PROTOCOL_VERSION) {
+                Err(format!(
+                    "no common protocol version (client {min_version}..={version}, agent {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION})"
+                ))
+            } else if session != info.session {
+                Err(format!("this agent serves session {}, not {session}", info.session))
+            } else {
+                Ok(v)
+            }
+        }
+        other => Err(format!("expected a hello, got {other:?}")),
+    };
+    let version = match verdict {
+        Ok(v) => v,
+        Err(reason) => {
+            let _ = write_frame(&mut control, &Frame::Reject { reason: reason.clone() }).await;
+            mux.close();
+            return Err(TunnelError::Rejected(reason));
+        }
+    };
+    let welcome = Frame::Welcome { version, agent: info.agent.clone(), pod_ip: info.pod_ip, dns: info.dns };
+    write_frame(&mut control, &welcome).await?;
+    let ctrl_mux = mux.clone();
+    let idle = info.idle;
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(idle, read_frame(&mut control, MAX_CONTROL_FRAME)).await {
+                Ok(Ok(Frame::Ping { nonce })) => {
+                    if write_frame(&mut control, &Frame::Pong { nonce }).await.is_err() {
+                        break;
+                    }
+                }
+                Ok(Ok(other)) => {
+                    tracing::warn!(frame = ?other, "unexpected frame on the control stream");
+                    break;
+                }
+                Ok(Err(_)) => break,
+                Err(_) => {
+                    tracing::warn!(?idle, "client silent; closing its connection");
+                    break;
+                }
+            }
+        }
+        ctrl_mux.close();
+    });
+    loop {
+        let mut s = tokio::select! {
+            s = inbound.recv() => match s { Some(s) => s, None => break },
+            _ = mux.closed() => break,
+        };
+        let handler = handler.clone();
+        let mux = mux.clone();
+        tokio::spawn(async move {
+            match read_frame_timeout(&mut s, MAX_CONTROL_FRAME, "an open").await {
+                Ok(Frame::Open(open)) => handler(mux, open, s).await,
+                Ok(other) => {
+                    let msg = format!("expected an open, got {other:?}");
+                    let _ = write_frame(&mut s, &Frame::Reply(Some((wire::ErrorCode::BadRequest, msg)))).await;
+                }
+                Err(TunnelError::Wire(e)) => {
+                    let _ = write_frame(&mut s, &Frame::Reply(Some((wire::ErrorCode::BadRequest, e.to_string())))).await;
+                }
+                Err(e) => tracing::debug!(error = %e, "stream ended before its open"),
+            }
+        });
+    }
+    mux.close();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Handlers both ends can serve
+
+/// Serves [`Open::Echo`], [`Open::Source`] and [`Open::Sink`] (diagnostics); returns the
+/// stream back if the open is something else.
+pub async fn serve_diagnostic(open: &Open, mut s: MuxStream) -> Option<MuxStream> {
+    match open {
+        Open::Echo => {
+            if write_frame(&mut s, &Frame::Reply(None)).await.is_ok() {
+                let (mut r, mut w) = tokio::io::split(s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            }
+            None
+        }
+        Open::Source { bytes } => {
+            if write_frame(&mut s, &Frame::Reply(None)).await.is_ok() {
+                let chunk = vec![0u8; 64 * 1024];
+                let mut left = *bytes;
+                while left > 0 {
+                    let n = left.min(chunk.len() as u64) as usize;
+                    if s.write_all(&chunk[..n]).await.is_err() {
+                        return None;
+                    }
+                    left -= n as u64;
+                }
+                let _ = s.shutdown().await;
+            }
+            None
+        }
+        Open::Sink => {
+            if write_frame(&mut s, &Frame::Reply(None)).await.is_ok() {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut total = 0u64;
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) => break,
+                        Ok(n) => total += n as u64,
+                        Err(_) => return None,
+                    }
+                }
+                let _ = s.write_all(&total.to_be_bytes()).await;
+                let _ = s.shutdown().await;
+            }
+            None
+        }
+        _ => Some(s),
+    }
+}
+
+/// Replies to an open this end does not serve.
+pub async fn refuse(mut s: MuxStream, code: wire::ErrorCode, msg: &str) {
+    let _ = write_frame(&mut s, &Frame::Reply(Some((code, msg.to_string())))).await;
+    let _ = s.shutdown().await;
+}
