@@ -1,1 +1,37 @@
-fn main(){}
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+use ktctl::cli::{Cli, Command};
+use ktctl::error::Error;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    ktctl::logging::init(cli.global.verbose.max(u8::from(cli.global.debug)));
+    if let Command::Completion { shell } = cli.command {
+        clap_complete::generate(shell, &mut Cli::command(), "ktctl", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("ktctl: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = rt.block_on(async {
+        match &cli.command {
+            Command::Connect(args) => ktctl::cmd::connect::run(&cli.global, args).await,
+            Command::Completion { .. } => Ok(0),
+        }
+    });
+    // Detached tasks (watches, the tunnel) must not keep the process alive.
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(Error::Reported(code)) => ExitCode::from(code),
+        Err(e) => {
+            tracing::error!("{e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

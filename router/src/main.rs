@@ -1,1 +1,51 @@
-fn main(){}
+//! kt-router: ktctl's in-cluster agent. One image, one binary; each role is a subcommand.
+//!
+//! `kt-router shadow`: a developer's tunnel endpoint pod. It accepts ktctl's mutually
+//! authenticated TLS connections (the session's client certificate only), serves the streams
+//! ktctl opens (TCP and UDP to cluster addresses, DNS queries to the cluster's DNS, exposed
+//! ports whose connections it opens back toward ktctl), and ends the session when ktctl has been
+//! gone longer than the grace period.
+
+mod shadow;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "kt-router", version, about = "ktctl's in-cluster agent")]
+struct Cli {
+    #[command(subcommand)]
+    role: Role,
+}
+
+#[derive(Subcommand)]
+enum Role {
+    /// A developer's tunnel endpoint (started by ktctl in a pod)
+    Shadow(shadow::Args),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("KT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).json().flatten_event(true).with_current_span(false).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("kt-router: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let r = rt.block_on(async {
+        match cli.role {
+            Role::Shadow(args) => shadow::run(args).await,
+        }
+    });
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "kt-router failed");
+            ExitCode::from(1)
+        }
+    }
+}

@@ -42,6 +42,7 @@ type containerRuntime struct {
 	current      *corev1.ContainerStateTerminated // set while not running after a run
 	last         *corev1.ContainerStateTerminated
 	exited       chan struct{} // closed when the current process ends
+	env          map[string]string
 	stopping     bool
 	killedByHand bool // liveness failure: restart regardless of exit code
 }
@@ -102,9 +103,8 @@ func expandVars(s string, env map[string]string) string {
 	})
 }
 
-// environment is the image's ENV, then the container's (virtual-kubelet has already resolved
-// valueFrom and the service links into plain values).
-func (c *containerRuntime) environment() map[string]string {
+// environment is the image's ENV, then the container's as the kubelet resolves it.
+func (c *containerRuntime) environment() (map[string]string, error) {
 	env := map[string]string{
 		"PATH":     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 		"HOSTNAME": c.rt.pod.Name,
@@ -113,10 +113,14 @@ func (c *containerRuntime) environment() map[string]string {
 	for k, v := range c.image.Env {
 		env[k] = v
 	}
-	for _, e := range c.spec.Env {
-		env[e.Name] = expandVars(e.Value, env)
+	resolved, err := c.rt.containerEnv(c.rt.ctx, c.spec)
+	if err != nil {
+		return nil, err
 	}
-	return env
+	for k, v := range resolved {
+		env[k] = v
+	}
+	return env, nil
 }
 
 func envList(env map[string]string) []string {
@@ -202,7 +206,13 @@ func (c *containerRuntime) mounts() ([]Mount, error) {
 // start launches the container's process through pod-init.
 func (c *containerRuntime) start() error {
 	rt := c.rt
-	env := c.environment()
+	env, err := c.environment()
+	if err != nil {
+		return err
+	}
+	c.mu.Lock()
+	c.env = env
+	c.mu.Unlock()
 	files, err := c.files()
 	if err != nil {
 		return err

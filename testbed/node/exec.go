@@ -63,7 +63,7 @@ func (p *Provider) RunInContainer(ctx context.Context, ns, name, container strin
 // command builds the nsenter command line for an exec or an exec probe.
 func (c *containerRuntime) command(ctx context.Context, cmd []string) (*exec.Cmd, error) {
 	c.mu.Lock()
-	pid, running := c.pid, c.running
+	pid, running, env := c.pid, c.running, c.env
 	c.mu.Unlock()
 	if !running || pid == 0 {
 		return nil, errdefs.InvalidInput(fmt.Sprintf("container %q is not running", c.spec.Name))
@@ -77,7 +77,7 @@ func (c *containerRuntime) command(ctx context.Context, cmd []string) (*exec.Cmd
 	}
 	args = append(append(args, "--"), cmd...)
 	proc := exec.CommandContext(ctx, "nsenter", args...)
-	proc.Env = envList(c.environment())
+	proc.Env = envList(env)
 	cg, err := os.Open(c.cgroup())
 	if err != nil {
 		return nil, err

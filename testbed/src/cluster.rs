@@ -88,16 +88,27 @@ impl Testbed {
         let cluster_bin = gobuild::ensure(l, GoBinary::Cluster)?;
         let node_bin = gobuild::ensure(l, GoBinary::Node)?;
         self.link_tools(&cluster_bin, &node_bin)?;
-        let have = self.nodes();
+        let mut have = self.nodes();
         if have != 0 && have != opts.nodes {
             eprintln!("testbed: it runs {have} node(s), {} asked; recreating it", opts.nodes);
             self.down()?;
+            have = 0;
+        }
+        // A running testbed made from other binaries (an older checkout) is recreated.
+        let stamp = format!("{}\n{}\n", cluster_bin.display(), node_bin.display());
+        let stamp_file = l.state().join("binaries");
+        if have != 0 && fs::read_to_string(&stamp_file).ok().as_deref() != Some(stamp.as_str()) {
+            eprintln!("testbed: its binaries changed; recreating it");
+            self.down()?;
+            have = 0;
         }
         if have == opts.nodes && self.is_up() && self.healthy().is_ok() {
             eprintln!("testbed: up ({} node(s)); kubeconfig: {}", opts.nodes, l.kubeconfig().display());
             return Ok(());
         }
         let started = Instant::now();
+        fs::create_dir_all(l.state())?;
+        fs::write(&stamp_file, &stamp)?;
         let pki = pki::ensure(l, opts.nodes)?;
         fs::write(l.kubeconfig(), pki::kubeconfig(&pki, "kubernetes-admin", &pki.admin_cert(), &pki.admin_key(), "default")?)?;
         self.network(opts.nodes)?;

@@ -132,6 +132,8 @@ func run(args []string) error {
 	tlsCfg := &tls.Config{Certificates: []tls.Certificate{cert}, ClientCAs: pool, ClientAuth: tls.RequireAndVerifyClientCert, MinVersion: tls.VersionTLS12}
 
 	mux := http.NewServeMux()
+	// The kubelet's default streaming idle timeout (virtual-kubelet's is 30 s).
+	const streamIdle = 4 * time.Hour
 	newProvider := func(pc nodeutil.ProviderConfig) (nodeutil.Provider, vknode.NodeProvider, error) {
 		p, err := node.NewProvider(node.Config{
 			NodeName: *name, NodeIP: *nodeIP, PodCIDR: *podCIDR, StateDir: *stateDir, CgroupDir: *cgroup,
@@ -142,6 +144,7 @@ func run(args []string) error {
 			return nil, nil, err
 		}
 		describeNode(pc.Node, *name, *nodeIP, *podCIDR, *version)
+		mux.Handle("/portForward/", node.PortForwardHandler(p, streamIdle))
 		return p, nil, nil
 	}
 	n, err := nodeutil.NewNode(*name, newProvider,
@@ -152,6 +155,9 @@ func run(args []string) error {
 			c.TLSConfig = tlsCfg
 			c.HTTPListenAddr = net.JoinHostPort(*nodeIP, "10250")
 			c.NumWorkers = 4
+			c.StreamIdleTimeout = streamIdle
+			// The agent resolves env itself once the pod has its IP (status.podIP).
+			c.SkipDownwardAPIResolution = true
 			c.InformerResyncPeriod = time.Minute
 			return nil
 		},

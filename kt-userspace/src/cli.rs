@@ -1,0 +1,204 @@
+//! Command line: kubectl's flags (`--kubeconfig`, `--context`, `-n`) and kt-connect's, each
+//! of kt-connect's accepted in camelCase (as kt-connect spells it) and kebab-case.
+
+use std::path::PathBuf;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+/// The agent image: push the one `cargo xtask image` builds and point `--image` at it.
+pub const DEFAULT_IMAGE: &str = concat!("kt-router:", env!("CARGO_PKG_VERSION"));
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "ktctl",
+    version,
+    about = "Reach a Kubernetes cluster from this machine as if it were local",
+    long_about = "Reach a Kubernetes cluster from this machine as if it were local.\n\n\
+        `ktctl connect` makes every program here reach cluster Services by name, ClusterIP and pod IP, \
+        through eBPF socket hooks and one mutually authenticated TLS tunnel to a shadow pod."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Flags every command takes.
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)
+    #[arg(long, global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: the current context)
+    #[arg(long, global = true)]
+    pub context: Option<String>,
+    /// Namespace for ktctl's objects (default: the context's namespace)
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    /// More output: -v debug, -vv trace (KT_LOG overrides, e.g. KT_LOG=ktctl=trace)
+    #[arg(short = 'v', long = "verbose", action = ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Debug output (same as -v)
+    #[arg(short = 'd', long, global = true)]
+    pub debug: bool,
+    /// Image of the shadow (kt-router)
+    #[arg(long, global = true, default_value = DEFAULT_IMAGE, env = "KT_IMAGE")]
+    pub image: String,
+    /// Secret for pulling the shadow's image
+    #[arg(long = "imagePullSecret", visible_alias = "image-pull-secret", global = true)]
+    pub image_pull_secret: Option<String>,
+    /// Where the shadow may run, as key=value[,key=value]
+    #[arg(long = "nodeSelector", visible_alias = "node-selector", global = true)]
+    pub node_selector: Option<String>,
+    /// CPU and memory limits of the shadow, as cpu,memory (e.g. 0.5,256Mi)
+    #[arg(long = "podQuota", visible_alias = "pod-quota", global = true)]
+    pub pod_quota: Option<String>,
+    /// Seconds to wait for the shadow pod to be ready
+    #[arg(long = "podCreationTimeout", visible_alias = "pod-creation-timeout", global = true, default_value_t = 60)]
+    pub pod_creation_timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Reach cluster Services by DNS name, ClusterIP and pod IP from this machine
+    Connect(ConnectArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completion {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `ktctl connect`.
+#[derive(Args, Debug, Clone)]
+pub struct ConnectArgs {
+    /// The cluster's DNS domain
+    #[arg(long = "clusterDomain", visible_alias = "cluster-domain", default_value = "cluster.local")]
+    pub cluster_domain: String,
+    /// More CIDRs (or IPs) to reach through the cluster, comma separated
+    #[arg(long = "includeIps", visible_alias = "include-ips", value_delimiter = ',', value_parser = parse_net)]
+    pub include_ips: Vec<Ipv4Net>,
+    /// CIDRs (or IPs) never to redirect, comma separated
+    #[arg(long = "excludeIps", visible_alias = "exclude-ips", value_delimiter = ',', value_parser = parse_net)]
+    pub exclude_ips: Vec<Ipv4Net>,
+    /// TTL of the DNS answers ktctl makes, and the longest a relayed answer is cached (seconds)
+    #[arg(long = "dnsCacheTtl", visible_alias = "dns-cache-ttl", default_value_t = 60)]
+    pub dns_cache_ttl: u64,
+    /// Share one shadow among users of the namespace (kt-connect); see the README
+    #[arg(long = "shareShadow", visible_alias = "share-shadow")]
+    pub share_shadow: bool,
+    /// Do not route pod IPs, only Service IPs
+    #[arg(long = "disablePodIp", visible_alias = "disable-pod-ip")]
+    pub disable_pod_ip: bool,
+    /// Do not remove the objects of expired sessions at start
+    #[arg(long = "skipCleanup", visible_alias = "skip-cleanup")]
+    pub skip_cleanup: bool,
+    /// Seconds to wait for the port-forward to the shadow
+    #[arg(long = "portForwardTimeout", visible_alias = "port-forward-timeout", default_value_t = 10)]
+    pub port_forward_timeout: u64,
+    /// Seconds the shadow waits for a vanished ktctl before it ends the session
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=86_400))]
+    pub grace: u64,
+    /// cgroup v2 to hook machine-wide (default: $KT_CGROUP, else the cgroup v2 root)
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// Run CMD with the cluster reachable for it (and its children) only; ends with CMD
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+/// A CIDR, or a single address as a /32.
+pub fn parse_net(s: &str) -> Result<Ipv4Net, String> {
+    let s = s.trim();
+    if let Ok(n) = s.parse::<Ipv4Net>() {
+        return Ok(n.trunc());
+    }
+    if let Ok(ip) = s.parse::<std::net::Ipv4Addr>() {
+        return Ok(Ipv4Net::from(ip));
+    }
+    if s.contains(':') {
+        return Err(format!("{s:?}: IPv6 is not supported yet; give IPv4 CIDRs"));
+    }
+    Err(format!("{s:?} is neither an IPv4 CIDR (10.0.0.0/16) nor an IPv4 address"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied())).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    fn connect(cli: Cli) -> ConnectArgs {
+        match cli.command {
+            Command::Connect(a) => a,
+            other => panic!("not connect: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn camel_and_kebab_spellings_mean_the_same() {
+        let pairs = [
+            (vec!["connect", "--includeIps", "10.1.0.0/16,10.2.0.5"], vec!["connect", "--include-ips", "10.1.0.0/16,10.2.0.5"]),
+            (vec!["connect", "--excludeIps", "10.96.5.0/24"], vec!["connect", "--exclude-ips", "10.96.5.0/24"]),
+            (vec!["connect", "--dnsCacheTtl", "5"], vec!["connect", "--dns-cache-ttl", "5"]),
+            (vec!["connect", "--clusterDomain", "k8s.local"], vec!["connect", "--cluster-domain", "k8s.local"]),
+            (vec!["connect", "--portForwardTimeout", "3"], vec!["connect", "--port-forward-timeout", "3"]),
+            (vec!["connect", "--disablePodIp", "--skipCleanup"], vec!["connect", "--disable-pod-ip", "--skip-cleanup"]),
+            (vec!["--podQuota", "0.5,256Mi", "connect"], vec!["--pod-quota", "0.5,256Mi", "connect"]),
+            (vec!["--imagePullSecret", "s", "--nodeSelector", "a=b", "connect"], vec!["--image-pull-secret", "s", "--node-selector", "a=b", "connect"]),
+            (vec!["--podCreationTimeout", "9", "connect"], vec!["--pod-creation-timeout", "9", "connect"]),
+        ];
+        for (camel, kebab) in pairs {
+            assert_eq!(format!("{:?}", parse(&camel)), format!("{:?}", parse(&kebab)), "{camel:?} vs {kebab:?}");
+        }
+    }
+
+    #[test]
+    fn kubectl_flags_and_defaults() {
+        let c = parse(&["-n", "dev", "--context", "kind", "--kubeconfig", "/tmp/kc", "connect"]);
+        assert_eq!(c.global.namespace.as_deref(), Some("dev"));
+        assert_eq!(c.global.context.as_deref(), Some("kind"));
+        assert_eq!(c.global.kubeconfig, Some(PathBuf::from("/tmp/kc")));
+        let a = connect(c);
+        assert_eq!(a.grace, 30);
+        assert_eq!(a.dns_cache_ttl, 60);
+        assert_eq!(a.cluster_domain, "cluster.local");
+        assert!(a.cmd.is_empty());
+        // Global flags also work after the subcommand.
+        assert_eq!(parse(&["connect", "-n", "x"]).global.namespace.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn ips_parse_as_cidrs_or_hosts() {
+        let a = connect(parse(&["connect", "--includeIps", "10.1.2.3/16, 172.20.0.9"]));
+        assert_eq!(a.include_ips, vec!["10.1.0.0/16".parse::<Ipv4Net>().unwrap(), "172.20.0.9/32".parse().unwrap()]);
+        for bad in ["banana", "10.0.0.0/33", "fd00::/8"] {
+            assert!(Cli::try_parse_from(["ktctl", "connect", "--includeIps", bad]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_command_after_the_double_dash() {
+        let a = connect(parse(&["connect", "--grace", "10", "--", "curl", "-s", "http://nginx"]));
+        assert_eq!(a.cmd, vec!["curl", "-s", "http://nginx"]);
+        assert_eq!(a.grace, 10);
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors() {
+        for args in [vec!["connect", "--grace", "1"], vec!["connect", "--dnsCacheTtl", "-3"], vec!["connect", "--nope"], vec!["frobnicate"]] {
+            let e = Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied())).expect_err("must fail");
+            assert_eq!(e.exit_code(), 2, "{args:?}");
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! Everything ktctl asks of the Kubernetes API: the client, permissions, the cluster's CIDRs,
+//! sessions ([`session`]) and the shadow pod ([`shadow`]).
+
+pub mod session;
+pub mod shadow;
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::core::v1::{Node, Pod, Service};
+use k8s_openapi::api::networking::v1::ServiceCIDR;
+use kube::api::{ListParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Api, Client, Config};
+
+use crate::cidr::widen16;
+
+/// Errors talking to the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("cannot reach the API server at {url}: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what}: {source}")]
+    Api {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{0}")]
+    Shadow(String),
+    #[error("port-forward to pod {pod}: {reason}")]
+    PortForward { pod: String, reason: String },
+}
+
+impl ClusterError {
+    /// Errors the user fixes in their environment (exit code 2).
+    pub fn is_environment(&self) -> bool {
+        matches!(self, ClusterError::Kubeconfig(_) | ClusterError::Forbidden(_))
+    }
+
+    pub fn api(what: impl Into<String>, source: kube::Error) -> ClusterError {
+        if let kube::Error::Api(s) = &source
+            && s.code == 403
+        {
+            return ClusterError::Forbidden(format!("{}: forbidden: {}", what.into(), s.message));
+        }
+        ClusterError::Api { what: what.into(), source }
+    }
+}
+
+/// Which cluster, as kubectl's flags say.
+#[derive(Clone, Debug, Default)]
+pub struct Target {
+    pub kubeconfig: Option<PathBuf>,
+    pub context: Option<String>,
+    pub namespace: Option<String>,
+}
+
+/// A connected client and what ktctl needs to know about the cluster's address.
+#[derive(Clone)]
+pub struct Kube {
+    pub client: Client,
+    pub namespace: String,
+    pub context: String,
+    pub server: String,
+    /// The API server's addresses: never redirected.
+    pub server_ips: Vec<IpAddr>,
+}
+
+impl Kube {
+    /// Reads the kubeconfig (`--kubeconfig`, else $KUBECONFIG, else ~/.kube/config), picks the
+    /// context and namespace, and checks that the API server answers.
+    pub async fn connect(t: &Target) -> Result<Kube, ClusterError> {
+        let kc = match &t.kubeconfig {
+            Some(p) => Kubeconfig::read_from(p).map_err(|e| ClusterError::Kubeconfig(format!("{}: {e}", p.display())))?,
+            None => Kubeconfig::read().map_err(|e| {
+                ClusterError::Kubeconfig(format!("{e} (set --kubeconfig or KUBECONFIG, or create ~/.kube/config)"))
+            })?,
+        };
+        let context = t.context.clone().or_else(|| kc.current_context.clone()).unwrap_or_default();
+        if let Some(c) = &t.context
+            && !kc.contexts.iter().any(|x| &x.name == c)
+        {
+            let known: Vec<&str> = kc.contexts.iter().map(|x| x.name.as_str()).collect();
+            return Err(ClusterError::Kubeconfig(format!("no context {c:?} (contexts: {})", known.join(", "))));
+        }
+        let opts = KubeConfigOptions { context: t.context.clone(), ..Default::default() };
+        let mut config = Config::from_custom_kubeconfig(kc, &opts).await.map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
+        config.connect_timeout = Some(Duration::from_secs(10));
+        config.read_timeout = Some(Duration::from_secs(30));
+        let namespace = t.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+        let server = config.cluster_url.to_string();
+        let host = config.cluster_url.host().unwrap_or_default().trim_matches(['[', ']']).to_string();
+        let port = config.cluster_url.port_u16().unwrap_or(443);
+        let server_ips = match host.parse::<IpAddr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => tokio::net::lookup_host((host.as_str(), port)).await.map(|it| it.map(|a| a.ip()).collect()).unwrap_or_default(),
+        };
+        let client = Client::try_from(config).map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
+        client.apiserver_version().await.map_err(|source| ClusterError::Unreachable { url: server.clone(), source })?;
+        Ok(Kube { client, namespace, context, server, server_ips })
+    }
+
+    /// Fails with the exact verbs and resources missing from `needed` in the namespace.
+    pub async fn require(&self, needed: &[Permission]) -> Result<(), ClusterError> {
+        let mut missing = vec![];
+        for p in needed {
+            if !self.can(p, Some(&self.namespace)).await? {
+                missing.push(p.to_string());
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        Err(ClusterError::Forbidden(format!(
+            "missing permissions in namespace {}: {} (deploy/rbac-connect.yaml has a Role that grants them)",
+            self.namespace,
+            missing.join(", ")
+        )))
+    }
+
+    /// Whether the user may do `p` (in `namespace`, or cluster-wide with None).
+    pub async fn can(&self, p: &Permission, namespace: Option<&str>) -> Result<bool, ClusterError> {
+        let (resource, sub) = match p.resource.split_once('/') {
+            Some((r, s)) => (r, Some(s.to_string())),
+            None => (p.resource, None),
+        };
+        let review = SelfSubjectAccessReview {
+            spec: SelfSubjectAccessReviewSpec {
+                resource_attributes: Some(ResourceAttributes {
+                    verb: Some(p.verb.into()),
+                    group: Some(p.group.into()),
+                    resource: Some(resource.into()),
+                    subresource: sub,
+                    namespace: namespace.map(Into::into),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let r = Api::<SelfSubjectAccessReview>::all(self.client.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| ClusterError::api("checking permissions (selfsubjectaccessreviews)", e))?;
+        Ok(r.status.is_some_and(|s| s.allowed))
+    }
+
+    /// The cluster's IPv4 CIDRs: from the ServiceCIDR API and the nodes' pod CIDRs where the
+    /// user may read them, else guessed (a /16) from the Services and Pods of the namespace.
+    pub async fn cidrs(&self, pod_ips: bool) -> Result<Vec<Ipv4Net>, ClusterError> {
+        let mut out = vec![];
+        let v4 = |s: &str| s.parse::<Ipv4Net>().ok();
+        match Api::<ServiceCIDR>::all(self.client.clone()).list(&ListParams::default()).await {
+            Ok(l) if !l.items.is_empty() => {
+                for s in l.items {
+                    out.extend(s.spec.and_then(|s| s.cidrs).unwrap_or_default().iter().filter_map(|c| v4(c)));
+                }
+            }
+            other => {
+                if let Err(e) = other {
+                    tracing::debug!(error = %e, "no ServiceCIDR API; guessing the service CIDR from Services");
+                }
+                let svcs = Api::<Service>::namespaced(self.client.clone(), &self.namespace)
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| ClusterError::api("listing services", e))?;
+                for s in svcs.items {
+                    for ip in s.spec.and_then(|s| s.cluster_ips).unwrap_or_default() {
+                        if let Ok(ip) = ip.parse::<Ipv4Addr>() {
+                            out.push(widen16(ip));
+                        }
+                    }
+                }
+                if let Ok(k) = Api::<Service>::namespaced(self.client.clone(), "default").get("kubernetes").await
+                    && let Some(ip) = k.spec.and_then(|s| s.cluster_ip).and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+                {
+                    out.push(widen16(ip));
+                }
+            }
+        }
+        if pod_ips {
+            let mut found = false;
+            if let Ok(nodes) = Api::<Node>::all(self.client.clone()).list(&ListParams::default()).await {
+                for n in nodes.items {
+                    let spec = n.spec.unwrap_or_default();
+                    for c in spec.pod_cidrs.unwrap_or_default().iter().chain(spec.pod_cidr.iter()) {
+                        if let Some(net) = v4(c) {
+                            out.push(net);
+                            found = true;
+                        }
+                    }
+                }
+            }
+            if !found {
+                tracing::debug!("no node pod CIDRs visible; guessing them from the namespace's pods");
+                let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
+                    .list(&ListParams::default())
+                    .await
+                    .map_err(|e| ClusterError::api("listing pods", e))?;
+                for p in pods.items {
+                    if let Some(ip) = p.status.and_then(|s| s.pod_ip).and_then(|ip| ip.parse::<Ipv4Addr>().ok()) {
+                        out.push(widen16(ip));
+                    }
+                }
+            }
+        }
+        Ok(crate::cidr::normalise(out))
+    }
+}
+
+/// A permission, as RBAC names it.
+#[derive(Clone, Copy, Debug)]
+pub struct Permission {
+    pub verb: &'static str,
+    pub group: &'static str,
+    pub resource: &'static str,
+}
+
+impl std::fmt::Display for Permission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.group.is_empty() {
+            write!(f, "{} {}", self.verb, self.resource)
+        } else {
+            write!(f, "{} {}.{}", self.verb, self.resource, self.group)
+        }
+    }
+}
+
+const fn perm(verb: &'static str, group: &'static str, resource: &'static str) -> Permission {
+    Permission { verb, group, resource }
+}
+
+/// What `ktctl connect` does in its namespace (deploy/rbac-connect.yaml grants exactly this).
+pub const CONNECT_PERMISSIONS: &[Permission] = &[
+    perm("create", "coordination.k8s.io", "leases"),
+    perm("get", "coordination.k8s.io", "leases"),
+    perm("update", "coordination.k8s.io", "leases"),
+    perm("delete", "coordination.k8s.io", "leases"),
+    perm("create", "", "pods"),
+    perm("get", "", "pods"),
+    perm("delete", "", "pods"),
+    perm("create", "", "pods/portforward"),
+    perm("create", "", "secrets"),
+    perm("delete", "", "secrets"),
+    perm("create", "", "serviceaccounts"),
+    perm("delete", "", "serviceaccounts"),
+    perm("create", "rbac.authorization.k8s.io", "roles"),
+    perm("delete", "rbac.authorization.k8s.io", "roles"),
+    perm("create", "rbac.authorization.k8s.io", "rolebindings"),
+    perm("delete", "rbac.authorization.k8s.io", "rolebindings"),
+    perm("list", "", "events"),
+    perm("list", "", "services"),
+    perm("watch", "", "services"),
+    perm("list", "discovery.k8s.io", "endpointslices"),
+    perm("watch", "discovery.k8s.io", "endpointslices"),
+];

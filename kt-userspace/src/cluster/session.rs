@@ -1,0 +1,274 @@
+//! Sessions. Every ktctl run that changes the cluster is a session with an id; its objects
+//! carry `app.kubernetes.io/managed-by=ktctl` and `kt.dev/session=<id>` and an owner
+//! reference to the session's anchor, a `coordination.k8s.io/v1` Lease that ktctl renews.
+//! Deleting the anchor lets Kubernetes' garbage collector remove everything else; the shadow
+//! deletes it when the Lease goes stale for longer than the grace period (ktctl died).
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+
+use super::{ClusterError, Kube};
+
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const SESSION_LABEL: &str = "kt.dev/session";
+pub const ROLE_LABEL: &str = "kt.dev/role";
+pub const GRACE_ANNOTATION: &str = "kt.dev/grace-seconds";
+pub const COMMAND_ANNOTATION: &str = "kt.dev/command";
+pub const OWNER_ANNOTATION: &str = "kt.dev/owner";
+
+/// A kind of object a session creates, for deletion and for the report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Pod,
+    Secret,
+    ServiceAccount,
+    Role,
+    RoleBinding,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Pod => "pod",
+            Kind::Secret => "secret",
+            Kind::ServiceAccount => "serviceaccount",
+            Kind::Role => "role",
+            Kind::RoleBinding => "rolebinding",
+        }
+    }
+}
+
+/// One session in one namespace.
+pub struct Session {
+    pub id: String,
+    pub namespace: String,
+    pub lease: String,
+    pub grace: Duration,
+    lease_uid: String,
+    client: Client,
+    created: Mutex<Vec<(Kind, String)>>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("id", &self.id).field("namespace", &self.namespace).finish()
+    }
+}
+
+/// A new random session id: 6 characters of [a-z0-9], DNS-label safe.
+pub fn new_id() -> String {
+    const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut bytes = [0u8; 6];
+    // getrandom(2) via std's hashmap keys would be indirect; read the kernel's pool directly.
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
+        let t = Timestamp::now().as_nanosecond() as u64 ^ u64::from(std::process::id());
+        bytes.copy_from_slice(&t.to_le_bytes()[..6]);
+    }
+    bytes.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+}
+
+impl Session {
+    /// Creates the anchor Lease `ktctl-<id>`.
+    pub async fn begin(kube: &Kube, command: &str, grace: Duration) -> Result<Session, ClusterError> {
+        let id = new_id();
+        let lease = format!("ktctl-{id}");
+        let now = MicroTime(Timestamp::now());
+        let user = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).unwrap_or_else(|_| "root".into());
+        let obj = Lease {
+            metadata: ObjectMeta {
+                name: Some(lease.clone()),
+                namespace: Some(kube.namespace.clone()),
+                labels: Some(base_labels(&id, "anchor")),
+                annotations: Some(BTreeMap::from([
+                    (GRACE_ANNOTATION.to_string(), grace.as_secs().to_string()),
+                    (COMMAND_ANNOTATION.to_string(), command.to_string()),
+                    (OWNER_ANNOTATION.to_string(), format!("{user}@{}", hostname())),
+                ])),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(format!("ktctl/{}/{}", hostname(), std::process::id())),
+                lease_duration_seconds: Some(grace.as_secs().max(1) as i32),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                ..Default::default()
+            }),
+        };
+        let created = Api::<Lease>::namespaced(kube.client.clone(), &kube.namespace)
+            .create(&PostParams::default(), &obj)
+            .await
+            .map_err(|e| ClusterError::api(format!("creating lease {lease}"), e))?;
+        Ok(Session {
+            id,
+            namespace: kube.namespace.clone(),
+            lease,
+            grace,
+            lease_uid: created.metadata.uid.unwrap_or_default(),
+            client: kube.client.clone(),
+            created: Mutex::new(vec![]),
+        })
+    }
+
+    /// Labels for an object of this session playing `role`.
+    pub fn labels(&self, role: &str) -> BTreeMap<String, String> {
+        base_labels(&self.id, role)
+    }
+
+    /// Metadata for a new object of this session: labels and the owner reference.
+    pub fn meta(&self, name: &str, role: &str) -> ObjectMeta {
+        ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(self.namespace.clone()),
+            labels: Some(self.labels(role)),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "coordination.k8s.io/v1".into(),
+                kind: "Lease".into(),
+                name: self.lease.clone(),
+                uid: self.lease_uid.clone(),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }
+    }
+
+    /// Creates an object and remembers it for [`Session::end`].
+    pub async fn create<K>(&self, kind: Kind, obj: &K) -> Result<K, ClusterError>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+        K::DynamicType: Default,
+    {
+        let name = obj.meta().name.clone().unwrap_or_default();
+        let api: Api<K> = Api::namespaced(self.client.clone(), &self.namespace);
+        let out = api.create(&PostParams::default(), obj).await.map_err(|e| ClusterError::api(format!("creating {} {name}", kind.name()), e))?;
+        self.created.lock().expect("session lock").push((kind, name));
+        Ok(out)
+    }
+
+    /// Renews the Lease every third of the grace period until the task is aborted.
+    pub fn spawn_renewer(&self) -> tokio::task::JoinHandle<()> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
+        let name = self.lease.clone();
+        let every = (self.grace / 3).max(Duration::from_secs(1));
+        tokio::spawn(async move {
+            let mut failing = false;
+            loop {
+                tokio::time::sleep(every).await;
+                let patch = serde_json::json!({ "spec": { "renewTime": MicroTime(Timestamp::now()) } });
+                match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                    Ok(_) if failing => {
+                        tracing::info!(lease = %name, "session lease renewed again");
+                        failing = false;
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if !failing {
+                            tracing::warn!(lease = %name, error = %e, "cannot renew the session lease; the shadow ends the session if this lasts");
+                        }
+                        failing = true;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Deletes every object of the session, the anchor last; returns what it deleted.
+    pub async fn end(&self) -> Vec<String> {
+        let created: Vec<(Kind, String)> = self.created.lock().expect("session lock").iter().rev().cloned().collect();
+        let mut report = vec![];
+        for (kind, name) in created {
+            let ok = match kind {
+                Kind::Pod => delete::<Pod>(&self.client, &self.namespace, &name, DeleteParams::default().grace_period(0)).await,
+                Kind::Secret => delete::<Secret>(&self.client, &self.namespace, &name, DeleteParams::default()).await,
+                Kind::ServiceAccount => delete::<ServiceAccount>(&self.client, &self.namespace, &name, DeleteParams::default()).await,
+                Kind::Role => delete::<Role>(&self.client, &self.namespace, &name, DeleteParams::default()).await,
+                Kind::RoleBinding => delete::<RoleBinding>(&self.client, &self.namespace, &name, DeleteParams::default()).await,
+            };
+            if ok {
+                report.push(format!("{}/{name}", kind.name()));
+            }
+        }
+        if delete::<Lease>(&self.client, &self.namespace, &self.lease, DeleteParams::background()).await {
+            report.push(format!("lease/{}", self.lease));
+        }
+        report
+    }
+}
+
+/// Deletes the anchors of sessions whose Lease went stale more than its grace period ago (a
+/// ktctl that died and whose shadow could not clean up either); their objects follow by garbage
+/// collection. Returns the ids removed.
+pub async fn clean_expired(kube: &Kube) -> Result<Vec<String>, ClusterError> {
+    let api: Api<Lease> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let leases = api
+        .list(&kube::api::ListParams::default().labels(&format!("{MANAGED_BY}=ktctl,{ROLE_LABEL}=anchor")))
+        .await
+        .map_err(|e| ClusterError::api("listing ktctl sessions (leases)", e))?;
+    let now = Timestamp::now();
+    let mut removed = vec![];
+    for l in leases.items {
+        let spec = l.spec.clone().unwrap_or_default();
+        let grace = i64::from(spec.lease_duration_seconds.unwrap_or(30));
+        let Some(renewed) = spec.renew_time.map(|t| t.0) else { continue };
+        // One more grace period of slack: the shadow gets the first chance to clean up.
+        if now.as_second() - renewed.as_second() <= 2 * grace {
+            continue;
+        }
+        let name = l.metadata.name.clone().unwrap_or_default();
+        if delete::<Lease>(&kube.client, &kube.namespace, &name, DeleteParams::background()).await {
+            removed.push(l.metadata.labels.and_then(|m| m.get(SESSION_LABEL).cloned()).unwrap_or(name));
+        }
+    }
+    Ok(removed)
+}
+
+fn base_labels(id: &str, role: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY.to_string(), "ktctl".to_string()),
+        (SESSION_LABEL.to_string(), id.to_string()),
+        (ROLE_LABEL.to_string(), role.to_string()),
+    ])
+}
+
+/// Deletes one object; true if it existed and is gone (a missing one is fine and says false).
+async fn delete<K>(client: &Client, ns: &str, name: &str, dp: DeleteParams) -> bool
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    match Api::<K>::namespaced(client.clone(), ns).delete(name, &dp).await {
+        Ok(_) => true,
+        Err(kube::Error::Api(s)) if s.code == 404 => false,
+        Err(e) => {
+            tracing::warn!(object = name, error = %e, "could not delete; `ktctl clean` removes it later");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_ids_are_dns_labels_and_differ() {
+        let a = new_id();
+        let b = new_id();
+        assert_eq!(a.len(), 6);
+        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert_ne!(a, b);
+    }
+}

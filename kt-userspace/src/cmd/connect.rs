@@ -1,0 +1,259 @@
+//! `ktctl connect`: every program on this machine (or only `-- CMD`) reaches cluster Services
+//! by name, ClusterIP and pod IP.
+//!
+//! Order matters: everything that can fail for the user's environment is checked before the
+//! cluster is touched; every object created after the session's anchor is removed on the way
+//! out, whether the command ends by Ctrl-C, by CMD's exit or by an error.
+
+use std::fs::File;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Pod;
+use kt_common::bpf::DNS_ALIAS_NET;
+use kt_common::pki::SessionPki;
+use kube::Api;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::bpf::{HookConfig, Hooks};
+use crate::cgroup::{self, ChildCgroup};
+use crate::cidr::Plan;
+use crate::cli::{ConnectArgs, Global};
+use crate::cluster::session::{self, Session};
+use crate::cluster::shadow::{self, ShadowOptions};
+use crate::cluster::{CONNECT_PERMISSIONS, Kube, Target};
+use crate::dns::{self, index::Index, names::Rules};
+use crate::error::{EnvError, Error, Result};
+use crate::proxy::{self, OrigDst};
+use crate::tunnel::{self, Tunnel};
+
+/// The banner kt-connect users look for.
+pub const BANNER: &str = "All looks good, now you can access to resources in the kubernetes cluster";
+
+/// Runs the command; returns the process exit code (CMD's, with `-- CMD`).
+pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
+    if args.share_shadow {
+        return Err(EnvError::new(
+            "--shareShadow is not supported: every ktctl session has a shadow of its own, whose TLS credentials only that session holds",
+        )
+        .into());
+    }
+    crate::preflight::check()?;
+    let shadow_opts = shadow_options(global)?;
+    let attach_to = cgroup::target(args.cgroup.as_deref())?;
+    let _lock = if args.cmd.is_empty() { Some(NetnsLock::acquire()?) } else { None };
+
+    let kube = Kube::connect(&Target { kubeconfig: global.kubeconfig.clone(), context: global.context.clone(), namespace: global.namespace.clone() }).await?;
+    tracing::info!("Using cluster context {} ({}), namespace {}", kube.context, kube.server, kube.namespace);
+    tracing::info!("KtConnect (ktctl) {} start at {} ({} {})", env!("CARGO_PKG_VERSION"), std::process::id(), std::env::consts::OS, std::env::consts::ARCH);
+    kube.require(CONNECT_PERMISSIONS).await?;
+    if !args.skip_cleanup {
+        for id in session::clean_expired(&kube).await? {
+            tracing::info!("Removed expired session {id}");
+        }
+    }
+    let plan = plan(&kube, args).await?;
+    for r in &plan.routes {
+        tracing::info!("Routing {} through the cluster", r.net);
+    }
+
+    let session = Session::begin(&kube, "connect", Duration::from_secs(args.grace)).await?;
+    tracing::debug!(session = %session.id, "session started");
+    let result = connected(&kube, &session, args, plan, &shadow_opts, attach_to).await;
+    if let Err(e) = &result {
+        tracing::error!("{e}");
+    }
+    tracing::info!("Cleaning up session {}", session.id);
+    for obj in session.end().await {
+        tracing::info!("Deleted {obj}");
+    }
+    // An error was reported above, before the cleanup lines; keep only its exit code.
+    result.map_err(|e| Error::Reported(e.exit_code()))
+}
+
+fn shadow_options(global: &Global) -> Result<ShadowOptions> {
+    Ok(ShadowOptions {
+        image: global.image.clone(),
+        image_pull_secret: global.image_pull_secret.clone(),
+        node_selector: global.node_selector.as_deref().map(shadow::parse_node_selector).transpose().map_err(EnvError)?.unwrap_or_default(),
+        quota: global.pod_quota.as_deref().map(shadow::parse_quota).transpose().map_err(EnvError)?,
+        creation_timeout: Duration::from_secs(global.pod_creation_timeout),
+    })
+}
+
+/// The cluster's CIDRs plus --includeIps, minus --excludeIps and the API server.
+async fn plan(kube: &Kube, args: &ConnectArgs) -> Result<Plan> {
+    let mut include = kube.cidrs(!args.disable_pod_ip).await?;
+    include.extend(args.include_ips.iter().copied());
+    let mut exclude = args.exclude_ips.clone();
+    for ip in &kube.server_ips {
+        if let IpAddr::V4(v4) = ip {
+            exclude.push(Ipv4Net::from(*v4));
+        }
+    }
+    Ok(Plan::new(&include, &exclude)?)
+}
+
+/// Everything between the session's start and its end.
+async fn connected(kube: &Kube, session: &Session, args: &ConnectArgs, plan: Plan, opts: &ShadowOptions, attach_to: PathBuf) -> Result<u8> {
+    let pki = SessionPki::generate(&session.id, 30).map_err(|e| Error::Runtime(e.to_string()))?;
+    let renewer = session.spawn_renewer();
+    let _renewer = AbortOnDrop(renewer);
+    tracing::info!("Deploying shadow pod kt-connect-shadow-{} in namespace {}", session.id, session.namespace);
+    let pod = shadow::deploy(session, kube, "shadow-connect", opts, &pki.server).await?;
+    let pod_name = pod.metadata.name.clone().unwrap_or_default();
+    tracing::info!("Shadow pod {pod_name} is ready ({})", pod.status.and_then(|s| s.pod_ip).unwrap_or_default());
+
+    let tls = kt_common::tunnel::client_tls(&pki.client)?;
+    let target = tunnel::Target {
+        pods: Api::<Pod>::namespaced(kube.client.clone(), &kube.namespace),
+        pod: pod_name.clone(),
+        port: shadow::TUNNEL_PORT,
+        tls,
+        session: session.id.clone(),
+    };
+    let tunnel = Tunnel::start(target, Duration::from_secs(args.port_forward_timeout)).await?;
+
+    // Local sockets first, so that nothing is steered to a socket that does not exist yet.
+    let tcp = proxy::tcp::listener().map_err(|e| Error::io("making the proxy's TCP listener", e))?;
+    let udp = proxy::udp::socket().map_err(|e| Error::io("making the proxy's UDP socket", e))?;
+    let plan = Arc::new(plan);
+    let orig = OrigDst::new(plan.clone());
+    let tcp = tokio::net::TcpListener::from_std(tcp).map_err(|e| Error::io("proxy listener", e))?;
+    let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| Error::io("proxy socket", e))?;
+
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let (resolvers, search) = dns::host_config(&resolv);
+    let resolvers: Vec<Ipv4Addr> = resolvers.into_iter().filter(|r| !plan.is_cluster(*r)).take(15).collect();
+    let index = Index::start(kube).await?;
+    let rules = Rules { cluster_domain: args.cluster_domain.clone(), namespace: kube.namespace.clone(), host_search: search };
+    let shared = dns::Shared::new(rules, index, tunnel.clone(), Duration::from_secs(args.dns_cache_ttl));
+    let mut dns_servers = vec![];
+    for (i, r) in resolvers.iter().enumerate() {
+        let listen = Ipv4Addr::from(DNS_ALIAS_NET + i as u32 + 1);
+        let server = dns::serve(listen, *r, shared.clone()).map_err(|e| Error::io(format!("starting the DNS server on {listen}:53"), e))?;
+        tracing::info!("DNS for the cluster in front of resolver {r} (on {listen}:53)");
+        dns_servers.push(server);
+    }
+    if resolvers.is_empty() {
+        tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: cluster names will not resolve (IPs still work)");
+    }
+
+    let child = if args.cmd.is_empty() { None } else { Some(ChildCgroup::create(&attach_to, &format!("ktctl-{}", session.id))?) };
+    let cgroup_path = child.as_ref().map(|c| c.path().to_path_buf()).unwrap_or(attach_to);
+    let netns = File::open("/proc/self/ns/net").map_err(|e| Error::io("opening /proc/self/ns/net", e))?;
+    let hooks = Hooks::attach(&cgroup_path, &netns, &HookConfig { plan: &plan, resolvers: &resolvers, self_tgid: std::process::id() }, &tcp, &udp)?;
+    let tcp_task = AbortOnDrop(tokio::spawn(proxy::tcp::serve(tcp, orig.clone(), tunnel.clone())));
+    let udp_task = AbortOnDrop(tokio::spawn(proxy::udp::serve(udp, orig, tunnel.clone())));
+    tracing::info!("eBPF hooks attached to cgroup {}", cgroup_path.display());
+    tracing::info!("---------------------------------------------------------------");
+    tracing::info!(" {BANNER}");
+    tracing::info!("---------------------------------------------------------------");
+
+    let code = match child {
+        Some(cg) => run_command(&args.cmd, &cg).await?,
+        None => {
+            wait_for_signal().await;
+            0
+        }
+    };
+    tracing::debug!(counters = ?hooks.counters(), "hook counters");
+    drop(hooks);
+    drop((tcp_task, udp_task, dns_servers));
+    Ok(code)
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn wait_for_signal() {
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("Interrupted"),
+        _ = term.recv() => tracing::info!("Terminated"),
+        _ = hup.recv() => tracing::info!("Hung up"),
+    }
+}
+
+/// Runs CMD inside the child cgroup; returns its exit code (128 + signal if killed). A signal
+/// to ktctl is passed on to CMD.
+async fn run_command(cmd: &[String], cg: &ChildCgroup) -> Result<u8> {
+    use std::os::unix::process::CommandExt;
+    let procs = std::fs::OpenOptions::new()
+        .write(true)
+        .open(cg.path().join("cgroup.procs"))
+        .map_err(|e| Error::io(format!("opening {}", cg.path().display()), e))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&procs);
+    let mut c = std::process::Command::new(&cmd[0]);
+    c.args(&cmd[1..]);
+    // SAFETY: between fork and exec, only write(2) on a descriptor opened beforehand.
+    unsafe {
+        c.pre_exec(move || {
+            if libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = tokio::process::Command::from(c).spawn().map_err(|e| Error::Runtime(format!("cannot run {}: {e}", cmd[0])))?;
+    drop(procs);
+    let pid = child.id().map(|p| p as i32);
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    let status = loop {
+        tokio::select! {
+            s = child.wait() => break s.map_err(|e| Error::io("waiting for the command", e))?,
+            _ = term.recv() => forward(pid, libc::SIGTERM),
+            _ = int.recv() => forward(pid, libc::SIGINT),
+        }
+    };
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status.code().map(|c| c as u8).unwrap_or_else(|| 128 + status.signal().unwrap_or(0) as u8))
+}
+
+fn forward(pid: Option<i32>, sig: i32) {
+    if let Some(pid) = pid {
+        // SAFETY: kill(2) on the child this process started.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// One machine-wide connect per network namespace: a second one's aliases would collide.
+struct NetnsLock {
+    _file: File,
+}
+
+impl NetnsLock {
+    fn acquire() -> Result<NetnsLock> {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        use std::os::unix::fs::MetadataExt;
+        let ino = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0);
+        let dir = PathBuf::from("/run/ktctl");
+        std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating /run/ktctl", e))?;
+        let path = dir.join(format!("connect-{ino}.lock"));
+        let mut f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // SAFETY: flock on our own descriptor.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            return Err(EnvError::new(format!(
+                "another ktctl connect is running on this machine (pid {}); stop it first, or use `ktctl connect -- CMD` for a second session",
+                holder.trim()
+            ))
+            .into());
+        }
+        let _ = f.set_len(0);
+        let _ = write!(f, "{}", std::process::id());
+        Ok(NetnsLock { _file: f })
+    }
+}
