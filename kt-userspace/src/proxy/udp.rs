@@ -43,7 +43,7 @@ pub fn socket() -> io::Result<std::net::UdpSocket> {
 }
 
 /// recvmsg(2) with the IP_ORIGDSTADDR control message: (length, source, original destination).
-fn recv_orig(fd: i32, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4, SocketAddrV4)> {
+pub fn recv_orig(fd: i32, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4, SocketAddrV4)> {
     // SAFETY: plain C structs, zero is a valid initial value for all of them.
     let mut src: libc::sockaddr_in = unsafe { zeroed() };
     let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
