@@ -98,7 +98,6 @@ impl Kube {
         let opts = KubeConfigOptions { context: t.context.clone(), ..Default::default() };
         let mut config = Config::from_custom_kubeconfig(kc, &opts).await.map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
         config.connect_timeout = Some(Duration::from_secs(10));
-        config.read_timeout = Some(Duration::from_secs(30));
         let namespace = t.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
         let server = config.cluster_url.to_string();
         let host = config.cluster_url.host().unwrap_or_default().trim_matches(['[', ']']).to_string();
