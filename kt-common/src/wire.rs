@@ -244,7 +244,14 @@ fn put_addr(b: &mut BytesMut, a: &SocketAddr) {
 fn put_opt_ip(b: &mut BytesMut, ip: &Option<IpAddr>) {
     match ip {
         None => b.put_u8(0),
-        Some(ip) => put_addr(b, &SocketAddr::new(*ip, 0)),
+        Some(IpAddr::V4(ip)) => {
+            b.put_u8(4);
+            b.put_slice(&ip.octets());
+        }
+        Some(IpAddr::V6(ip)) => {
+            b.put_u8(6);
+            b.put_slice(&ip.octets());
+        }
     }
 }
 
@@ -356,7 +363,7 @@ impl Frame {
             tag::WELCOME => Frame::Welcome {
                 version: get_u16(&mut body, "version")?,
                 agent: get_str(&mut body, "agent")?,
-                pod_ip: get_opt_addr(&mut body, "pod ip")?.map(|a| a.ip()),
+                pod_ip: get_opt_ip(&mut body, "pod ip")?,
                 dns: get_opt_addr(&mut body, "dns")?,
             },
             tag::REJECT => Frame::Reject { reason: get_str(&mut body, "reason")? },
@@ -432,6 +439,13 @@ fn get_addr(b: &mut Bytes, what: &'static str) -> Result<SocketAddr, WireError> 
 }
 
 fn get_opt_addr(b: &mut Bytes, what: &'static str) -> Result<Option<SocketAddr>, WireError> {
+    match get_opt_ip(b, what)? {
+        None => Ok(None),
+        Some(ip) => Ok(Some(SocketAddr::new(ip, get_u16(b, what)?))),
+    }
+}
+
+fn get_opt_ip(b: &mut Bytes, what: &'static str) -> Result<Option<IpAddr>, WireError> {
     let ip = match get_u8(b, what)? {
         0 => return Ok(None),
         4 => {
@@ -446,7 +460,7 @@ fn get_opt_addr(b: &mut Bytes, what: &'static str) -> Result<Option<SocketAddr>,
         }
         f => return Err(WireError::BadValue { field: what, value: u32::from(f) }),
     };
-    Ok(Some(SocketAddr::new(ip, get_u16(b, what)?)))
+    Ok(Some(ip))
 }
 
 /// Reads the 4-byte length of the next frame and checks it against `max`.
@@ -543,6 +557,19 @@ mod tests {
         for (body, want) in cases {
             assert_eq!(Frame::decode(Bytes::from(body.clone())), Err(want), "body {body:?}");
         }
+    }
+
+    /// Regression (found by the fuzzer): the pod IP was read as an address with a port that
+    /// the encoder never writes, so a frame with a port there decoded and re-encoded differently.
+    #[test]
+    fn the_welcome_pod_ip_has_no_port() {
+        let body = [tag::WELCOME, 0, 1, 0, 0, 4, 10, 244, 1, 5, 0];
+        assert_eq!(
+            Frame::decode(Bytes::copy_from_slice(&body)),
+            Ok(Frame::Welcome { version: 1, agent: String::new(), pod_ip: Some("10.244.1.5".parse().unwrap()), dns: None })
+        );
+        let with_port = [tag::WELCOME, 0, 1, 0, 0, 4, 10, 244, 1, 5, 0, 80, 0];
+        assert!(Frame::decode(Bytes::copy_from_slice(&with_port)).is_err());
     }
 
     #[test]
