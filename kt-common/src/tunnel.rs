@@ -469,6 +469,12 @@ impl ClientSession {
                 mux.close();
                 return Err(TunnelError::Protocol(format!("expected a welcome, got {other:?}")));
             }
+            Err(TunnelError::Wire(e)) => {
+                mux.close();
+                return Err(TunnelError::Protocol(format!(
+                    "cannot read the agent's welcome ({e}): its image is probably of another ktctl version (--image)"
+                )));
+            }
             Err(e) => {
                 mux.close();
                 return Err(e);

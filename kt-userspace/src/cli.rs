@@ -64,6 +64,8 @@ pub struct Global {
 pub enum Command {
     /// Reach cluster Services by DNS name, ClusterIP and pod IP from this machine
     Connect(ConnectArgs),
+    /// Check this machine and measure the way to the cluster (round trips, throughput, DNS)
+    Diagnose(DiagnoseArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
     Completion {
         #[arg(value_enum)]
@@ -107,6 +109,20 @@ pub struct ConnectArgs {
     /// Run CMD with the cluster reachable for it (and its children) only; ends with CMD
     #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+/// `ktctl diagnose`.
+#[derive(Args, Debug, Clone)]
+pub struct DiagnoseArgs {
+    /// Round trips to measure
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub pings: u32,
+    /// MiB to send each way for the throughput
+    #[arg(long, default_value_t = 64)]
+    pub mib: u64,
+    /// The cluster's DNS domain
+    #[arg(long = "clusterDomain", visible_alias = "cluster-domain", default_value = "cluster.local")]
+    pub cluster_domain: String,
 }
 
 /// A CIDR, or a single address as a /32.

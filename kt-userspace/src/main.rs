@@ -21,6 +21,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match &cli.command {
             Command::Connect(args) => ktctl::cmd::connect::run(&cli.global, args).await,
+            Command::Diagnose(args) => ktctl::cmd::diagnose::run(&cli.global, args).await,
             Command::Completion { .. } => Ok(0),
         }
     });

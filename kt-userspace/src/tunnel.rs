@@ -34,6 +34,7 @@ pub struct Target {
 #[derive(Clone)]
 pub struct Tunnel {
     current: watch::Receiver<Option<ClientSession>>,
+    keeper: tokio::task::AbortHandle,
 }
 
 impl Tunnel {
@@ -54,8 +55,16 @@ impl Tunnel {
         let session = first.0.0.clone();
         tracing::info!("Port forward to pod {}:{} established; tunnel up (TLS 1.3, {})", target.pod, target.port, session.welcome.agent);
         let (tx, rx) = watch::channel(Some(session));
-        tokio::spawn(keep_up(target, first, tx).instrument(tracing::info_span!("tunnel")));
-        Ok(Tunnel { current: rx })
+        let keeper = tokio::spawn(keep_up(target, first, tx).instrument(tracing::info_span!("tunnel"))).abort_handle();
+        Ok(Tunnel { current: rx, keeper })
+    }
+
+    /// Ends the tunnel for good: no reconnect, the port-forward closed, streams in flight fail.
+    pub fn close(&self) {
+        self.keeper.abort();
+        if let Some(s) = self.current.borrow().as_ref() {
+            s.mux.close();
+        }
     }
 
     /// The current session, waiting up to [`OPEN_WAIT`] while a reconnect is under way.

@@ -256,3 +256,37 @@ fn bad_environments_fail_clearly_and_create_nothing() {
     assert!(out.contains("Deleted lease/ktctl-"), "{out}");
     assert_eq!(session_objects("app.kubernetes.io/managed-by=ktctl"), before);
 }
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+fn the_namespaced_role_in_deploy_is_enough_for_connect() {
+    let tb = testbed();
+    fixtures();
+    let rbac = tb.layout.workspace.join("deploy/rbac-connect.yaml");
+    kubectl(&["apply", "-f", rbac.to_str().expect("utf-8")]);
+    let _ = run_in(Machine::Laptop, &["kubectl", "delete", "rolebinding", "e2e-dev-ktctl", "--ignore-not-found"]);
+    kubectl(&["create", "rolebinding", "e2e-dev-ktctl", "--role=ktctl-connect", "--user=e2e-dev"]);
+    let kc = kt_testbed::pki::user_kubeconfig(&tb.layout, "e2e-dev", &[], "default").expect("user kubeconfig");
+    let k = Ktctl::connect(&["--kubeconfig", kc.to_str().expect("utf-8")]);
+    assert!(k.output().contains("watching Services in namespace default only"), "{}", k.output());
+    assert_eq!(curl("http://nginx"), PAGE);
+    let pod_ip = kubectl(&["get", "pod", "-l", "app=nginx", "-o", "jsonpath={.items[0].status.podIP}"]);
+    assert_eq!(curl(&format!("http://{pod_ip}")), PAGE);
+    // Other namespaces are out of the watch; their names resolve through the cluster's DNS.
+    assert_eq!(curl("http://web.e2e-other.svc.cluster.local"), OTHER_PAGE);
+    drop(k);
+    kubectl(&["delete", "rolebinding", "e2e-dev-ktctl"]);
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+fn diagnose_measures_the_tunnel_and_cleans_up() {
+    let _tb = testbed();
+    let mut k = Ktctl::spawn(&["diagnose", "--pings", "20", "--mib", "8"]);
+    assert_eq!(k.wait(Duration::from_secs(120)), Some(0), "{}", k.output());
+    let out = k.output();
+    for needle in ["privileges, cgroup v2, kernel      ok", "round trip (20 pings)", "throughput from the shadow", "throughput to the shadow", "cluster DNS answer", "NoError"] {
+        assert!(out.contains(needle), "no {needle:?} in:\n{out}");
+    }
+    assert!(out.contains("Deleted lease/ktctl-"), "{out}");
+}

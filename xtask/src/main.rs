@@ -1,8 +1,14 @@
 //! `cargo xtask`: ktctl's chores.
 //!
-//! Layout: `setup` (what a fresh machine lacks), `testbed` (the test cluster), and the
-//! commands that build on them (`ci`, `demo`, `e2e`, `bench`, `image`).
+//! Layout: [`setup`] (what a fresh machine lacks), `testbed` (the test cluster, from the
+//! kt-testbed crate), [`build`] (binaries, linked into the testbed), [`ci`] (the whole suite),
+//! [`demo`] (the seed walkthrough), [`image`] (the kt-router OCI image), [`bench`].
 
+mod bench;
+mod build;
+mod ci;
+mod demo;
+mod image;
 mod setup;
 
 use std::process::ExitCode;
@@ -20,9 +26,37 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what this machine lacks to build and test everything (idempotent).
+    /// Install what this machine lacks to build and test everything (idempotent)
     Setup,
-    /// The testbed: a real Kubernetes control plane, pods as processes in network namespaces.
+    /// The whole test suite, as CI runs it (setup, lints, unit, root, fuzz, e2e, bench smoke)
+    Ci {
+        /// Skip the lints (fmt, clippy)
+        #[arg(long)]
+        no_lint: bool,
+    },
+    /// The seed walkthrough on the testbed: nginx in the cluster, ktctl connect, curl by name
+    Demo,
+    /// The end-to-end tests on the testbed
+    E2e {
+        /// Only tests whose name contains this
+        filter: Option<String>,
+    },
+    /// Build ktctl and kt-router and link them into the testbed
+    Build {
+        #[arg(long)]
+        release: bool,
+    },
+    /// Build the kt-router OCI image archive (no container engine needed)
+    Image,
+    /// Measure every path side by side (ktctl, kubectl port-forward, raw, kt-connect)
+    Bench(bench::Args),
+    /// Measuring helpers the benchmark runs inside the testbed
+    #[command(hide = true)]
+    BenchTool {
+        #[command(subcommand)]
+        tool: bench::Tool,
+    },
+    /// The testbed: a real Kubernetes control plane, pods as processes in network namespaces
     Testbed {
         #[command(subcommand)]
         cmd: TestbedCmd,
@@ -31,16 +65,16 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum TestbedCmd {
-    /// Bring the testbed up (idempotent); prints the kubeconfig path.
+    /// Bring the testbed up (idempotent); prints the kubeconfig path
     Up {
         #[arg(long, default_value_t = 1)]
         nodes: u8,
     },
-    /// Stop every process and remove every namespace, veth, mount and cgroup it made.
+    /// Stop every process and remove every namespace, veth, mount and cgroup it made
     Down,
-    /// Show the testbed's processes, nodes and pods.
+    /// Show the testbed's processes, nodes and pods
     Status,
-    /// Run CMD in a machine (`laptop`, `node`, `node-N`) with KUBECONFIG, KT_CGROUP and PATH set.
+    /// Run CMD in a machine (`laptop`, `node`, `node-N`) with KUBECONFIG, KT_CGROUP and PATH set
     Exec {
         machine: String,
         #[arg(last = true, required = true)]
@@ -61,7 +95,19 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<ExitCode> {
     match cli.cmd {
-        Cmd::Setup => setup::run().map(|()| ExitCode::SUCCESS),
+        Cmd::Setup => setup::run()?,
+        Cmd::Ci { no_lint } => ci::run(!no_lint)?,
+        Cmd::Demo => demo::run()?,
+        Cmd::E2e { filter } => ci::e2e(filter.as_deref())?,
+        Cmd::Build { release } => {
+            build::binaries(release)?;
+        }
+        Cmd::Image => {
+            let path = image::build()?;
+            println!("{}", path.display());
+        }
+        Cmd::Bench(args) => bench::run(args)?,
+        Cmd::BenchTool { tool } => bench::tool(tool)?,
         Cmd::Testbed { cmd } => {
             let tb = Testbed::default();
             match cmd {
@@ -77,7 +123,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     return Ok(ExitCode::from(u8::try_from(code).unwrap_or(1)));
                 }
             }
-            Ok(ExitCode::SUCCESS)
         }
     }
+    Ok(ExitCode::SUCCESS)
 }

@@ -21,6 +21,9 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "wrk",            // benchmark load
     "util-linux",     // nsenter, unshare
     "procps",         // sysctl, ps
+    "skopeo",         // checks the OCI image archive
+    "openssl",        // e2e: a client without the session certificate
+    "python3",        // e2e and root tests: socket clients
 ];
 
 fn ok(cmd: &mut Command) -> bool {

@@ -106,7 +106,7 @@ impl Kube {
             Ok(ip) => vec![ip],
             Err(_) => tokio::net::lookup_host((host.as_str(), port)).await.map(|it| it.map(|a| a.ip()).collect()).unwrap_or_default(),
         };
-        let client = Client::try_from(config).map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
+        let client = nodelay_client(config).map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
         client.apiserver_version().await.map_err(|source| ClusterError::Unreachable { url: server.clone(), source })?;
         Ok(Kube { client, namespace, context, server, server_ips })
     }
@@ -217,6 +217,24 @@ impl Kube {
         }
         Ok(crate::cidr::normalise(out))
     }
+}
+
+/// kube's client as kube builds it, but with TCP_NODELAY on the API server connection: the
+/// tunnel's small writes must not wait for delayed ACKs (kube's connector leaves Nagle on).
+fn nodelay_client(config: Config) -> Result<Client, kube::Error> {
+    use kube::client::ConfigExt;
+    let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    let https = config.rustls_https_connector_with_connector(http)?;
+    let hyper = hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new()).build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(|e| -> tower::BoxError { Box::new(e) })
+        .service(hyper);
+    Ok(Client::new(service, config.default_namespace.clone()))
 }
 
 /// A permission, as RBAC names it.

@@ -12,10 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Pod;
 use kt_common::bpf::DNS_ALIAS_NET;
-use kt_common::pki::SessionPki;
-use kube::Api;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::bpf::{HookConfig, Hooks};
@@ -23,12 +20,13 @@ use crate::cgroup::{self, ChildCgroup};
 use crate::cidr::Plan;
 use crate::cli::{ConnectArgs, Global};
 use crate::cluster::session::{self, Session};
+use super::AbortOnDrop;
 use crate::cluster::shadow::{self, ShadowOptions};
 use crate::cluster::{CONNECT_PERMISSIONS, Kube, Target};
 use crate::dns::{self, index::Index, names::Rules};
 use crate::error::{EnvError, Error, Result};
 use crate::proxy::{self, OrigDst};
-use crate::tunnel::{self, Tunnel};
+use crate::tunnel::Tunnel;
 
 /// The banner kt-connect users look for.
 pub const BANNER: &str = "All looks good, now you can access to resources in the kubernetes cluster";
@@ -60,21 +58,15 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
         tracing::info!("Routing {} through the cluster", r.net);
     }
 
-    let session = Session::begin(&kube, "connect", Duration::from_secs(args.grace)).await?;
-    tracing::debug!(session = %session.id, "session started");
-    let result = connected(&kube, &session, args, plan, &shadow_opts, attach_to).await;
-    if let Err(e) = &result {
-        tracing::error!("{e}");
-    }
-    tracing::info!("Cleaning up session {}", session.id);
-    for obj in session.end().await {
-        tracing::info!("Deleted {obj}");
-    }
-    // An error was reported above, before the cleanup lines; keep only its exit code.
-    result.map_err(|e| Error::Reported(e.exit_code()))
+    let grace = Duration::from_secs(args.grace);
+    let pf_timeout = Duration::from_secs(args.port_forward_timeout);
+    super::with_shadow(&kube, &shadow_opts, "connect", grace, pf_timeout, async |session, tunnel| {
+        connected(&kube, session, tunnel, args, plan, attach_to).await
+    })
+    .await
 }
 
-fn shadow_options(global: &Global) -> Result<ShadowOptions> {
+pub(crate) fn shadow_options(global: &Global) -> Result<ShadowOptions> {
     Ok(ShadowOptions {
         image: global.image.clone(),
         image_pull_secret: global.image_pull_secret.clone(),
@@ -97,26 +89,9 @@ async fn plan(kube: &Kube, args: &ConnectArgs) -> Result<Plan> {
     Ok(Plan::new(&include, &exclude)?)
 }
 
-/// Everything between the session's start and its end.
-async fn connected(kube: &Kube, session: &Session, args: &ConnectArgs, plan: Plan, opts: &ShadowOptions, attach_to: PathBuf) -> Result<u8> {
-    let pki = SessionPki::generate(&session.id, 30).map_err(|e| Error::Runtime(e.to_string()))?;
-    let renewer = session.spawn_renewer();
-    let _renewer = AbortOnDrop(renewer);
-    tracing::info!("Deploying shadow pod kt-connect-shadow-{} in namespace {}", session.id, session.namespace);
-    let pod = shadow::deploy(session, kube, "shadow-connect", opts, &pki.server).await?;
-    let pod_name = pod.metadata.name.clone().unwrap_or_default();
-    tracing::info!("Shadow pod {pod_name} is ready ({})", pod.status.and_then(|s| s.pod_ip).unwrap_or_default());
-
-    let tls = kt_common::tunnel::client_tls(&pki.client)?;
-    let target = tunnel::Target {
-        pods: Api::<Pod>::namespaced(kube.client.clone(), &kube.namespace),
-        pod: pod_name.clone(),
-        port: shadow::TUNNEL_PORT,
-        tls,
-        session: session.id.clone(),
-    };
-    let tunnel = Tunnel::start(target, Duration::from_secs(args.port_forward_timeout)).await?;
-
+/// Everything between the tunnel coming up and the session's end.
+async fn connected(kube: &Kube, session: &Session, tunnel: &Tunnel, args: &ConnectArgs, plan: Plan, attach_to: PathBuf) -> Result<u8> {
+    let tunnel = tunnel.clone();
     // Local sockets first, so that nothing is steered to a socket that does not exist yet.
     let tcp = proxy::tcp::listener().map_err(|e| Error::io("making the proxy's TCP listener", e))?;
     let udp = proxy::udp::socket().map_err(|e| Error::io("making the proxy's UDP socket", e))?;
@@ -164,15 +139,6 @@ async fn connected(kube: &Kube, session: &Session, args: &ConnectArgs, plan: Pla
     drop(hooks);
     drop((tcp_task, udp_task, dns_servers));
     Ok(code)
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 async fn wait_for_signal() {
