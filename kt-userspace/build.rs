@@ -12,9 +12,16 @@ fn main() -> anyhow::Result<()> {
     // SAFETY: build scripts are single-threaded; aya-build reads this to add -Z build-std=core
     // and the nested cargo inherits it.
     unsafe { std::env::set_var("RUSTC_BOOTSTRAP", "1") };
-    println!("cargo:rerun-if-changed={}", root.join("../kt-common/src").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("../kt-common/src").display()
+    );
     aya_build::build_ebpf(
-        [aya_build::Package { name: "kt-ebpf", root_dir: root.to_str().expect("utf-8 path"), ..Default::default() }],
+        [aya_build::Package {
+            name: "kt-ebpf",
+            root_dir: root.to_str().expect("utf-8 path"),
+            ..Default::default()
+        }],
         aya_build::Toolchain::Custom(&toolchain),
     )
 }

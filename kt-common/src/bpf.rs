@@ -127,7 +127,11 @@ pub fn is_alias(addr: u32) -> bool {
 #[inline(always)]
 pub fn dns_slot(addr: u32) -> Option<u32> {
     let slot = addr.wrapping_sub(DNS_ALIAS_NET);
-    if addr & 0xffff_ff00 == DNS_ALIAS_NET && slot > 0 && slot < DNS_SLOTS { Some(slot) } else { None }
+    if addr & 0xffff_ff00 == DNS_ALIAS_NET && slot > 0 && slot < DNS_SLOTS {
+        Some(slot)
+    } else {
+        None
+    }
 }
 
 #[cfg(feature = "user")]
@@ -147,8 +151,15 @@ mod tests {
     #[test]
     fn alias_round_trip() {
         let net = 0x0a60_0000; // 10.96.0.0
-        let c = CidrTarget { net, alias: ALIAS_NET + 0x1_0000, action: action::REDIRECT };
-        let a = AliasTarget { alias: c.alias, net };
+        let c = CidrTarget {
+            net,
+            alias: ALIAS_NET + 0x1_0000,
+            action: action::REDIRECT,
+        };
+        let a = AliasTarget {
+            alias: c.alias,
+            net,
+        };
         let addr = 0x0a60_0a05; // 10.96.10.5
         let alias = to_alias(&c, addr);
         assert!(is_alias(alias));

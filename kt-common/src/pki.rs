@@ -6,8 +6,8 @@ use std::string::String;
 use std::{format, vec};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SanType,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
 
@@ -32,9 +32,13 @@ impl SessionPki {
     pub fn generate(session: &str, days: i64) -> Result<SessionPki, PkiError> {
         let now = OffsetDateTime::now_utc();
         let mut ca = CertificateParams::default();
-        ca.distinguished_name.push(DnType::CommonName, format!("ktctl session {session} CA"));
+        ca.distinguished_name
+            .push(DnType::CommonName, format!("ktctl session {session} CA"));
         ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        ca.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::DigitalSignature];
+        ca.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         ca.not_before = now - Duration::minutes(5);
         ca.not_after = now + Duration::days(days);
         let ca_key = KeyPair::generate()?;
@@ -42,7 +46,10 @@ impl SessionPki {
         let ca_pem = ca_cert.pem();
         let issuer = Issuer::new(ca, ca_key);
 
-        let leaf = |cn: String, usage: ExtendedKeyUsagePurpose, san: Option<&str>| -> Result<Identity, PkiError> {
+        let leaf = |cn: String,
+                    usage: ExtendedKeyUsagePurpose,
+                    san: Option<&str>|
+         -> Result<Identity, PkiError> {
             let mut p = CertificateParams::default();
             p.distinguished_name.push(DnType::CommonName, cn);
             p.extended_key_usages = vec![usage];
@@ -54,10 +61,22 @@ impl SessionPki {
             p.not_after = now + Duration::days(days);
             let key = KeyPair::generate()?;
             let cert = p.signed_by(&key, &issuer)?;
-            Ok(Identity { ca_pem: ca_pem.clone(), cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+            Ok(Identity {
+                ca_pem: ca_pem.clone(),
+                cert_pem: cert.pem(),
+                key_pem: key.serialize_pem(),
+            })
         };
-        let server = leaf(format!("kt-router shadow {session}"), ExtendedKeyUsagePurpose::ServerAuth, Some(SERVER_NAME))?;
-        let client = leaf(format!("ktctl {session}"), ExtendedKeyUsagePurpose::ClientAuth, None)?;
+        let server = leaf(
+            format!("kt-router shadow {session}"),
+            ExtendedKeyUsagePurpose::ServerAuth,
+            Some(SERVER_NAME),
+        )?;
+        let client = leaf(
+            format!("ktctl {session}"),
+            ExtendedKeyUsagePurpose::ClientAuth,
+            None,
+        )?;
         Ok(SessionPki { server, client })
     }
 }

@@ -21,7 +21,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::wire::{self, Frame, MAX_CONTROL_FRAME, MAX_FRAME, MIN_PROTOCOL_VERSION, Open, PROTOCOL_VERSION, WireError};
+use crate::wire::{
+    self, Frame, MAX_CONTROL_FRAME, MAX_FRAME, MIN_PROTOCOL_VERSION, Open, PROTOCOL_VERSION,
+    WireError,
+};
 
 /// The name in the agent's certificate that the client checks.
 pub const SERVER_NAME: &str = "shadow.ktctl.invalid";
@@ -77,8 +80,14 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<F
 }
 
 /// Like [`read_frame`] with [`FRAME_TIMEOUT`].
-pub async fn read_frame_timeout<R: AsyncRead + Unpin>(r: &mut R, max: usize, what: &'static str) -> Result<Frame> {
-    tokio::time::timeout(FRAME_TIMEOUT, read_frame(r, max)).await.map_err(|_| TunnelError::Timeout(what))?
+pub async fn read_frame_timeout<R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+    what: &'static str,
+) -> Result<Frame> {
+    tokio::time::timeout(FRAME_TIMEOUT, read_frame(r, max))
+        .await
+        .map_err(|_| TunnelError::Timeout(what))?
 }
 
 /// Writes one frame.
@@ -104,7 +113,9 @@ pub async fn write_data<W: AsyncWrite + Unpin>(w: &mut W, payload: &[u8]) -> Res
 pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Bytes>> {
     match read_frame(r, MAX_FRAME).await {
         Ok(Frame::Data(d)) => Ok(Some(d)),
-        Ok(other) => Err(TunnelError::Protocol(format!("expected a data frame, got {other:?}"))),
+        Ok(other) => Err(TunnelError::Protocol(format!(
+            "expected a data frame, got {other:?}"
+        ))),
         Err(TunnelError::Io(e)) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
         Err(e) => Err(e),
     }
@@ -157,7 +168,10 @@ impl Mux {
     /// Opens a stream to the peer.
     pub async fn open(&self) -> Result<MuxStream> {
         let (tx, rx) = oneshot::channel();
-        self.open_tx.send(tx).await.map_err(|_| TunnelError::Closed("connection gone".into()))?;
+        self.open_tx
+            .send(tx)
+            .await
+            .map_err(|_| TunnelError::Closed("connection gone".into()))?;
         let s = rx
             .await
             .map_err(|_| TunnelError::Closed("connection gone".into()))?
@@ -193,8 +207,12 @@ impl Mux {
 pub async fn expect_ok<S: AsyncRead + Unpin>(s: &mut S) -> Result<()> {
     match read_frame_timeout(s, MAX_CONTROL_FRAME, "the agent's reply").await? {
         Frame::Reply(None) => Ok(()),
-        Frame::Reply(Some((code, msg))) => Err(TunnelError::Io(io::Error::new(reply_kind(code), msg))),
-        other => Err(TunnelError::Protocol(format!("expected a reply, got {other:?}"))),
+        Frame::Reply(Some((code, msg))) => {
+            Err(TunnelError::Io(io::Error::new(reply_kind(code), msg)))
+        }
+        other => Err(TunnelError::Protocol(format!(
+            "expected a reply, got {other:?}"
+        ))),
     }
 }
 
@@ -246,13 +264,21 @@ impl<T: AsyncRead + AsyncWrite + Send + 'static> Decoupled<T> {
 }
 
 impl<T: AsyncRead> AsyncRead for Decoupled<T> {
-    fn poll_read(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>, buf: &mut tokio::io::ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         std::pin::Pin::new(&mut self.rd).poll_read(cx, buf)
     }
 }
 
 impl<T> AsyncWrite for Decoupled<T> {
-    fn poll_write(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "tunnel writer ended");
         match &self.tx {
             Some(tx) => match tx.send(Bytes::copy_from_slice(buf)) {
@@ -262,10 +288,16 @@ impl<T> AsyncWrite for Decoupled<T> {
             None => Poll::Ready(Err(closed())),
         }
     }
-    fn poll_flush(self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
         Poll::Ready(Ok(()))
     }
-    fn poll_shutdown(mut self: std::pin::Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> Poll<io::Result<()>> {
         self.tx = None;
         Poll::Ready(Ok(()))
     }
@@ -345,23 +377,36 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity").field("key_pem", &"<redacted>").finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
     }
 }
 
-fn parse(id: &Identity) -> Result<(rustls::RootCertStore, Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+fn parse(
+    id: &Identity,
+) -> Result<(
+    rustls::RootCertStore,
+    Vec<CertificateDer<'static>>,
+    PrivateKeyDer<'static>,
+)> {
     let tls = |e: &dyn std::fmt::Display| TunnelError::Tls(e.to_string());
     let mut roots = rustls::RootCertStore::empty();
     for c in rustls_pemfile::certs(&mut id.ca_pem.as_bytes()) {
         roots.add(c.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
     }
     if roots.is_empty() {
-        return Err(TunnelError::Tls("no CA certificate in the session credentials".into()));
+        return Err(TunnelError::Tls(
+            "no CA certificate in the session credentials".into(),
+        ));
     }
-    let chain: Vec<CertificateDer<'static>> =
-        rustls_pemfile::certs(&mut id.cert_pem.as_bytes()).collect::<std::result::Result<_, _>>().map_err(|e| tls(&e))?;
+    let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut id.cert_pem.as_bytes())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| tls(&e))?;
     if chain.is_empty() {
-        return Err(TunnelError::Tls("no certificate in the session credentials".into()));
+        return Err(TunnelError::Tls(
+            "no certificate in the session credentials".into(),
+        ));
     }
     let key = rustls_pemfile::private_key(&mut id.key_pem.as_bytes())
         .map_err(|e| tls(&e))?
@@ -388,9 +433,10 @@ pub fn client_tls(id: &Identity) -> Result<tokio_rustls::TlsConnector> {
 /// The agent's TLS: TLS 1.3 only, and only clients with a certificate of the session CA.
 pub fn server_tls(id: &Identity) -> Result<tokio_rustls::TlsAcceptor> {
     let (roots, chain, key) = parse(id)?;
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
-        .build()
-        .map_err(|e| TunnelError::Tls(e.to_string()))?;
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| TunnelError::Tls(e.to_string()))?;
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TunnelError::Tls(e.to_string()))?
@@ -459,15 +505,33 @@ impl ClientSession {
         };
         write_frame(&mut control, &hello).await?;
         // With TLS 1.3 a refused client certificate shows up here, as the first read fails.
-        let welcome = match read_frame_timeout(&mut control, MAX_CONTROL_FRAME, "the agent's welcome").await {
-            Ok(Frame::Welcome { version, agent, pod_ip, dns }) => Welcome { version, agent, pod_ip, dns },
+        let welcome = match read_frame_timeout(
+            &mut control,
+            MAX_CONTROL_FRAME,
+            "the agent's welcome",
+        )
+        .await
+        {
+            Ok(Frame::Welcome {
+                version,
+                agent,
+                pod_ip,
+                dns,
+            }) => Welcome {
+                version,
+                agent,
+                pod_ip,
+                dns,
+            },
             Ok(Frame::Reject { reason }) => {
                 mux.close();
                 return Err(TunnelError::Rejected(reason));
             }
             Ok(other) => {
                 mux.close();
-                return Err(TunnelError::Protocol(format!("expected a welcome, got {other:?}")));
+                return Err(TunnelError::Protocol(format!(
+                    "expected a welcome, got {other:?}"
+                )));
             }
             Err(TunnelError::Wire(e)) => {
                 mux.close();
@@ -491,7 +555,12 @@ impl ClientSession {
     }
 }
 
-async fn keepalive(mut control: MuxStream, mux: Mux, interval: Duration, rtt: Arc<Mutex<Option<Duration>>>) {
+async fn keepalive(
+    mut control: MuxStream,
+    mux: Mux,
+    interval: Duration,
+    rtt: Arc<Mutex<Option<Duration>>>,
+) {
     let mut nonce = 0u64;
     loop {
         tokio::select! {
@@ -506,7 +575,11 @@ async fn keepalive(mut control: MuxStream, mux: Mux, interval: Duration, rtt: Ar
                 match read_frame(&mut control, MAX_CONTROL_FRAME).await? {
                     Frame::Pong { nonce: n } if n == nonce => return Ok::<_, TunnelError>(()),
                     Frame::Pong { .. } => continue,
-                    other => return Err(TunnelError::Protocol(format!("unexpected {other:?} on the control stream"))),
+                    other => {
+                        return Err(TunnelError::Protocol(format!(
+                            "unexpected {other:?} on the control stream"
+                        )));
+                    }
                 }
             }
         };
@@ -542,12 +615,18 @@ pub struct ServerInfo {
 }
 
 /// Handles one opened stream on the agent; gets the connection's [`Mux`] to open streams back.
-pub type StreamHandler = Arc<dyn Fn(Mux, Open, MuxStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+pub type StreamHandler =
+    Arc<dyn Fn(Mux, Open, MuxStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
 /// Serves one accepted transport: TLS (client certificate required), yamux, the handshake on
 /// the first stream, then each further stream's Open goes to `handler`. Returns when the
 /// connection ends.
-pub async fn serve_connection<T>(io: T, tls: tokio_rustls::TlsAcceptor, info: Arc<ServerInfo>, handler: StreamHandler) -> Result<()>
+pub async fn serve_connection<T>(
+    io: T,
+    tls: tokio_rustls::TlsAcceptor,
+    info: Arc<ServerInfo>,
+    handler: StreamHandler,
+) -> Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -560,22 +639,31 @@ where
         s = inbound.recv() => s.ok_or_else(|| TunnelError::Closed("no control stream".into()))?,
         _ = tokio::time::sleep(FRAME_TIMEOUT) => { mux.close(); return Err(TunnelError::Timeout("the control stream")) }
     };
-    let hello = match read_frame_timeout(&mut control, MAX_CONTROL_FRAME, "the client's hello").await {
-        Ok(f) => f,
-        Err(e) => {
-            mux.close();
-            return Err(e);
-        }
-    };
+    let hello =
+        match read_frame_timeout(&mut control, MAX_CONTROL_FRAME, "the client's hello").await {
+            Ok(f) => f,
+            Err(e) => {
+                mux.close();
+                return Err(e);
+            }
+        };
     let verdict = match hello {
-        Frame::Hello { version, min_version, session, .. } => {
+        Frame::Hello {
+            version,
+            min_version,
+            session,
+            ..
+        } => {
             let v = version.min(PROTOCOL_VERSION);
             if v < min_version.max(MIN_PROTOCOL_VERSION) {
                 Err(format!(
                     "no common protocol version (client {min_version}..={version}, agent {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION})"
                 ))
             } else if session != info.session {
-                Err(format!("this agent serves session {}, not {session}", info.session))
+                Err(format!(
+                    "this agent serves session {}, not {session}",
+                    info.session
+                ))
             } else {
                 Ok(v)
             }
@@ -585,12 +673,23 @@ where
     let version = match verdict {
         Ok(v) => v,
         Err(reason) => {
-            let _ = write_frame(&mut control, &Frame::Reject { reason: reason.clone() }).await;
+            let _ = write_frame(
+                &mut control,
+                &Frame::Reject {
+                    reason: reason.clone(),
+                },
+            )
+            .await;
             mux.close();
             return Err(TunnelError::Rejected(reason));
         }
     };
-    let welcome = Frame::Welcome { version, agent: info.agent.clone(), pod_ip: info.pod_ip, dns: info.dns };
+    let welcome = Frame::Welcome {
+        version,
+        agent: info.agent.clone(),
+        pod_ip: info.pod_ip,
+        dns: info.dns,
+    };
     write_frame(&mut control, &welcome).await?;
     let ctrl_mux = mux.clone();
     let idle = info.idle;
@@ -598,7 +697,10 @@ where
         loop {
             match tokio::time::timeout(idle, read_frame(&mut control, MAX_CONTROL_FRAME)).await {
                 Ok(Ok(Frame::Ping { nonce })) => {
-                    if write_frame(&mut control, &Frame::Pong { nonce }).await.is_err() {
+                    if write_frame(&mut control, &Frame::Pong { nonce })
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -627,10 +729,18 @@ where
                 Ok(Frame::Open(open)) => handler(mux, open, s).await,
                 Ok(other) => {
                     let msg = format!("expected an open, got {other:?}");
-                    let _ = write_frame(&mut s, &Frame::Reply(Some((wire::ErrorCode::BadRequest, msg)))).await;
+                    let _ = write_frame(
+                        &mut s,
+                        &Frame::Reply(Some((wire::ErrorCode::BadRequest, msg))),
+                    )
+                    .await;
                 }
                 Err(TunnelError::Wire(e)) => {
-                    let _ = write_frame(&mut s, &Frame::Reply(Some((wire::ErrorCode::BadRequest, e.to_string())))).await;
+                    let _ = write_frame(
+                        &mut s,
+                        &Frame::Reply(Some((wire::ErrorCode::BadRequest, e.to_string()))),
+                    )
+                    .await;
                 }
                 Err(e) => tracing::debug!(error = %e, "stream ended before its open"),
             }

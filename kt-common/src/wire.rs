@@ -130,7 +130,12 @@ impl ErrorCode {
             5 => ErrorCode::Unsupported,
             6 => ErrorCode::BadRequest,
             7 => ErrorCode::Internal,
-            v => return Err(WireError::BadValue { field: "error code", value: u32::from(v) }),
+            v => {
+                return Err(WireError::BadValue {
+                    field: "error code",
+                    value: u32::from(v),
+                });
+            }
         })
     }
 
@@ -268,7 +273,12 @@ impl Frame {
         let mut b = BytesMut::with_capacity(64);
         b.put_u32(0);
         match self {
-            Frame::Hello { version, min_version, session, client } => {
+            Frame::Hello {
+                version,
+                min_version,
+                session,
+                client,
+            } => {
                 b.put_u8(tag::HELLO);
                 b.put_slice(&MAGIC);
                 b.put_u16(*version);
@@ -276,7 +286,12 @@ impl Frame {
                 put_str(&mut b, session);
                 put_str(&mut b, client);
             }
-            Frame::Welcome { version, agent, pod_ip, dns } => {
+            Frame::Welcome {
+                version,
+                agent,
+                pod_ip,
+                dns,
+            } => {
                 b.put_u8(tag::WELCOME);
                 b.put_u16(*version);
                 put_str(&mut b, agent);
@@ -366,21 +381,39 @@ impl Frame {
                 pod_ip: get_opt_ip(&mut body, "pod ip")?,
                 dns: get_opt_addr(&mut body, "dns")?,
             },
-            tag::REJECT => Frame::Reject { reason: get_str(&mut body, "reason")? },
-            tag::PING => Frame::Ping { nonce: get_u64(&mut body, "nonce")? },
-            tag::PONG => Frame::Pong { nonce: get_u64(&mut body, "nonce")? },
+            tag::REJECT => Frame::Reject {
+                reason: get_str(&mut body, "reason")?,
+            },
+            tag::PING => Frame::Ping {
+                nonce: get_u64(&mut body, "nonce")?,
+            },
+            tag::PONG => Frame::Pong {
+                nonce: get_u64(&mut body, "nonce")?,
+            },
             tag::OPEN => {
                 let kind = get_u8(&mut body, "open kind")?;
                 Frame::Open(match kind {
                     open_kind::TCP => Open::Tcp(get_addr(&mut body, "tcp target")?),
                     open_kind::UDP => Open::Udp(get_addr(&mut body, "udp target")?),
                     open_kind::DNS => Open::Dns,
-                    open_kind::EXPOSE => Open::Expose { port: get_u16(&mut body, "port")? },
-                    open_kind::INBOUND => Open::Inbound { port: get_u16(&mut body, "port")?, peer: get_addr(&mut body, "peer")? },
+                    open_kind::EXPOSE => Open::Expose {
+                        port: get_u16(&mut body, "port")?,
+                    },
+                    open_kind::INBOUND => Open::Inbound {
+                        port: get_u16(&mut body, "port")?,
+                        peer: get_addr(&mut body, "peer")?,
+                    },
                     open_kind::ECHO => Open::Echo,
-                    open_kind::SOURCE => Open::Source { bytes: get_u64(&mut body, "bytes")? },
+                    open_kind::SOURCE => Open::Source {
+                        bytes: get_u64(&mut body, "bytes")?,
+                    },
                     open_kind::SINK => Open::Sink,
-                    k => return Err(WireError::BadValue { field: "open kind", value: u32::from(k) }),
+                    k => {
+                        return Err(WireError::BadValue {
+                            field: "open kind",
+                            value: u32::from(k),
+                        });
+                    }
                 })
             }
             tag::REPLY => {
@@ -388,7 +421,10 @@ impl Frame {
                 if code == 0 {
                     Frame::Reply(None)
                 } else {
-                    Frame::Reply(Some((ErrorCode::from_u8(code)?, get_str(&mut body, "reply message")?)))
+                    Frame::Reply(Some((
+                        ErrorCode::from_u8(code)?,
+                        get_str(&mut body, "reply message")?,
+                    )))
                 }
             }
             tag::DATA => return Ok(Frame::Data(body)),
@@ -402,7 +438,11 @@ impl Frame {
 }
 
 fn need(b: &Bytes, n: usize, what: &'static str) -> Result<(), WireError> {
-    if b.remaining() < n { Err(WireError::Truncated(what)) } else { Ok(()) }
+    if b.remaining() < n {
+        Err(WireError::Truncated(what))
+    } else {
+        Ok(())
+    }
 }
 
 fn get_u8(b: &mut Bytes, what: &'static str) -> Result<u8, WireError> {
@@ -434,7 +474,10 @@ fn get_str(b: &mut Bytes, what: &'static str) -> Result<String, WireError> {
 fn get_addr(b: &mut Bytes, what: &'static str) -> Result<SocketAddr, WireError> {
     match get_opt_addr(b, what)? {
         Some(a) => Ok(a),
-        None => Err(WireError::BadValue { field: what, value: 0 }),
+        None => Err(WireError::BadValue {
+            field: what,
+            value: 0,
+        }),
     }
 }
 
@@ -458,7 +501,12 @@ fn get_opt_ip(b: &mut Bytes, what: &'static str) -> Result<Option<IpAddr>, WireE
             a.copy_from_slice(&o);
             IpAddr::V6(Ipv6Addr::from(a))
         }
-        f => return Err(WireError::BadValue { field: what, value: u32::from(f) }),
+        f => {
+            return Err(WireError::BadValue {
+                field: what,
+                value: u32::from(f),
+            });
+        }
     };
     Ok(Some(ip))
 }
@@ -507,10 +555,27 @@ mod tests {
         let v4: SocketAddr = "10.96.0.10:53".parse().unwrap();
         let v6: SocketAddr = "[fd00::1]:8080".parse().unwrap();
         for f in [
-            Frame::Hello { version: 1, min_version: 1, session: "abc123".into(), client: "ktctl 0.1.0".into() },
-            Frame::Welcome { version: 1, agent: "kt-router".into(), pod_ip: Some("10.244.1.5".parse().unwrap()), dns: Some(v4) },
-            Frame::Welcome { version: 1, agent: String::new(), pod_ip: None, dns: None },
-            Frame::Reject { reason: "wrong session".into() },
+            Frame::Hello {
+                version: 1,
+                min_version: 1,
+                session: "abc123".into(),
+                client: "ktctl 0.1.0".into(),
+            },
+            Frame::Welcome {
+                version: 1,
+                agent: "kt-router".into(),
+                pod_ip: Some("10.244.1.5".parse().unwrap()),
+                dns: Some(v4),
+            },
+            Frame::Welcome {
+                version: 1,
+                agent: String::new(),
+                pod_ip: None,
+                dns: None,
+            },
+            Frame::Reject {
+                reason: "wrong session".into(),
+            },
             Frame::Ping { nonce: u64::MAX },
             Frame::Pong { nonce: 7 },
             Frame::Open(Open::Tcp(v4)),
@@ -533,9 +598,24 @@ mod tests {
 
     #[test]
     fn oversized_length_is_refused_before_reading() {
-        assert_eq!(frame_len(5_000u32.to_be_bytes(), MAX_CONTROL_FRAME), Err(WireError::TooLong { len: 5000, max: MAX_CONTROL_FRAME }));
-        assert_eq!(frame_len(u32::MAX.to_be_bytes(), MAX_FRAME).unwrap_err(), WireError::TooLong { len: u32::MAX as usize, max: MAX_FRAME });
-        assert_eq!(frame_len([0; 4], MAX_FRAME), Err(WireError::Truncated("tag")));
+        assert_eq!(
+            frame_len(5_000u32.to_be_bytes(), MAX_CONTROL_FRAME),
+            Err(WireError::TooLong {
+                len: 5000,
+                max: MAX_CONTROL_FRAME
+            })
+        );
+        assert_eq!(
+            frame_len(u32::MAX.to_be_bytes(), MAX_FRAME).unwrap_err(),
+            WireError::TooLong {
+                len: u32::MAX as usize,
+                max: MAX_FRAME
+            }
+        );
+        assert_eq!(
+            frame_len([0; 4], MAX_FRAME),
+            Err(WireError::Truncated("tag"))
+        );
     }
 
     #[test]
@@ -543,19 +623,62 @@ mod tests {
         let cases: Vec<(Vec<u8>, WireError)> = vec![
             (vec![99], WireError::UnknownTag(99)),
             (vec![tag::PING, 1, 2], WireError::Truncated("nonce")),
-            (vec![tag::HELLO, b'X', b'X', b'X', b'X'], WireError::BadMagic),
-            (vec![tag::OPEN, 42], WireError::BadValue { field: "open kind", value: 42 }),
-            (vec![tag::OPEN, open_kind::TCP, 5, 1, 2, 3, 4, 0, 80], WireError::BadValue { field: "tcp target", value: 5 }),
-            (vec![tag::OPEN, open_kind::TCP, 4, 1, 2, 3], WireError::Truncated("tcp target")),
-            (vec![tag::OPEN, open_kind::TCP, 0], WireError::BadValue { field: "tcp target", value: 0 }),
-            (vec![tag::REPLY, 9, 0, 0], WireError::BadValue { field: "error code", value: 9 }),
-            (vec![tag::REJECT, 0, 2, 0xff, 0xfe], WireError::NotUtf8("reason")),
-            (vec![tag::REJECT, 0, 9, b'a'], WireError::Truncated("reason")),
-            (vec![tag::PONG, 0, 0, 0, 0, 0, 0, 0, 1, 0xAA], WireError::Trailing(1)),
+            (
+                vec![tag::HELLO, b'X', b'X', b'X', b'X'],
+                WireError::BadMagic,
+            ),
+            (
+                vec![tag::OPEN, 42],
+                WireError::BadValue {
+                    field: "open kind",
+                    value: 42,
+                },
+            ),
+            (
+                vec![tag::OPEN, open_kind::TCP, 5, 1, 2, 3, 4, 0, 80],
+                WireError::BadValue {
+                    field: "tcp target",
+                    value: 5,
+                },
+            ),
+            (
+                vec![tag::OPEN, open_kind::TCP, 4, 1, 2, 3],
+                WireError::Truncated("tcp target"),
+            ),
+            (
+                vec![tag::OPEN, open_kind::TCP, 0],
+                WireError::BadValue {
+                    field: "tcp target",
+                    value: 0,
+                },
+            ),
+            (
+                vec![tag::REPLY, 9, 0, 0],
+                WireError::BadValue {
+                    field: "error code",
+                    value: 9,
+                },
+            ),
+            (
+                vec![tag::REJECT, 0, 2, 0xff, 0xfe],
+                WireError::NotUtf8("reason"),
+            ),
+            (
+                vec![tag::REJECT, 0, 9, b'a'],
+                WireError::Truncated("reason"),
+            ),
+            (
+                vec![tag::PONG, 0, 0, 0, 0, 0, 0, 0, 1, 0xAA],
+                WireError::Trailing(1),
+            ),
             (vec![], WireError::Truncated("tag")),
         ];
         for (body, want) in cases {
-            assert_eq!(Frame::decode(Bytes::from(body.clone())), Err(want), "body {body:?}");
+            assert_eq!(
+                Frame::decode(Bytes::from(body.clone())),
+                Err(want),
+                "body {body:?}"
+            );
         }
     }
 
@@ -566,7 +689,12 @@ mod tests {
         let body = [tag::WELCOME, 0, 1, 0, 0, 4, 10, 244, 1, 5, 0];
         assert_eq!(
             Frame::decode(Bytes::copy_from_slice(&body)),
-            Ok(Frame::Welcome { version: 1, agent: String::new(), pod_ip: Some("10.244.1.5".parse().unwrap()), dns: None })
+            Ok(Frame::Welcome {
+                version: 1,
+                agent: String::new(),
+                pod_ip: Some("10.244.1.5".parse().unwrap()),
+                dns: None
+            })
         );
         let with_port = [tag::WELCOME, 0, 1, 0, 0, 4, 10, 244, 1, 5, 0, 80, 0];
         assert!(Frame::decode(Bytes::copy_from_slice(&with_port)).is_err());
@@ -580,16 +708,24 @@ mod tests {
         let third = Frame::Open(Open::Echo).encode();
         buf.extend_from_slice(&third[..3]);
         let got = decode_stream(&mut buf, MAX_FRAME).unwrap();
-        assert_eq!(got, vec![Frame::Ping { nonce: 1 }, Frame::Pong { nonce: 2 }]);
+        assert_eq!(
+            got,
+            vec![Frame::Ping { nonce: 1 }, Frame::Pong { nonce: 2 }]
+        );
         assert_eq!(buf.len(), 3);
         buf.extend_from_slice(&third[3..]);
-        assert_eq!(decode_stream(&mut buf, MAX_FRAME).unwrap(), vec![Frame::Open(Open::Echo)]);
+        assert_eq!(
+            decode_stream(&mut buf, MAX_FRAME).unwrap(),
+            vec![Frame::Open(Open::Echo)]
+        );
         assert!(buf.is_empty());
     }
 
     #[test]
     fn long_multibyte_strings_are_cut_at_a_character_boundary() {
-        let f = Frame::Reject { reason: "é".repeat(40_000) };
+        let f = Frame::Reject {
+            reason: "é".repeat(40_000),
+        };
         match Frame::decode(f.encode().freeze().slice(4..)).unwrap() {
             Frame::Reject { reason } => assert_eq!(reason, "é".repeat(32_767)),
             other => panic!("unexpected {other:?}"),

@@ -8,7 +8,8 @@ use std::time::Duration;
 use futures::FutureExt;
 use kt_common::pki::SessionPki;
 use kt_common::tunnel::{
-    self, ClientSession, Identity, Mux, MuxStream, ServerInfo, StreamHandler, TunnelError, read_frame, write_frame,
+    self, ClientSession, Identity, Mux, MuxStream, ServerInfo, StreamHandler, TunnelError,
+    read_frame, write_frame,
 };
 use kt_common::wire::{ErrorCode, Frame, MAX_CONTROL_FRAME, Open};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -33,12 +34,18 @@ async fn agent(server: Identity) -> Agent {
         async move {
             if let Open::Expose { port } = open {
                 let mut s = s;
-                write_frame(&mut s, &Frame::Reply(None)).await.expect("reply");
+                write_frame(&mut s, &Frame::Reply(None))
+                    .await
+                    .expect("reply");
                 let mut back = mux.open().await.expect("open back");
                 let peer = "10.244.1.9:41000".parse().expect("addr");
-                write_frame(&mut back, &Frame::Open(Open::Inbound { port, peer })).await.expect("inbound");
+                write_frame(&mut back, &Frame::Open(Open::Inbound { port, peer }))
+                    .await
+                    .expect("inbound");
                 tunnel::expect_ok(&mut back).await.expect("client accepts");
-                back.write_all(b"hello from the cluster").await.expect("write");
+                back.write_all(b"hello from the cluster")
+                    .await
+                    .expect("write");
                 back.shutdown().await.expect("shutdown");
                 return;
             }
@@ -49,7 +56,13 @@ async fn agent(server: Identity) -> Agent {
         .boxed()
     });
     let tls = tunnel::server_tls(&server).expect("server tls");
-    let info = Arc::new(ServerInfo { session: SESSION.into(), agent: "test agent".into(), pod_ip: None, dns: None, idle: Duration::from_secs(30) });
+    let info = Arc::new(ServerInfo {
+        session: SESSION.into(),
+        agent: "test agent".into(),
+        pod_ip: None,
+        dns: None,
+        idle: Duration::from_secs(30),
+    });
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.expect("accept");
@@ -62,9 +75,20 @@ async fn agent(server: Identity) -> Agent {
     Agent { addr, opens }
 }
 
-async fn client(addr: std::net::SocketAddr, id: &Identity, session: &str) -> Result<(ClientSession, tokio::sync::mpsc::Receiver<MuxStream>), TunnelError> {
+async fn client(
+    addr: std::net::SocketAddr,
+    id: &Identity,
+    session: &str,
+) -> Result<(ClientSession, tokio::sync::mpsc::Receiver<MuxStream>), TunnelError> {
     let tcp = TcpStream::connect(addr).await.expect("connect");
-    ClientSession::connect(tcp, &tunnel::client_tls(id).expect("client tls"), session, "test client", Duration::from_secs(1)).await
+    ClientSession::connect(
+        tcp,
+        &tunnel::client_tls(id).expect("client tls"),
+        session,
+        "test client",
+        Duration::from_secs(1),
+    )
+    .await
 }
 
 #[tokio::test]
@@ -74,7 +98,9 @@ async fn echo_round_trips_over_mutual_tls() {
     let (s, _) = client(a.addr, &pki.client, SESSION).await.expect("session");
     assert_eq!(s.welcome.agent, "test agent");
     let mut st = s.mux.request(Open::Echo).await.expect("echo");
-    st.write_all(b"ping through the tunnel").await.expect("write");
+    st.write_all(b"ping through the tunnel")
+        .await
+        .expect("write");
     let mut buf = [0u8; 23];
     st.read_exact(&mut buf).await.expect("read");
     assert_eq!(&buf, b"ping through the tunnel");
@@ -86,7 +112,10 @@ async fn a_client_without_the_session_certificate_is_refused_and_nothing_is_serv
     let other = SessionPki::generate("other", 1).expect("pki");
     let a = agent(pki.server).await;
     // A certificate from another session's CA: the agent refuses it during the handshake.
-    let intruder = Identity { ca_pem: pki.client.ca_pem.clone(), ..other.client };
+    let intruder = Identity {
+        ca_pem: pki.client.ca_pem.clone(),
+        ..other.client
+    };
     let r = client(a.addr, &intruder, SESSION).await;
     assert!(r.is_err(), "the intruder got a session");
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -101,8 +130,13 @@ async fn a_client_that_does_not_trust_the_agent_stops() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
     let other = SessionPki::generate("other", 1).expect("pki");
     let a = agent(pki.server).await;
-    let wrong_anchor = Identity { ca_pem: other.client.ca_pem.clone(), ..pki.client };
-    let err = client(a.addr, &wrong_anchor, SESSION).await.expect_err("must not trust");
+    let wrong_anchor = Identity {
+        ca_pem: other.client.ca_pem.clone(),
+        ..pki.client
+    };
+    let err = client(a.addr, &wrong_anchor, SESSION)
+        .await
+        .expect_err("must not trust");
     assert!(matches!(err, TunnelError::Tls(_)), "{err}");
 }
 
@@ -110,7 +144,9 @@ async fn a_client_that_does_not_trust_the_agent_stops() {
 async fn a_wrong_session_id_is_rejected_with_a_reason() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
     let a = agent(pki.server).await;
-    let err = client(a.addr, &pki.client, "s0mething-else").await.expect_err("rejected");
+    let err = client(a.addr, &pki.client, "s0mething-else")
+        .await
+        .expect_err("rejected");
     match err {
         TunnelError::Rejected(reason) => assert!(reason.contains(SESSION), "{reason}"),
         other => panic!("expected a rejection, got {other}"),
@@ -122,8 +158,15 @@ async fn the_agent_can_open_streams_toward_the_client() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
     let a = agent(pki.server).await;
     let (s, mut inbound) = client(a.addr, &pki.client, SESSION).await.expect("session");
-    let _expose = s.mux.request(Open::Expose { port: 8080 }).await.expect("expose");
-    let mut st = tokio::time::timeout(Duration::from_secs(5), inbound.recv()).await.expect("in time").expect("a stream");
+    let _expose = s
+        .mux
+        .request(Open::Expose { port: 8080 })
+        .await
+        .expect("expose");
+    let mut st = tokio::time::timeout(Duration::from_secs(5), inbound.recv())
+        .await
+        .expect("in time")
+        .expect("a stream");
     match read_frame(&mut st, MAX_CONTROL_FRAME).await.expect("open") {
         Frame::Open(Open::Inbound { port, peer }) => {
             assert_eq!(port, 8080);
@@ -131,7 +174,9 @@ async fn the_agent_can_open_streams_toward_the_client() {
         }
         other => panic!("unexpected {other:?}"),
     }
-    write_frame(&mut st, &Frame::Reply(None)).await.expect("reply");
+    write_frame(&mut st, &Frame::Reply(None))
+        .await
+        .expect("reply");
     let mut got = String::new();
     st.read_to_string(&mut got).await.expect("read");
     assert_eq!(got, "hello from the cluster");
@@ -145,18 +190,34 @@ async fn a_malformed_open_fails_only_its_own_stream() {
     let mut bad = s.mux.open().await.expect("open");
     // A frame with an unknown open kind.
     bad.write_all(&[0, 0, 0, 2, 16, 99]).await.expect("write");
-    match read_frame(&mut bad, MAX_CONTROL_FRAME).await.expect("a reply") {
-        Frame::Reply(Some((ErrorCode::BadRequest, msg))) => assert!(msg.contains("open kind"), "{msg}"),
+    match read_frame(&mut bad, MAX_CONTROL_FRAME)
+        .await
+        .expect("a reply")
+    {
+        Frame::Reply(Some((ErrorCode::BadRequest, msg))) => {
+            assert!(msg.contains("open kind"), "{msg}")
+        }
         other => panic!("unexpected {other:?}"),
     }
     // An oversized length prefix.
     let mut huge = s.mux.open().await.expect("open");
-    huge.write_all(&u32::MAX.to_be_bytes()).await.expect("write");
-    match read_frame(&mut huge, MAX_CONTROL_FRAME).await.expect("a reply") {
-        Frame::Reply(Some((ErrorCode::BadRequest, msg))) => assert!(msg.contains("over the limit"), "{msg}"),
+    huge.write_all(&u32::MAX.to_be_bytes())
+        .await
+        .expect("write");
+    match read_frame(&mut huge, MAX_CONTROL_FRAME)
+        .await
+        .expect("a reply")
+    {
+        Frame::Reply(Some((ErrorCode::BadRequest, msg))) => {
+            assert!(msg.contains("over the limit"), "{msg}")
+        }
         other => panic!("unexpected {other:?}"),
     }
-    let mut ok = s.mux.request(Open::Echo).await.expect("echo after bad frames");
+    let mut ok = s
+        .mux
+        .request(Open::Echo)
+        .await
+        .expect("echo after bad frames");
     ok.write_all(b"x").await.expect("write");
     let mut b = [0u8; 1];
     ok.read_exact(&mut b).await.expect("read");
@@ -188,7 +249,9 @@ async fn two_hundred_saturated_echo_streams_neither_deadlock_nor_lose_bytes() {
         tasks.push(tokio::spawn(async move {
             let st = mux.request(Open::Echo).await.expect("echo");
             let (mut r, mut w) = tokio::io::split(st);
-            let data: Vec<u8> = (0..256 * 1024u32).map(|j| (j.wrapping_mul(31).wrapping_add(i)) as u8).collect();
+            let data: Vec<u8> = (0..256 * 1024u32)
+                .map(|j| (j.wrapping_mul(31).wrapping_add(i)) as u8)
+                .collect();
             let sent = data.clone();
             let writer = tokio::spawn(async move {
                 w.write_all(&sent).await.expect("write");
@@ -211,7 +274,11 @@ async fn source_and_sink_count_bytes() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
     let a = agent(pki.server).await;
     let (s, _) = client(a.addr, &pki.client, SESSION).await.expect("session");
-    let mut src = s.mux.request(Open::Source { bytes: 3_000_000 }).await.expect("source");
+    let mut src = s
+        .mux
+        .request(Open::Source { bytes: 3_000_000 })
+        .await
+        .expect("source");
     let mut n = 0usize;
     let mut buf = vec![0u8; 65536];
     loop {
@@ -247,9 +314,16 @@ async fn a_dead_transport_closes_the_session() {
             _ = cut2.notified() => {}
         }
     });
-    let (s, _) = client(relay_addr, &pki.client, SESSION).await.expect("session");
-    s.mux.request(Open::Echo).await.expect("works before the cut");
+    let (s, _) = client(relay_addr, &pki.client, SESSION)
+        .await
+        .expect("session");
+    s.mux
+        .request(Open::Echo)
+        .await
+        .expect("works before the cut");
     cut.notify_one();
-    tokio::time::timeout(Duration::from_secs(10), s.mux.closed()).await.expect("the session notices the cut");
+    tokio::time::timeout(Duration::from_secs(10), s.mux.closed())
+        .await
+        .expect("the session notices the cut");
     assert!(s.mux.request(Open::Echo).await.is_err());
 }

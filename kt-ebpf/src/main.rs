@@ -23,8 +23,8 @@ use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap};
 use aya_ebpf::programs::{SkLookupContext, SockAddrContext};
 use aya_log_ebpf::debug;
 use kt_common::bpf::{
-    AliasTarget, CidrTarget, Config, DNS_ALIAS_NET, DNS_PORT, DNS_SLOTS, FLAG_DNS, FLAG_REDIRECT, MAX_CIDRS, action,
-    counter, dns_slot, from_alias, is_alias, sock, to_alias,
+    AliasTarget, CidrTarget, Config, DNS_ALIAS_NET, DNS_PORT, DNS_SLOTS, FLAG_DNS, FLAG_REDIRECT,
+    MAX_CIDRS, action, counter, dns_slot, from_alias, is_alias, sock, to_alias,
 };
 
 const AF_INET: u32 = 2;
@@ -110,7 +110,13 @@ fn out4(ctx: &SockAddrContext) {
         // SAFETY: user_ip4 is writable in connect4/sendmsg4.
         unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), new) };
         bump(kind);
-        debug!(ctx, "redirect {:i}:{} to {:i}", u32::from_be(ip), user_port(sa), u32::from_be(new));
+        debug!(
+            ctx,
+            "redirect {:i}:{} to {:i}",
+            u32::from_be(ip),
+            user_port(sa),
+            u32::from_be(new)
+        );
     }
 }
 
@@ -138,7 +144,11 @@ fn mapped_v4(sa: *mut bpf_sock_addr) -> Option<u32> {
             read_volatile(addr_of!((*sa).user_ip6[3])),
         )
     };
-    if w0 == 0 && w1 == 0 && w2 == 0xffffu32.to_be() { Some(w3) } else { None }
+    if w0 == 0 && w1 == 0 && w2 == 0xffffu32.to_be() {
+        Some(w3)
+    } else {
+        None
+    }
 }
 
 #[inline(always)]
@@ -219,8 +229,13 @@ pub fn kt_getpeername6(ctx: SockAddrContext) -> i32 {
 pub fn kt_sk_lookup(ctx: SkLookupContext) -> u32 {
     let l = ctx.lookup;
     // SAFETY: ctx field reads.
-    let (family, proto, local) =
-        unsafe { (read_volatile(addr_of!((*l).family)), read_volatile(addr_of!((*l).protocol)), read_volatile(addr_of!((*l).local_ip4))) };
+    let (family, proto, local) = unsafe {
+        (
+            read_volatile(addr_of!((*l).family)),
+            read_volatile(addr_of!((*l).protocol)),
+            read_volatile(addr_of!((*l).local_ip4)),
+        )
+    };
     if family != AF_INET || !is_alias(u32::from_be(local)) {
         return sk_action::SK_PASS;
     }

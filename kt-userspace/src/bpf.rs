@@ -13,7 +13,9 @@ use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::sk_lookup::SkLookupLink;
 use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup};
 use aya::{Ebpf, EbpfLoader};
-use kt_common::bpf::{AliasTarget, CidrTarget, Config, DNS_SLOTS, FLAG_DNS, FLAG_REDIRECT, action, counter, sock};
+use kt_common::bpf::{
+    AliasTarget, CidrTarget, Config, DNS_SLOTS, FLAG_DNS, FLAG_REDIRECT, action, counter, sock,
+};
 
 use crate::cidr::Plan;
 
@@ -22,15 +24,25 @@ static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/
 
 /// The cgroup programs, attached in this order (the ones that undo rewrites first, so that no
 /// rewritten socket exists before its answers can be restored).
-const CGROUP_PROGRAMS: &[&str] =
-    &["kt_recvmsg4", "kt_recvmsg6", "kt_getpeername4", "kt_getpeername6", "kt_sendmsg4", "kt_sendmsg6", "kt_connect4", "kt_connect6"];
+const CGROUP_PROGRAMS: &[&str] = &[
+    "kt_recvmsg4",
+    "kt_recvmsg6",
+    "kt_getpeername4",
+    "kt_getpeername6",
+    "kt_sendmsg4",
+    "kt_sendmsg6",
+    "kt_connect4",
+    "kt_connect6",
+];
 
 /// Errors loading or attaching the programs.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error("loading the eBPF object: {0}")]
     Object(#[source] aya::EbpfError),
-    #[error("eBPF program {name} failed to load (does this kernel support it? Linux >= 5.9 is needed): {source}")]
+    #[error(
+        "eBPF program {name} failed to load (does this kernel support it? Linux >= 5.9 is needed): {source}"
+    )]
     Load {
         name: &'static str,
         #[source]
@@ -105,64 +117,152 @@ pub struct Counters {
 impl Hooks {
     /// Loads the programs, fills the maps, puts the proxy's sockets in the sock map, attaches
     /// sk_lookup to `netns` and the sock_addr programs to `cgroup`.
-    pub fn attach(cgroup: &Path, netns: &File, cfg: &HookConfig<'_>, tcp: &impl AsRawFd, udp: &impl AsRawFd) -> Result<Hooks, BpfError> {
+    pub fn attach(
+        cgroup: &Path,
+        netns: &File,
+        cfg: &HookConfig<'_>,
+        tcp: &impl AsRawFd,
+        udp: &impl AsRawFd,
+    ) -> Result<Hooks, BpfError> {
         bump_memlock();
         let mut ebpf = EbpfLoader::new().load(PROGRAMS).map_err(BpfError::Object)?;
         let logger = start_logger(&mut ebpf);
 
-        let mut config: Array<_, Config> = Array::try_from(ebpf.take_map("KT_CONFIG").ok_or_else(|| missing("KT_CONFIG"))?).map_err(map_err("KT_CONFIG"))?;
-        let flags = FLAG_REDIRECT | if cfg.resolvers.is_empty() { 0 } else { FLAG_DNS };
-        config.set(0, Config { self_tgid: cfg.self_tgid, flags }, 0).map_err(map_err("KT_CONFIG"))?;
+        let mut config: Array<_, Config> = Array::try_from(
+            ebpf.take_map("KT_CONFIG")
+                .ok_or_else(|| missing("KT_CONFIG"))?,
+        )
+        .map_err(map_err("KT_CONFIG"))?;
+        let flags = FLAG_REDIRECT
+            | if cfg.resolvers.is_empty() {
+                0
+            } else {
+                FLAG_DNS
+            };
+        config
+            .set(
+                0,
+                Config {
+                    self_tgid: cfg.self_tgid,
+                    flags,
+                },
+                0,
+            )
+            .map_err(map_err("KT_CONFIG"))?;
 
-        let mut cluster: LpmTrie<_, u32, CidrTarget> =
-            LpmTrie::try_from(ebpf.take_map("CLUSTER_V4").ok_or_else(|| missing("CLUSTER_V4"))?).map_err(map_err("CLUSTER_V4"))?;
-        let mut alias: LpmTrie<_, u32, AliasTarget> =
-            LpmTrie::try_from(ebpf.take_map("ALIAS_V4").ok_or_else(|| missing("ALIAS_V4"))?).map_err(map_err("ALIAS_V4"))?;
+        let mut cluster: LpmTrie<_, u32, CidrTarget> = LpmTrie::try_from(
+            ebpf.take_map("CLUSTER_V4")
+                .ok_or_else(|| missing("CLUSTER_V4"))?,
+        )
+        .map_err(map_err("CLUSTER_V4"))?;
+        let mut alias: LpmTrie<_, u32, AliasTarget> = LpmTrie::try_from(
+            ebpf.take_map("ALIAS_V4")
+                .ok_or_else(|| missing("ALIAS_V4"))?,
+        )
+        .map_err(map_err("ALIAS_V4"))?;
         for r in &cfg.plan.routes {
             let (net, al) = (u32::from(r.net.network()), u32::from(r.alias.network()));
             let key = Key::new(u32::from(r.net.prefix_len()), net.to_be());
-            cluster.insert(&key, CidrTarget { net, alias: al, action: action::REDIRECT }, 0).map_err(map_err("CLUSTER_V4"))?;
+            cluster
+                .insert(
+                    &key,
+                    CidrTarget {
+                        net,
+                        alias: al,
+                        action: action::REDIRECT,
+                    },
+                    0,
+                )
+                .map_err(map_err("CLUSTER_V4"))?;
             let akey = Key::new(u32::from(r.alias.prefix_len()), al.to_be());
-            alias.insert(&akey, AliasTarget { alias: al, net }, 0).map_err(map_err("ALIAS_V4"))?;
+            alias
+                .insert(&akey, AliasTarget { alias: al, net }, 0)
+                .map_err(map_err("ALIAS_V4"))?;
         }
         for e in &cfg.plan.excluded {
             let net = u32::from(e.network());
             let key = Key::new(u32::from(e.prefix_len()), net.to_be());
-            cluster.insert(&key, CidrTarget { net, alias: 0, action: action::EXCLUDE }, 0).map_err(map_err("CLUSTER_V4"))?;
+            cluster
+                .insert(
+                    &key,
+                    CidrTarget {
+                        net,
+                        alias: 0,
+                        action: action::EXCLUDE,
+                    },
+                    0,
+                )
+                .map_err(map_err("CLUSTER_V4"))?;
         }
 
         if cfg.resolvers.len() >= DNS_SLOTS as usize {
-            return Err(BpfError::Other(format!("at most {} resolvers can be redirected", DNS_SLOTS - 1)));
+            return Err(BpfError::Other(format!(
+                "at most {} resolvers can be redirected",
+                DNS_SLOTS - 1
+            )));
         }
-        let mut resolvers: HashMap<_, u32, u32> =
-            HashMap::try_from(ebpf.take_map("RESOLVERS").ok_or_else(|| missing("RESOLVERS"))?).map_err(map_err("RESOLVERS"))?;
-        let mut slots: Array<_, u32> =
-            Array::try_from(ebpf.take_map("RESOLVER_SLOTS").ok_or_else(|| missing("RESOLVER_SLOTS"))?).map_err(map_err("RESOLVER_SLOTS"))?;
+        let mut resolvers: HashMap<_, u32, u32> = HashMap::try_from(
+            ebpf.take_map("RESOLVERS")
+                .ok_or_else(|| missing("RESOLVERS"))?,
+        )
+        .map_err(map_err("RESOLVERS"))?;
+        let mut slots: Array<_, u32> = Array::try_from(
+            ebpf.take_map("RESOLVER_SLOTS")
+                .ok_or_else(|| missing("RESOLVER_SLOTS"))?,
+        )
+        .map_err(map_err("RESOLVER_SLOTS"))?;
         for (i, ip) in cfg.resolvers.iter().enumerate() {
             let slot = i as u32 + 1;
-            resolvers.insert(u32::from(*ip).to_be(), slot, 0).map_err(map_err("RESOLVERS"))?;
-            slots.set(slot, u32::from(*ip).to_be(), 0).map_err(map_err("RESOLVER_SLOTS"))?;
+            resolvers
+                .insert(u32::from(*ip).to_be(), slot, 0)
+                .map_err(map_err("RESOLVERS"))?;
+            slots
+                .set(slot, u32::from(*ip).to_be(), 0)
+                .map_err(map_err("RESOLVER_SLOTS"))?;
         }
 
-        let mut socks: SockMap<MapData> =
-            SockMap::try_from(ebpf.take_map("PROXY_SOCKS").ok_or_else(|| missing("PROXY_SOCKS"))?).map_err(map_err("PROXY_SOCKS"))?;
-        socks.set(sock::TCP, tcp, 0).map_err(map_err("PROXY_SOCKS"))?;
-        socks.set(sock::UDP, udp, 0).map_err(map_err("PROXY_SOCKS"))?;
-        let counters: PerCpuArray<MapData, u64> =
-            PerCpuArray::try_from(ebpf.take_map("KT_COUNTERS").ok_or_else(|| missing("KT_COUNTERS"))?).map_err(map_err("KT_COUNTERS"))?;
+        let mut socks: SockMap<MapData> = SockMap::try_from(
+            ebpf.take_map("PROXY_SOCKS")
+                .ok_or_else(|| missing("PROXY_SOCKS"))?,
+        )
+        .map_err(map_err("PROXY_SOCKS"))?;
+        socks
+            .set(sock::TCP, tcp, 0)
+            .map_err(map_err("PROXY_SOCKS"))?;
+        socks
+            .set(sock::UDP, udp, 0)
+            .map_err(map_err("PROXY_SOCKS"))?;
+        let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(
+            ebpf.take_map("KT_COUNTERS")
+                .ok_or_else(|| missing("KT_COUNTERS"))?,
+        )
+        .map_err(map_err("KT_COUNTERS"))?;
 
         let lookup: &mut SkLookup = ebpf
             .program_mut("kt_sk_lookup")
             .ok_or_else(|| missing("kt_sk_lookup"))?
             .try_into()
-            .map_err(|source| BpfError::Load { name: "kt_sk_lookup", source })?;
-        lookup.load().map_err(|source| BpfError::Load { name: "kt_sk_lookup", source })?;
-        let id = lookup
-            .attach(netns)
-            .map_err(|source| BpfError::Attach { name: "kt_sk_lookup", target: "this network namespace".into(), source })?;
-        let sk_lookup = lookup.take_link(id).map_err(|source| BpfError::Attach { name: "kt_sk_lookup", target: "netns".into(), source })?;
+            .map_err(|source| BpfError::Load {
+                name: "kt_sk_lookup",
+                source,
+            })?;
+        lookup.load().map_err(|source| BpfError::Load {
+            name: "kt_sk_lookup",
+            source,
+        })?;
+        let id = lookup.attach(netns).map_err(|source| BpfError::Attach {
+            name: "kt_sk_lookup",
+            target: "this network namespace".into(),
+            source,
+        })?;
+        let sk_lookup = lookup.take_link(id).map_err(|source| BpfError::Attach {
+            name: "kt_sk_lookup",
+            target: "netns".into(),
+            source,
+        })?;
 
-        let cg = File::open(cgroup).map_err(|e| BpfError::Other(format!("opening cgroup {}: {e}", cgroup.display())))?;
+        let cg = File::open(cgroup)
+            .map_err(|e| BpfError::Other(format!("opening cgroup {}: {e}", cgroup.display())))?;
         let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
         for name in CGROUP_PROGRAMS {
             let prog: &mut CgroupSockAddr = ebpf
@@ -170,18 +270,41 @@ impl Hooks {
                 .ok_or_else(|| missing(name))?
                 .try_into()
                 .map_err(|source| BpfError::Load { name, source })?;
-            prog.load().map_err(|source| BpfError::Load { name, source })?;
+            prog.load()
+                .map_err(|source| BpfError::Load { name, source })?;
             let target = cgroup.display().to_string();
-            let id = prog.attach(&cg, CgroupAttachMode::Single).map_err(|source| BpfError::Attach { name, target: target.clone(), source })?;
-            links.push(prog.take_link(id).map_err(|source| BpfError::Attach { name, target, source })?);
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .map_err(|source| BpfError::Attach {
+                    name,
+                    target: target.clone(),
+                    source,
+                })?;
+            links.push(prog.take_link(id).map_err(|source| BpfError::Attach {
+                name,
+                target,
+                source,
+            })?);
         }
         tracing::debug!(cgroup = %cgroup.display(), programs = links.len(), "eBPF hooks attached");
-        Ok(Hooks { counters, _links: links, _sk_lookup: sk_lookup, _socks: socks, logger, _ebpf: ebpf })
+        Ok(Hooks {
+            counters,
+            _links: links,
+            _sk_lookup: sk_lookup,
+            _socks: socks,
+            logger,
+            _ebpf: ebpf,
+        })
     }
 
     /// Sums the per-CPU counters.
     pub fn counters(&self) -> Counters {
-        let get = |i: u32| self.counters.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0);
+        let get = |i: u32| {
+            self.counters
+                .get(&i, 0)
+                .map(|v| v.iter().sum())
+                .unwrap_or(0)
+        };
         Counters {
             connect: get(counter::CONNECT),
             sendmsg: get(counter::SENDMSG),
@@ -200,7 +323,10 @@ fn missing(name: &str) -> BpfError {
 
 /// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK.
 fn bump_memlock() {
-    let rl = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rl = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: setrlimit with a valid struct.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rl) } != 0 {
         tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on Linux >= 5.11)");
@@ -219,10 +345,15 @@ fn start_logger(ebpf: &mut Ebpf) -> Option<tokio::task::JoinHandle<()>> {
     };
     let _guard = handle.enter();
     // SAFETY: the logger owns its ring buffer's descriptor, which lives as long as it does.
-    let mut fd = unsafe { tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }.ok()?;
+    let mut fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE)
+    }
+    .ok()?;
     Some(handle.spawn(async move {
         loop {
-            let Ok(mut guard) = fd.readable_mut().await else { return };
+            let Ok(mut guard) = fd.readable_mut().await else {
+                return;
+            };
             guard.get_inner_mut().flush();
             guard.clear_ready();
         }

@@ -10,7 +10,8 @@ use crate::error::EnvError;
 /// The cgroup v2 mount point from /proc/self/mountinfo (hybrid hosts mount it under
 /// /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup).
 pub fn v2_root() -> Result<PathBuf, EnvError> {
-    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|e| EnvError::new(format!("reading /proc/self/mountinfo: {e}")))?;
+    let info = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| EnvError::new(format!("reading /proc/self/mountinfo: {e}")))?;
     v2_root_from(&info).ok_or_else(|| {
         EnvError::new("no cgroup v2 mount found; ktctl needs cgroup v2 (mount -t cgroup2 none /sys/fs/cgroup/unified, or boot with systemd.unified_cgroup_hierarchy=1)")
     })
@@ -40,7 +41,10 @@ pub fn target(flag: Option<&Path>) -> Result<PathBuf, EnvError> {
 
 fn check_v2_dir(p: &Path) -> Result<(), EnvError> {
     if !p.join("cgroup.procs").exists() || !p.join("cgroup.controllers").exists() {
-        return Err(EnvError::new(format!("{} is not a cgroup v2 folder (--cgroup or KT_CGROUP)", p.display())));
+        return Err(EnvError::new(format!(
+            "{} is not a cgroup v2 folder (--cgroup or KT_CGROUP)",
+            p.display()
+        )));
     }
     Ok(())
 }
@@ -57,7 +61,8 @@ impl ChildCgroup {
     pub fn create(parent: &Path, name: &str) -> Result<ChildCgroup, EnvError> {
         check_v2_dir(parent)?;
         let path = parent.join(name);
-        fs::create_dir(&path).map_err(|e| EnvError::new(format!("creating cgroup {}: {e}", path.display())))?;
+        fs::create_dir(&path)
+            .map_err(|e| EnvError::new(format!("creating cgroup {}: {e}", path.display())))?;
         Ok(ChildCgroup { path })
     }
 
@@ -68,7 +73,11 @@ impl ChildCgroup {
     /// Processes still in it.
     pub fn pids(&self) -> Vec<i32> {
         fs::read_to_string(self.path.join("cgroup.procs"))
-            .map(|s| s.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+            .map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -109,8 +118,12 @@ mod tests {
         let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755\n\
                       32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu\n\
                       41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw\n";
-        assert_eq!(v2_root_from(hybrid), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        let pure = "30 23 0:27 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
+        assert_eq!(
+            v2_root_from(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let pure =
+            "30 23 0:27 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw,nsdelegate\n";
         assert_eq!(v2_root_from(pure), Some(PathBuf::from("/sys/fs/cgroup")));
         let none = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw\n";
         assert_eq!(v2_root_from(none), None);

@@ -26,9 +26,13 @@ pub struct Plan {
 /// Why the CIDRs cannot be planned.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PlanError {
-    #[error("{net} is wider than the alias space (a /{ALIAS_PREFIX}); narrow it with --includeIps/--excludeIps")]
+    #[error(
+        "{net} is wider than the alias space (a /{ALIAS_PREFIX}); narrow it with --includeIps/--excludeIps"
+    )]
     TooWide { net: Ipv4Net },
-    #[error("the cluster CIDRs span {total} addresses, more than the {ALIAS_SIZE} ktctl can alias; narrow them with --excludeIps")]
+    #[error(
+        "the cluster CIDRs span {total} addresses, more than the {ALIAS_SIZE} ktctl can alias; narrow them with --excludeIps"
+    )]
     Full { total: u64 },
     #[error("no cluster CIDR to redirect (every one is excluded)")]
     Empty,
@@ -54,14 +58,19 @@ impl Plan {
     /// exclude inside an include becomes a hole.
     pub fn new(include: &[Ipv4Net], exclude: &[Ipv4Net]) -> Result<Plan, PlanError> {
         let exclude = normalise(exclude.to_vec());
-        let mut include: Vec<Ipv4Net> =
-            normalise(include.to_vec()).into_iter().filter(|n| !exclude.iter().any(|e| e.contains(n))).collect();
+        let mut include: Vec<Ipv4Net> = normalise(include.to_vec())
+            .into_iter()
+            .filter(|n| !exclude.iter().any(|e| e.contains(n)))
+            .collect();
         if include.is_empty() {
             return Err(PlanError::Empty);
         }
         include.sort_by_key(|n| (n.prefix_len(), n.network()));
         let total: u64 = include.iter().map(|n| 1u64 << (32 - n.prefix_len())).sum();
-        if let Some(n) = include.iter().find(|n| u32::from(n.prefix_len()) < ALIAS_PREFIX) {
+        if let Some(n) = include
+            .iter()
+            .find(|n| u32::from(n.prefix_len()) < ALIAS_PREFIX)
+        {
             return Err(PlanError::TooWide { net: *n });
         }
         if total > ALIAS_SIZE {
@@ -71,12 +80,16 @@ impl Plan {
         let routes: Vec<Route> = include
             .into_iter()
             .map(|net| {
-                let alias = Ipv4Net::new(Ipv4Addr::from(ALIAS_NET + offset), net.prefix_len()).expect("valid prefix");
+                let alias = Ipv4Net::new(Ipv4Addr::from(ALIAS_NET + offset), net.prefix_len())
+                    .expect("valid prefix");
                 offset += 1u32 << (32 - net.prefix_len());
                 Route { net, alias }
             })
             .collect();
-        let excluded = exclude.into_iter().filter(|e| include_contains(&routes, e)).collect();
+        let excluded = exclude
+            .into_iter()
+            .filter(|e| include_contains(&routes, e))
+            .collect();
         Ok(Plan { routes, excluded })
     }
 
@@ -86,13 +99,17 @@ impl Plan {
             return None;
         }
         let r = self.routes.iter().find(|r| r.net.contains(&ip))?;
-        Some(Ipv4Addr::from(u32::from(r.alias.network()) + (u32::from(ip) - u32::from(r.net.network()))))
+        Some(Ipv4Addr::from(
+            u32::from(r.alias.network()) + (u32::from(ip) - u32::from(r.net.network())),
+        ))
     }
 
     /// The cluster address behind an alias.
     pub fn original_of(&self, alias: Ipv4Addr) -> Option<Ipv4Addr> {
         let r = self.routes.iter().find(|r| r.alias.contains(&alias))?;
-        Some(Ipv4Addr::from(u32::from(r.net.network()) + (u32::from(alias) - u32::from(r.alias.network()))))
+        Some(Ipv4Addr::from(
+            u32::from(r.net.network()) + (u32::from(alias) - u32::from(r.alias.network())),
+        ))
     }
 
     /// Whether an address is redirected.
@@ -123,17 +140,34 @@ mod tests {
 
     #[test]
     fn blocks_are_aligned_and_largest_first() {
-        let p = Plan::new(&[n("10.244.1.0/24"), n("10.96.0.0/16"), n("10.244.2.0/24")], &[]).unwrap();
+        let p = Plan::new(
+            &[n("10.244.1.0/24"), n("10.96.0.0/16"), n("10.244.2.0/24")],
+            &[],
+        )
+        .unwrap();
         assert_eq!(
             p.routes,
             vec![
-                Route { net: n("10.96.0.0/16"), alias: n("127.128.0.0/16") },
-                Route { net: n("10.244.1.0/24"), alias: n("127.129.0.0/24") },
-                Route { net: n("10.244.2.0/24"), alias: n("127.129.1.0/24") },
+                Route {
+                    net: n("10.96.0.0/16"),
+                    alias: n("127.128.0.0/16")
+                },
+                Route {
+                    net: n("10.244.1.0/24"),
+                    alias: n("127.129.0.0/24")
+                },
+                Route {
+                    net: n("10.244.2.0/24"),
+                    alias: n("127.129.1.0/24")
+                },
             ]
         );
         for r in &p.routes {
-            assert_eq!(r.alias.network(), r.alias.trunc().network(), "{r:?} unaligned");
+            assert_eq!(
+                r.alias.network(),
+                r.alias.trunc().network(),
+                "{r:?} unaligned"
+            );
         }
     }
 
@@ -152,14 +186,23 @@ mod tests {
     #[test]
     fn contained_and_duplicate_cidrs_collapse() {
         assert_eq!(
-            normalise(vec![n("10.244.1.0/24"), n("10.244.0.0/16"), n("10.244.0.0/16"), n("10.96.0.5/16")]),
+            normalise(vec![
+                n("10.244.1.0/24"),
+                n("10.244.0.0/16"),
+                n("10.244.0.0/16"),
+                n("10.96.0.5/16")
+            ]),
             vec![n("10.96.0.0/16"), n("10.244.0.0/16")]
         );
     }
 
     #[test]
     fn excludes_cut_holes_or_drop_whole_cidrs() {
-        let p = Plan::new(&[n("10.96.0.0/16"), n("172.20.0.0/16")], &[n("10.96.5.0/24"), n("172.16.0.0/12")]).unwrap();
+        let p = Plan::new(
+            &[n("10.96.0.0/16"), n("172.20.0.0/16")],
+            &[n("10.96.5.0/24"), n("172.16.0.0/12")],
+        )
+        .unwrap();
         assert_eq!(p.routes.len(), 1);
         assert_eq!(p.excluded, vec![n("10.96.5.0/24")]);
         assert_eq!(p.alias_of(ip("10.96.5.7")), None);
@@ -169,9 +212,22 @@ mod tests {
 
     #[test]
     fn too_much_is_a_clear_error() {
-        assert_eq!(Plan::new(&[n("10.0.0.0/8")], &[]), Err(PlanError::TooWide { net: n("10.0.0.0/8") }));
-        assert_eq!(Plan::new(&[n("10.0.0.0/9"), n("11.0.0.0/16")], &[]), Err(PlanError::Full { total: (1 << 23) + (1 << 16) }));
-        assert_eq!(Plan::new(&[n("10.96.0.0/16")], &[n("10.0.0.0/8")]), Err(PlanError::Empty));
+        assert_eq!(
+            Plan::new(&[n("10.0.0.0/8")], &[]),
+            Err(PlanError::TooWide {
+                net: n("10.0.0.0/8")
+            })
+        );
+        assert_eq!(
+            Plan::new(&[n("10.0.0.0/9"), n("11.0.0.0/16")], &[]),
+            Err(PlanError::Full {
+                total: (1 << 23) + (1 << 16)
+            })
+        );
+        assert_eq!(
+            Plan::new(&[n("10.96.0.0/16")], &[n("10.0.0.0/8")]),
+            Err(PlanError::Empty)
+        );
         assert!(Plan::new(&[n("10.0.0.0/9")], &[]).is_ok());
     }
 }

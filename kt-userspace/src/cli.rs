@@ -47,7 +47,11 @@ pub struct Global {
     #[arg(long, global = true, default_value = DEFAULT_IMAGE, env = "KT_IMAGE")]
     pub image: String,
     /// Secret for pulling the shadow's image
-    #[arg(long = "imagePullSecret", visible_alias = "image-pull-secret", global = true)]
+    #[arg(
+        long = "imagePullSecret",
+        visible_alias = "image-pull-secret",
+        global = true
+    )]
     pub image_pull_secret: Option<String>,
     /// Where the shadow may run, as key=value[,key=value]
     #[arg(long = "nodeSelector", visible_alias = "node-selector", global = true)]
@@ -56,7 +60,12 @@ pub struct Global {
     #[arg(long = "podQuota", visible_alias = "pod-quota", global = true)]
     pub pod_quota: Option<String>,
     /// Seconds to wait for the shadow pod to be ready
-    #[arg(long = "podCreationTimeout", visible_alias = "pod-creation-timeout", global = true, default_value_t = 60)]
+    #[arg(
+        long = "podCreationTimeout",
+        visible_alias = "pod-creation-timeout",
+        global = true,
+        default_value_t = 60
+    )]
     pub pod_creation_timeout: u64,
 }
 
@@ -77,7 +86,11 @@ pub enum Command {
 #[derive(Args, Debug, Clone)]
 pub struct ConnectArgs {
     /// The cluster's DNS domain
-    #[arg(long = "clusterDomain", visible_alias = "cluster-domain", default_value = "cluster.local")]
+    #[arg(
+        long = "clusterDomain",
+        visible_alias = "cluster-domain",
+        default_value = "cluster.local"
+    )]
     pub cluster_domain: String,
     /// More CIDRs (or IPs) to reach through the cluster, comma separated
     #[arg(long = "includeIps", visible_alias = "include-ips", value_delimiter = ',', value_parser = parse_net)]
@@ -86,7 +99,11 @@ pub struct ConnectArgs {
     #[arg(long = "excludeIps", visible_alias = "exclude-ips", value_delimiter = ',', value_parser = parse_net)]
     pub exclude_ips: Vec<Ipv4Net>,
     /// TTL of the DNS answers ktctl makes, and the longest a relayed answer is cached (seconds)
-    #[arg(long = "dnsCacheTtl", visible_alias = "dns-cache-ttl", default_value_t = 60)]
+    #[arg(
+        long = "dnsCacheTtl",
+        visible_alias = "dns-cache-ttl",
+        default_value_t = 60
+    )]
     pub dns_cache_ttl: u64,
     /// Share one shadow among users of the namespace (kt-connect); see the README
     #[arg(long = "shareShadow", visible_alias = "share-shadow")]
@@ -98,7 +115,11 @@ pub struct ConnectArgs {
     #[arg(long = "skipCleanup", visible_alias = "skip-cleanup")]
     pub skip_cleanup: bool,
     /// Seconds to wait for the port-forward to the shadow
-    #[arg(long = "portForwardTimeout", visible_alias = "port-forward-timeout", default_value_t = 10)]
+    #[arg(
+        long = "portForwardTimeout",
+        visible_alias = "port-forward-timeout",
+        default_value_t = 10
+    )]
     pub port_forward_timeout: u64,
     /// Seconds the shadow waits for a vanished ktctl before it ends the session
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=86_400))]
@@ -121,7 +142,11 @@ pub struct DiagnoseArgs {
     #[arg(long, default_value_t = 64)]
     pub mib: u64,
     /// The cluster's DNS domain
-    #[arg(long = "clusterDomain", visible_alias = "cluster-domain", default_value = "cluster.local")]
+    #[arg(
+        long = "clusterDomain",
+        visible_alias = "cluster-domain",
+        default_value = "cluster.local"
+    )]
     pub cluster_domain: String,
 }
 
@@ -137,7 +162,9 @@ pub fn parse_net(s: &str) -> Result<Ipv4Net, String> {
     if s.contains(':') {
         return Err(format!("{s:?}: IPv6 is not supported yet; give IPv4 CIDRs"));
     }
-    Err(format!("{s:?} is neither an IPv4 CIDR (10.0.0.0/16) nor an IPv4 address"))
+    Err(format!(
+        "{s:?} is neither an IPv4 CIDR (10.0.0.0/16) nor an IPv4 address"
+    ))
 }
 
 #[cfg(test)]
@@ -146,7 +173,8 @@ mod tests {
     use clap::CommandFactory;
 
     fn parse(args: &[&str]) -> Cli {
-        Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied())).unwrap_or_else(|e| panic!("{args:?}: {e}"))
+        Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
     }
 
     fn connect(cli: Cli) -> ConnectArgs {
@@ -164,24 +192,69 @@ mod tests {
     #[test]
     fn camel_and_kebab_spellings_mean_the_same() {
         let pairs = [
-            (vec!["connect", "--includeIps", "10.1.0.0/16,10.2.0.5"], vec!["connect", "--include-ips", "10.1.0.0/16,10.2.0.5"]),
-            (vec!["connect", "--excludeIps", "10.96.5.0/24"], vec!["connect", "--exclude-ips", "10.96.5.0/24"]),
-            (vec!["connect", "--dnsCacheTtl", "5"], vec!["connect", "--dns-cache-ttl", "5"]),
-            (vec!["connect", "--clusterDomain", "k8s.local"], vec!["connect", "--cluster-domain", "k8s.local"]),
-            (vec!["connect", "--portForwardTimeout", "3"], vec!["connect", "--port-forward-timeout", "3"]),
-            (vec!["connect", "--disablePodIp", "--skipCleanup"], vec!["connect", "--disable-pod-ip", "--skip-cleanup"]),
-            (vec!["--podQuota", "0.5,256Mi", "connect"], vec!["--pod-quota", "0.5,256Mi", "connect"]),
-            (vec!["--imagePullSecret", "s", "--nodeSelector", "a=b", "connect"], vec!["--image-pull-secret", "s", "--node-selector", "a=b", "connect"]),
-            (vec!["--podCreationTimeout", "9", "connect"], vec!["--pod-creation-timeout", "9", "connect"]),
+            (
+                vec!["connect", "--includeIps", "10.1.0.0/16,10.2.0.5"],
+                vec!["connect", "--include-ips", "10.1.0.0/16,10.2.0.5"],
+            ),
+            (
+                vec!["connect", "--excludeIps", "10.96.5.0/24"],
+                vec!["connect", "--exclude-ips", "10.96.5.0/24"],
+            ),
+            (
+                vec!["connect", "--dnsCacheTtl", "5"],
+                vec!["connect", "--dns-cache-ttl", "5"],
+            ),
+            (
+                vec!["connect", "--clusterDomain", "k8s.local"],
+                vec!["connect", "--cluster-domain", "k8s.local"],
+            ),
+            (
+                vec!["connect", "--portForwardTimeout", "3"],
+                vec!["connect", "--port-forward-timeout", "3"],
+            ),
+            (
+                vec!["connect", "--disablePodIp", "--skipCleanup"],
+                vec!["connect", "--disable-pod-ip", "--skip-cleanup"],
+            ),
+            (
+                vec!["--podQuota", "0.5,256Mi", "connect"],
+                vec!["--pod-quota", "0.5,256Mi", "connect"],
+            ),
+            (
+                vec!["--imagePullSecret", "s", "--nodeSelector", "a=b", "connect"],
+                vec![
+                    "--image-pull-secret",
+                    "s",
+                    "--node-selector",
+                    "a=b",
+                    "connect",
+                ],
+            ),
+            (
+                vec!["--podCreationTimeout", "9", "connect"],
+                vec!["--pod-creation-timeout", "9", "connect"],
+            ),
         ];
         for (camel, kebab) in pairs {
-            assert_eq!(format!("{:?}", parse(&camel)), format!("{:?}", parse(&kebab)), "{camel:?} vs {kebab:?}");
+            assert_eq!(
+                format!("{:?}", parse(&camel)),
+                format!("{:?}", parse(&kebab)),
+                "{camel:?} vs {kebab:?}"
+            );
         }
     }
 
     #[test]
     fn kubectl_flags_and_defaults() {
-        let c = parse(&["-n", "dev", "--context", "kind", "--kubeconfig", "/tmp/kc", "connect"]);
+        let c = parse(&[
+            "-n",
+            "dev",
+            "--context",
+            "kind",
+            "--kubeconfig",
+            "/tmp/kc",
+            "connect",
+        ]);
         assert_eq!(c.global.namespace.as_deref(), Some("dev"));
         assert_eq!(c.global.context.as_deref(), Some("kind"));
         assert_eq!(c.global.kubeconfig, Some(PathBuf::from("/tmp/kc")));
@@ -191,29 +264,59 @@ mod tests {
         assert_eq!(a.cluster_domain, "cluster.local");
         assert!(a.cmd.is_empty());
         // Global flags also work after the subcommand.
-        assert_eq!(parse(&["connect", "-n", "x"]).global.namespace.as_deref(), Some("x"));
+        assert_eq!(
+            parse(&["connect", "-n", "x"]).global.namespace.as_deref(),
+            Some("x")
+        );
     }
 
     #[test]
     fn ips_parse_as_cidrs_or_hosts() {
-        let a = connect(parse(&["connect", "--includeIps", "10.1.2.3/16, 172.20.0.9"]));
-        assert_eq!(a.include_ips, vec!["10.1.0.0/16".parse::<Ipv4Net>().unwrap(), "172.20.0.9/32".parse().unwrap()]);
+        let a = connect(parse(&[
+            "connect",
+            "--includeIps",
+            "10.1.2.3/16, 172.20.0.9",
+        ]));
+        assert_eq!(
+            a.include_ips,
+            vec![
+                "10.1.0.0/16".parse::<Ipv4Net>().unwrap(),
+                "172.20.0.9/32".parse().unwrap()
+            ]
+        );
         for bad in ["banana", "10.0.0.0/33", "fd00::/8"] {
-            assert!(Cli::try_parse_from(["ktctl", "connect", "--includeIps", bad]).is_err(), "{bad}");
+            assert!(
+                Cli::try_parse_from(["ktctl", "connect", "--includeIps", bad]).is_err(),
+                "{bad}"
+            );
         }
     }
 
     #[test]
     fn a_command_after_the_double_dash() {
-        let a = connect(parse(&["connect", "--grace", "10", "--", "curl", "-s", "http://nginx"]));
+        let a = connect(parse(&[
+            "connect",
+            "--grace",
+            "10",
+            "--",
+            "curl",
+            "-s",
+            "http://nginx",
+        ]));
         assert_eq!(a.cmd, vec!["curl", "-s", "http://nginx"]);
         assert_eq!(a.grace, 10);
     }
 
     #[test]
     fn bad_values_are_usage_errors() {
-        for args in [vec!["connect", "--grace", "1"], vec!["connect", "--dnsCacheTtl", "-3"], vec!["connect", "--nope"], vec!["frobnicate"]] {
-            let e = Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied())).expect_err("must fail");
+        for args in [
+            vec!["connect", "--grace", "1"],
+            vec!["connect", "--dnsCacheTtl", "-3"],
+            vec!["connect", "--nope"],
+            vec!["frobnicate"],
+        ] {
+            let e = Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied()))
+                .expect_err("must fail");
             assert_eq!(e.exit_code(), 2, "{args:?}");
         }
     }

@@ -11,7 +11,10 @@ fn main() -> ExitCode {
         clap_complete::generate(shell, &mut Cli::command(), "ktctl", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("ktctl: cannot start the runtime: {e}");

@@ -23,17 +23,26 @@ fn parse_release(r: &str) -> Option<(u32, u32)> {
 fn effective_caps() -> u64 {
     fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("CapEff:").map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(0))))
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("CapEff:")
+                    .map(|v| u64::from_str_radix(v.trim(), 16).unwrap_or(0))
+            })
+        })
         .unwrap_or(0)
 }
 
 /// The capabilities of `caps` that `connect` lacks, by name.
 fn missing_caps(caps: u64) -> Vec<&'static str> {
-    [(CAP_BPF, "CAP_BPF"), (CAP_NET_ADMIN, "CAP_NET_ADMIN"), (CAP_SYS_ADMIN, "CAP_SYS_ADMIN")]
-        .into_iter()
-        .filter(|(bit, _)| caps & (1u64 << bit) == 0)
-        .map(|(_, name)| name)
-        .collect()
+    [
+        (CAP_BPF, "CAP_BPF"),
+        (CAP_NET_ADMIN, "CAP_NET_ADMIN"),
+        (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| caps & (1u64 << bit) == 0)
+    .map(|(_, name)| name)
+    .collect()
 }
 
 /// Kernel >= 5.9 (sk_lookup links), the capabilities, and cgroup v2.
@@ -45,7 +54,11 @@ pub fn check() -> Result<(), EnvError> {
                 "Linux {a}.{b} is too old: ktctl connect needs Linux 5.9 or newer (cgroup sock_addr hooks and sk_lookup)"
             )));
         }
-        None => return Err(EnvError::new("cannot read the kernel version from /proc/sys/kernel/osrelease")),
+        None => {
+            return Err(EnvError::new(
+                "cannot read the kernel version from /proc/sys/kernel/osrelease",
+            ));
+        }
     }
     let missing = missing_caps(effective_caps());
     if !missing.is_empty() {
@@ -72,8 +85,14 @@ mod tests {
 
     #[test]
     fn names_every_missing_capability() {
-        assert_eq!(missing_caps(0), vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]);
+        assert_eq!(
+            missing_caps(0),
+            vec!["CAP_BPF", "CAP_NET_ADMIN", "CAP_SYS_ADMIN"]
+        );
         assert_eq!(missing_caps(u64::MAX), Vec::<&str>::new());
-        assert_eq!(missing_caps(1 << CAP_BPF | 1 << CAP_SYS_ADMIN), vec!["CAP_NET_ADMIN"]);
+        assert_eq!(
+            missing_caps(1 << CAP_BPF | 1 << CAP_SYS_ADMIN),
+            vec!["CAP_NET_ADMIN"]
+        );
     }
 }

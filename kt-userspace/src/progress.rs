@@ -18,7 +18,10 @@ impl Progress {
             bar.set_style(style);
         }
         bar.enable_steady_tick(Duration::from_millis(120));
-        let mut p = Progress { bar, last: String::new() };
+        let mut p = Progress {
+            bar,
+            last: String::new(),
+        };
         p.set(msg);
         p
     }

@@ -7,7 +7,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kt_common::tunnel::{self, ClientSession, MuxStream, TunnelError, read_frame_timeout, write_frame};
+use kt_common::tunnel::{
+    self, ClientSession, MuxStream, TunnelError, read_frame_timeout, write_frame,
+};
 use kt_common::wire::{ErrorCode, Frame, MAX_CONTROL_FRAME, Open};
 use kube::Api;
 use tokio::sync::watch;
@@ -40,7 +42,10 @@ pub struct Tunnel {
 impl Tunnel {
     /// Connects (retrying for up to `first_timeout`, as a port-forward can fail for a moment
     /// after the pod turns ready), then keeps the tunnel up in the background.
-    pub async fn start(target: Target, first_timeout: Duration) -> Result<Tunnel, crate::error::Error> {
+    pub async fn start(
+        target: Target,
+        first_timeout: Duration,
+    ) -> Result<Tunnel, crate::error::Error> {
         let started = Instant::now();
         let first = loop {
             match connect_once(&target).await {
@@ -53,10 +58,20 @@ impl Tunnel {
             }
         };
         let session = first.0.0.clone();
-        tracing::info!("Port forward to pod {}:{} established; tunnel up (TLS 1.3, {})", target.pod, target.port, session.welcome.agent);
+        tracing::info!(
+            "Port forward to pod {}:{} established; tunnel up (TLS 1.3, {})",
+            target.pod,
+            target.port,
+            session.welcome.agent
+        );
         let (tx, rx) = watch::channel(Some(session));
-        let keeper = tokio::spawn(keep_up(target, first, tx).instrument(tracing::info_span!("tunnel"))).abort_handle();
-        Ok(Tunnel { current: rx, keeper })
+        let keeper =
+            tokio::spawn(keep_up(target, first, tx).instrument(tracing::info_span!("tunnel")))
+                .abort_handle();
+        Ok(Tunnel {
+            current: rx,
+            keeper,
+        })
     }
 
     /// Ends the tunnel for good: no reconnect, the port-forward closed, streams in flight fail.
@@ -82,7 +97,9 @@ impl Tunnel {
                 }
             }
         };
-        tokio::time::timeout(OPEN_WAIT, wait).await.map_err(|_| TunnelError::Timeout("the tunnel to come back"))?
+        tokio::time::timeout(OPEN_WAIT, wait)
+            .await
+            .map_err(|_| TunnelError::Timeout("the tunnel to come back"))?
     }
 
     /// Opens a stream (without an Open frame yet: callers pipeline it with their data).
@@ -96,17 +113,33 @@ impl Tunnel {
     }
 }
 
-type Connected = ((ClientSession, tokio::sync::mpsc::Receiver<MuxStream>), kube::api::Portforwarder);
+type Connected = (
+    (ClientSession, tokio::sync::mpsc::Receiver<MuxStream>),
+    kube::api::Portforwarder,
+);
 
 fn is_fatal(e: &crate::error::Error) -> bool {
     matches!(e, crate::error::Error::Tunnel(TunnelError::Rejected(_)))
 }
 
 async fn connect_once(t: &Target) -> Result<Connected, crate::error::Error> {
-    let pf_err = |reason: String| ClusterError::PortForward { pod: t.pod.clone(), reason };
-    let mut pf = t.pods.portforward(&t.pod, &[t.port]).await.map_err(|e| pf_err(e.to_string()))?;
-    let stream = pf.take_stream(t.port).ok_or_else(|| pf_err("no stream for the port".into()))?;
-    let client = format!("ktctl {} ({})", env!("CARGO_PKG_VERSION"), std::process::id());
+    let pf_err = |reason: String| ClusterError::PortForward {
+        pod: t.pod.clone(),
+        reason,
+    };
+    let mut pf = t
+        .pods
+        .portforward(&t.pod, &[t.port])
+        .await
+        .map_err(|e| pf_err(e.to_string()))?;
+    let stream = pf
+        .take_stream(t.port)
+        .ok_or_else(|| pf_err("no stream for the port".into()))?;
+    let client = format!(
+        "ktctl {} ({})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id()
+    );
     let s = ClientSession::connect(stream, &t.tls, &t.session, &client, KEEPALIVE).await?;
     Ok((s, pf))
 }
@@ -148,7 +181,12 @@ async fn serve_inbound(mut inbound: tokio::sync::mpsc::Receiver<MuxStream>) {
             let open = match read_frame_timeout(&mut s, MAX_CONTROL_FRAME, "an open").await {
                 Ok(Frame::Open(o)) => o,
                 Ok(other) => {
-                    tunnel::refuse(s, ErrorCode::BadRequest, &format!("expected an open, got {other:?}")).await;
+                    tunnel::refuse(
+                        s,
+                        ErrorCode::BadRequest,
+                        &format!("expected an open, got {other:?}"),
+                    )
+                    .await;
                     return;
                 }
                 Err(e) => {
@@ -160,7 +198,8 @@ async fn serve_inbound(mut inbound: tokio::sync::mpsc::Receiver<MuxStream>) {
                 Open::Inbound { port, peer } => inbound_to_local(s, port, peer).await,
                 other => {
                     if let Some(s) = tunnel::serve_diagnostic(&other, s).await {
-                        tunnel::refuse(s, ErrorCode::Unsupported, "ktctl does not serve this").await;
+                        tunnel::refuse(s, ErrorCode::Unsupported, "ktctl does not serve this")
+                            .await;
                     }
                 }
             }
@@ -174,12 +213,23 @@ async fn inbound_to_local(mut s: MuxStream, port: u16, peer: SocketAddr) {
         Ok(mut conn) => {
             let _ = conn.set_nodelay(true);
             if write_frame(&mut s, &Frame::Reply(None)).await.is_ok() {
-                let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut s, 64 * 1024, 64 * 1024).await;
+                let _ = tokio::io::copy_bidirectional_with_sizes(
+                    &mut conn,
+                    &mut s,
+                    64 * 1024,
+                    64 * 1024,
+                )
+                .await;
             }
         }
         Err(e) => {
             tracing::warn!(%peer, port, error = %e, "inbound connection: local port refused");
-            tunnel::refuse(s, ErrorCode::from_io(&e), &format!("127.0.0.1:{port} on the developer's machine: {e}")).await;
+            tunnel::refuse(
+                s,
+                ErrorCode::from_io(&e),
+                &format!("127.0.0.1:{port} on the developer's machine: {e}"),
+            )
+            .await;
         }
     }
 }

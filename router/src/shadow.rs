@@ -9,7 +9,9 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use futures::FutureExt;
 use k8s_openapi::api::coordination::v1::Lease;
-use kt_common::tunnel::{self, Identity, Mux, MuxStream, ServerInfo, StreamHandler, read_data, write_data, write_frame};
+use kt_common::tunnel::{
+    self, Identity, Mux, MuxStream, ServerInfo, StreamHandler, read_data, write_data, write_frame,
+};
 use kt_common::wire::{ErrorCode, Frame, Open};
 use kube::Api;
 use kube::api::DeleteParams;
@@ -46,11 +48,20 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    let read = |f: &str| std::fs::read_to_string(args.tls_dir.join(f)).with_context(|| format!("reading {}", args.tls_dir.join(f).display()));
-    let id = Identity { ca_pem: read("ca.crt")?, cert_pem: read("tls.crt")?, key_pem: read("tls.key")? };
+    let read = |f: &str| {
+        std::fs::read_to_string(args.tls_dir.join(f))
+            .with_context(|| format!("reading {}", args.tls_dir.join(f).display()))
+    };
+    let id = Identity {
+        ca_pem: read("ca.crt")?,
+        cert_pem: read("tls.crt")?,
+        key_pem: read("tls.key")?,
+    };
     let tls = tunnel::server_tls(&id).context("TLS setup")?;
     let dns = cluster_dns();
-    let pod_ip = std::env::var("POD_IP").ok().and_then(|s| s.parse::<IpAddr>().ok());
+    let pod_ip = std::env::var("POD_IP")
+        .ok()
+        .and_then(|s| s.parse::<IpAddr>().ok());
     let info = Arc::new(ServerInfo {
         session: args.session.clone(),
         agent: format!("kt-router {}", env!("CARGO_PKG_VERSION")),
@@ -58,11 +69,17 @@ pub async fn run(args: Args) -> Result<()> {
         dns,
         idle: Duration::from_secs(30),
     });
-    let listener = TcpListener::bind(args.listen).await.with_context(|| format!("listening on {}", args.listen))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(listen = %args.listen, session = %args.session, ?dns, "shadow ready");
     let handler: StreamHandler = Arc::new(move |mux, open, s| handle(mux, open, s, dns).boxed());
     if !args.lease.is_empty() {
-        tokio::spawn(watch_lease(args.namespace.clone(), args.lease.clone(), Duration::from_secs(args.grace)));
+        tokio::spawn(watch_lease(
+            args.namespace.clone(),
+            args.lease.clone(),
+            Duration::from_secs(args.grace),
+        ));
     }
     loop {
         let (conn, peer) = listener.accept().await.context("accept")?;
@@ -86,7 +103,14 @@ fn cluster_dns() -> Option<SocketAddr> {
     let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
     text.lines().find_map(|l| {
         let mut w = l.split_whitespace();
-        (w.next() == Some("nameserver")).then(|| w.next()?.parse::<IpAddr>().ok().map(|ip| SocketAddr::new(ip, 53))).flatten()
+        (w.next() == Some("nameserver"))
+            .then(|| {
+                w.next()?
+                    .parse::<IpAddr>()
+                    .ok()
+                    .map(|ip| SocketAddr::new(ip, 53))
+            })
+            .flatten()
     })
 }
 
@@ -137,10 +161,19 @@ async fn handle(mux: Mux, open: Open, s: MuxStream, dns: Option<SocketAddr>) {
             Open::Udp(dst) => udp(s, dst).await,
             Open::Dns => match dns {
                 Some(server) => relay_dns(s, server).await,
-                None => tunnel::refuse(s, ErrorCode::Unsupported, "the shadow has no resolver").await,
+                None => {
+                    tunnel::refuse(s, ErrorCode::Unsupported, "the shadow has no resolver").await
+                }
             },
             Open::Expose { port } => expose(mux, s, port).await,
-            Open::Inbound { .. } => tunnel::refuse(s, ErrorCode::BadRequest, "only the shadow opens inbound streams").await,
+            Open::Inbound { .. } => {
+                tunnel::refuse(
+                    s,
+                    ErrorCode::BadRequest,
+                    "only the shadow opens inbound streams",
+                )
+                .await
+            }
             other => {
                 if let Some(s) = tunnel::serve_diagnostic(&other, s).await {
                     tunnel::refuse(s, ErrorCode::Unsupported, "unknown request").await;
@@ -159,7 +192,14 @@ async fn tcp(mut s: MuxStream, dst: SocketAddr) {
             tracing::debug!(%dst, error = %e, "dial failed");
             return tunnel::refuse(s, ErrorCode::from_io(&e), &format!("{dst}: {e}")).await;
         }
-        Err(_) => return tunnel::refuse(s, ErrorCode::TimedOut, &format!("{dst}: no answer in {DIAL_TIMEOUT:?}")).await,
+        Err(_) => {
+            return tunnel::refuse(
+                s,
+                ErrorCode::TimedOut,
+                &format!("{dst}: no answer in {DIAL_TIMEOUT:?}"),
+            )
+            .await;
+        }
     };
     let _ = conn.set_nodelay(true);
     if write_frame(&mut s, &Frame::Reply(None)).await.is_err() {
@@ -170,7 +210,11 @@ async fn tcp(mut s: MuxStream, dst: SocketAddr) {
 }
 
 async fn udp(mut s: MuxStream, dst: SocketAddr) {
-    let bind: SocketAddr = if dst.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let bind: SocketAddr = if dst.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
     let sock = match UdpSocket::bind(bind).await {
         Ok(x) => x,
         Err(e) => return tunnel::refuse(s, ErrorCode::Internal, &e.to_string()).await,
@@ -215,7 +259,9 @@ async fn relay_dns(mut s: MuxStream, server: SocketAddr) {
     if write_frame(&mut s, &Frame::Reply(None)).await.is_err() {
         return;
     }
-    let Ok(Some(query)) = read_data(&mut s).await else { return };
+    let Ok(Some(query)) = read_data(&mut s).await else {
+        return;
+    };
     match ask(server, &query).await {
         Ok(answer) => {
             let _ = write_data(&mut s, &answer).await;
@@ -226,13 +272,18 @@ async fn relay_dns(mut s: MuxStream, server: SocketAddr) {
 }
 
 async fn ask(server: SocketAddr, query: &[u8]) -> std::io::Result<Bytes> {
-    let bind: SocketAddr = if server.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+    let bind: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
     let sock = UdpSocket::bind(bind).await?;
     sock.connect(server).await?;
     let mut buf = vec![0u8; 65_535];
     for _ in 0..3 {
         sock.send(query).await?;
-        if let Ok(n) = tokio::time::timeout(Duration::from_millis(1500), sock.recv(&mut buf)).await {
+        if let Ok(n) = tokio::time::timeout(Duration::from_millis(1500), sock.recv(&mut buf)).await
+        {
             let n = n?;
             // TC: the full answer needs TCP.
             if n >= 3 && buf[2] & 0x02 != 0 {
@@ -241,7 +292,9 @@ async fn ask(server: SocketAddr, query: &[u8]) -> std::io::Result<Bytes> {
             return Ok(Bytes::copy_from_slice(&buf[..n]));
         }
     }
-    let mut tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(server)).await.map_err(|_| std::io::ErrorKind::TimedOut)??;
+    let mut tcp = tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(server))
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)??;
     let mut msg = Vec::with_capacity(query.len() + 2);
     msg.extend_from_slice(&(query.len() as u16).to_be_bytes());
     msg.extend_from_slice(query);
@@ -258,7 +311,14 @@ async fn ask(server: SocketAddr, query: &[u8]) -> std::io::Result<Bytes> {
 async fn expose(mux: Mux, mut s: MuxStream, port: u16) {
     let listener = match TcpListener::bind(("0.0.0.0", port)).await {
         Ok(l) => l,
-        Err(e) => return tunnel::refuse(s, ErrorCode::from_io(&e), &format!("port {port} in the shadow: {e}")).await,
+        Err(e) => {
+            return tunnel::refuse(
+                s,
+                ErrorCode::from_io(&e),
+                &format!("port {port} in the shadow: {e}"),
+            )
+            .await;
+        }
     };
     if write_frame(&mut s, &Frame::Reply(None)).await.is_err() {
         return;

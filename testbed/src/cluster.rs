@@ -11,7 +11,9 @@ use anyhow::{Context, Result, bail};
 use crate::daemon::{Daemon, tail};
 use crate::gobuild::{self, GoBinary};
 use crate::layout::*;
-use crate::machine::{self, cgroup, cgroup2_root, ip, ip_idempotent, list_netns, netns_path, sysctl};
+use crate::machine::{
+    self, cgroup, cgroup2_root, ip, ip_idempotent, list_netns, netns_path, sysctl,
+};
 use crate::pki::{self, Pki};
 
 /// Options of `testbed up`.
@@ -34,12 +36,21 @@ pub struct Testbed {
 }
 
 /// The control plane components the multi-call binary provides (symlinked into bin/).
-const CLUSTER_TOOLS: &[&str] =
-    &["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kube-proxy", "kubectl", "coredns"];
+const CLUSTER_TOOLS: &[&str] = &[
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kube-proxy",
+    "kubectl",
+    "coredns",
+];
 
 impl Default for Testbed {
     fn default() -> Self {
-        Testbed { layout: Layout::default_workspace() }
+        Testbed {
+            layout: Layout::default_workspace(),
+        }
     }
 }
 
@@ -69,13 +80,18 @@ impl Testbed {
 
     /// Nodes of the running testbed (0 when down).
     pub fn nodes(&self) -> u8 {
-        Daemon::recorded(&self.layout).iter().filter(|d| d.name == "kt-node" && d.alive()).count() as u8
+        Daemon::recorded(&self.layout)
+            .iter()
+            .filter(|d| d.name == "kt-node" && d.alive())
+            .count() as u8
     }
 
     /// Whether the control plane answers.
     pub fn is_up(&self) -> bool {
         Daemon::running(&self.layout, Machine::Node(1), "kube-apiserver").is_some()
-            && self.kubectl_in(Machine::Node(1), &["get", "--raw", "/readyz"]).is_ok_and(|o| o.status.success())
+            && self
+                .kubectl_in(Machine::Node(1), &["get", "--raw", "/readyz"])
+                .is_ok_and(|o| o.status.success())
     }
 
     /// Brings the testbed up; returns at once if it is up with that many nodes.
@@ -90,7 +106,10 @@ impl Testbed {
         self.link_tools(&cluster_bin, &node_bin)?;
         let mut have = self.nodes();
         if have != 0 && have != opts.nodes {
-            eprintln!("testbed: it runs {have} node(s), {} asked; recreating it", opts.nodes);
+            eprintln!(
+                "testbed: it runs {have} node(s), {} asked; recreating it",
+                opts.nodes
+            );
             self.down()?;
             have = 0;
         }
@@ -103,14 +122,27 @@ impl Testbed {
             have = 0;
         }
         if have == opts.nodes && self.is_up() && self.healthy().is_ok() {
-            eprintln!("testbed: up ({} node(s)); kubeconfig: {}", opts.nodes, l.kubeconfig().display());
+            eprintln!(
+                "testbed: up ({} node(s)); kubeconfig: {}",
+                opts.nodes,
+                l.kubeconfig().display()
+            );
             return Ok(());
         }
         let started = Instant::now();
         fs::create_dir_all(l.state())?;
         fs::write(&stamp_file, &stamp)?;
         let pki = pki::ensure(l, opts.nodes)?;
-        fs::write(l.kubeconfig(), pki::kubeconfig(&pki, "kubernetes-admin", &pki.admin_cert(), &pki.admin_key(), "default")?)?;
+        fs::write(
+            l.kubeconfig(),
+            pki::kubeconfig(
+                &pki,
+                "kubernetes-admin",
+                &pki.admin_cert(),
+                &pki.admin_key(),
+                "default",
+            )?,
+        )?;
         self.network(opts.nodes)?;
         self.write_configs(opts.nodes)?;
         self.start_control_plane(&pki, &cluster_bin)?;
@@ -135,7 +167,8 @@ impl Testbed {
             let p = bin.join(name);
             if fs::read_link(&p).ok().as_deref() != Some(target) {
                 let _ = fs::remove_file(&p);
-                std::os::unix::fs::symlink(target, &p).with_context(|| format!("linking {}", p.display()))?;
+                std::os::unix::fs::symlink(target, &p)
+                    .with_context(|| format!("linking {}", p.display()))?;
             }
             Ok(())
         };
@@ -181,18 +214,45 @@ impl Testbed {
             }
             ip(&["netns", "add", &name])?;
             let fab = format!("fab-{}", name.trim_start_matches("kt-"));
-            ip(&["-n", FABRIC_NS, "link", "add", &fab, "type", "veth", "peer", "name", "eth0", "netns", &name])?;
+            ip(&[
+                "-n", FABRIC_NS, "link", "add", &fab, "type", "veth", "peer", "name", "eth0",
+                "netns", &name,
+            ])?;
             ip(&["-n", FABRIC_NS, "link", "set", &fab, "master", BRIDGE, "up"])?;
             ip(&["-n", &name, "link", "set", "lo", "up"])?;
             ip(&["-n", &name, "link", "set", "eth0", "up"])?;
             match m {
                 Machine::Laptop => {
                     // The laptop reaches the API server's address and nothing else.
-                    ip(&["-n", &name, "addr", "add", &format!("{}/32", m.ip()), "dev", "eth0"])?;
-                    ip(&["-n", &name, "route", "add", &format!("{}/32", api_server_ip()), "dev", "eth0"])?;
+                    ip(&[
+                        "-n",
+                        &name,
+                        "addr",
+                        "add",
+                        &format!("{}/32", m.ip()),
+                        "dev",
+                        "eth0",
+                    ])?;
+                    ip(&[
+                        "-n",
+                        &name,
+                        "route",
+                        "add",
+                        &format!("{}/32", api_server_ip()),
+                        "dev",
+                        "eth0",
+                    ])?;
                 }
                 Machine::Node(n) => {
-                    ip(&["-n", &name, "addr", "add", &format!("{}/{LAN_PREFIX}", m.ip()), "dev", "eth0"])?;
+                    ip(&[
+                        "-n",
+                        &name,
+                        "addr",
+                        "add",
+                        &format!("{}/{LAN_PREFIX}", m.ip()),
+                        "dev",
+                        "eth0",
+                    ])?;
                     // Service IPs need a route for the first lookup; kube-proxy's DNAT then
                     // re-routes to an endpoint (a real node's default route plays this part).
                     ip(&["-n", &name, "route", "add", SERVICE_CIDR, "dev", "eth0"])?;
@@ -201,7 +261,15 @@ impl Testbed {
                     for other in 1..=nodes {
                         if other != n {
                             let o = Machine::Node(other);
-                            ip(&["-n", &name, "route", "add", &o.pod_cidr().unwrap_or_default(), "via", &o.ip().to_string()])?;
+                            ip(&[
+                                "-n",
+                                &name,
+                                "route",
+                                "add",
+                                &o.pod_cidr().unwrap_or_default(),
+                                "via",
+                                &o.ip().to_string(),
+                            ])?;
                         }
                     }
                 }
@@ -239,7 +307,10 @@ impl Testbed {
         )?;
         let etc = Layout::netns_etc(Machine::Laptop);
         fs::create_dir_all(&etc)?;
-        fs::write(etc.join("resolv.conf"), format!("nameserver {LAPTOP_RESOLVER}\nsearch {LAPTOP_SEARCH}\n"))?;
+        fs::write(
+            etc.join("resolv.conf"),
+            format!("nameserver {LAPTOP_RESOLVER}\nsearch {LAPTOP_SEARCH}\n"),
+        )?;
         Ok(())
     }
 
@@ -270,7 +341,13 @@ impl Testbed {
         ]);
         let d = self.start(node1, "etcd", etcd)?;
         self.wait("etcd", Duration::from_secs(60), &[&d], || {
-            Ok(machine::output(l, node1, &["curl", "-fsS", "-m", "2", "http://127.0.0.1:2379/health"])?.status.success())
+            Ok(machine::output(
+                l,
+                node1,
+                &["curl", "-fsS", "-m", "2", "http://127.0.0.1:2379/health"],
+            )?
+            .status
+            .success())
         })?;
 
         let mut api = b("kube-apiserver");
@@ -296,9 +373,17 @@ impl Testbed {
             "--event-ttl=1h".into(),
         ]);
         let api_d = self.start(node1, "kube-apiserver", api)?;
-        self.wait("kube-apiserver", Duration::from_secs(120), &[&api_d], || {
-            Ok(self.kubectl_in(node1, &["get", "--raw", "/readyz"])?.status.success())
-        })?;
+        self.wait(
+            "kube-apiserver",
+            Duration::from_secs(120),
+            &[&api_d],
+            || {
+                Ok(self
+                    .kubectl_in(node1, &["get", "--raw", "/readyz"])?
+                    .status
+                    .success())
+            },
+        )?;
 
         let kc = format!("--kubeconfig={}", p(l.kubeconfig()));
         let mut cm = b("kube-controller-manager");
@@ -328,7 +413,12 @@ impl Testbed {
         for n in 1..=nodes {
             let m = Machine::Node(n);
             let mut proxy = vec![cluster_bin.display().to_string(), "kube-proxy".into()];
-            proxy.push(format!("--config={}", l.config().join(format!("kube-proxy-{}.yaml", m.name())).display()));
+            proxy.push(format!(
+                "--config={}",
+                l.config()
+                    .join(format!("kube-proxy-{}.yaml", m.name()))
+                    .display()
+            ));
             self.start(m, "kube-proxy", proxy)?;
             let state = l.state().join(m.name());
             fs::create_dir_all(&state)?;
@@ -368,31 +458,82 @@ impl Testbed {
             Ok(o.status.success() && text.lines().filter(|s| *s == "True").count() == nodes as usize)
         })?;
         let manifest = l.testbed_src().join("manifests/coredns.yaml");
-        self.wait("the CoreDNS manifest to apply", Duration::from_secs(60), &daemons, || {
-            Ok(self.kubectl_in(node1, &["apply", "-f", &manifest.display().to_string()])?.status.success())
-        })?;
+        self.wait(
+            "the CoreDNS manifest to apply",
+            Duration::from_secs(60),
+            &daemons,
+            || {
+                Ok(self
+                    .kubectl_in(node1, &["apply", "-f", &manifest.display().to_string()])?
+                    .status
+                    .success())
+            },
+        )?;
         self.wait("CoreDNS Ready", Duration::from_secs(180), &daemons, || {
-            let o = self.kubectl_in(node1, &["-n", "kube-system", "get", "deploy/coredns", "-o", "jsonpath={.status.readyReplicas}"])?;
+            let o = self.kubectl_in(
+                node1,
+                &[
+                    "-n",
+                    "kube-system",
+                    "get",
+                    "deploy/coredns",
+                    "-o",
+                    "jsonpath={.status.readyReplicas}",
+                ],
+            )?;
             Ok(String::from_utf8_lossy(&o.stdout).trim() == "1")
         })
         .map_err(|e| e.context(self.describe("kube-system", "k8s-app=kube-dns")))?;
-        self.wait("cluster DNS to answer", Duration::from_secs(60), &daemons, || {
-            Ok(machine::output(l, node1, &["kt-node", "dns-probe", &CLUSTER_DNS.to_string(), "kubernetes.default.svc.cluster.local"])?.status.success())
-        })?;
-        self.wait("the default ServiceAccount", Duration::from_secs(60), &daemons, || {
-            Ok(self.kubectl_in(node1, &["get", "serviceaccount", "default"])?.status.success())
-        })
+        self.wait(
+            "cluster DNS to answer",
+            Duration::from_secs(60),
+            &daemons,
+            || {
+                Ok(machine::output(
+                    l,
+                    node1,
+                    &[
+                        "kt-node",
+                        "dns-probe",
+                        &CLUSTER_DNS.to_string(),
+                        "kubernetes.default.svc.cluster.local",
+                    ],
+                )?
+                .status
+                .success())
+            },
+        )?;
+        self.wait(
+            "the default ServiceAccount",
+            Duration::from_secs(60),
+            &daemons,
+            || {
+                Ok(self
+                    .kubectl_in(node1, &["get", "serviceaccount", "default"])?
+                    .status
+                    .success())
+            },
+        )
     }
 
     /// `kubectl describe` of pods matching a selector, for error messages.
     fn describe(&self, ns: &str, selector: &str) -> String {
-        self.kubectl_in(Machine::Node(1), &["-n", ns, "describe", "pods", "-l", selector])
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default()
+        self.kubectl_in(
+            Machine::Node(1),
+            &["-n", ns, "describe", "pods", "-l", selector],
+        )
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
     }
 
     /// Polls `ready` until true; fails early, with its log, if one of `daemons` exits.
-    fn wait(&self, what: &str, timeout: Duration, daemons: &[&Daemon], mut ready: impl FnMut() -> Result<bool>) -> Result<()> {
+    fn wait(
+        &self,
+        what: &str,
+        timeout: Duration,
+        daemons: &[&Daemon],
+        mut ready: impl FnMut() -> Result<bool>,
+    ) -> Result<()> {
         let started = Instant::now();
         let mut last = Instant::now();
         loop {
@@ -405,9 +546,19 @@ impl Testbed {
             if started.elapsed() > timeout {
                 let logs: Vec<String> = daemons
                     .iter()
-                    .map(|d| format!("--- {} ({}):\n{}", d.name, d.machine, tail(&Daemon::log_file(&self.layout, d.machine, &d.name), 10)))
+                    .map(|d| {
+                        format!(
+                            "--- {} ({}):\n{}",
+                            d.name,
+                            d.machine,
+                            tail(&Daemon::log_file(&self.layout, d.machine, &d.name), 10)
+                        )
+                    })
                     .collect();
-                bail!("timed out after {timeout:?} waiting for {what}\n{}", logs.join("\n"));
+                bail!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    logs.join("\n")
+                );
             }
             waiting(what, started, &mut last);
             sleep(Duration::from_millis(500));
@@ -437,10 +588,17 @@ impl Testbed {
     /// `testbed exec`: runs a command in a machine with the terminal attached; CMD's exit code.
     pub fn exec(&self, m: Machine, args: &[String]) -> Result<i32> {
         require_root()?;
-        let (prog, rest) = args.split_first().context("no command given (testbed exec MACHINE -- CMD...)")?;
-        let status = machine::command(&self.layout, m, prog)?.args(rest).status().with_context(|| format!("running {prog} in {m}"))?;
+        let (prog, rest) = args
+            .split_first()
+            .context("no command given (testbed exec MACHINE -- CMD...)")?;
+        let status = machine::command(&self.layout, m, prog)?
+            .args(rest)
+            .status()
+            .with_context(|| format!("running {prog} in {m}"))?;
         use std::os::unix::process::ExitStatusExt;
-        Ok(status.code().unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
+        Ok(status
+            .code()
+            .unwrap_or_else(|| 128 + status.signal().unwrap_or(0)))
     }
 
     /// `testbed status`: each process, then the nodes and pods as the API server sees them.
@@ -451,9 +609,16 @@ impl Testbed {
             return Ok("testbed: down\n".into());
         }
         for d in &daemons {
-            s += &format!("{:<10} {:<24} pid {:<8} {}\n", d.machine.name(), d.name, d.pid, if d.alive() { "running" } else { "EXITED" });
+            s += &format!(
+                "{:<10} {:<24} pid {:<8} {}\n",
+                d.machine.name(),
+                d.name,
+                d.pid,
+                if d.alive() { "running" } else { "EXITED" }
+            );
         }
-        if let Ok(o) = self.kubectl_in(Machine::Node(1), &["get", "nodes,pods", "-A", "-o", "wide"]) {
+        if let Ok(o) = self.kubectl_in(Machine::Node(1), &["get", "nodes,pods", "-A", "-o", "wide"])
+        {
             s += &String::from_utf8_lossy(&o.stdout);
             s += &String::from_utf8_lossy(&o.stderr);
         }
@@ -544,7 +709,10 @@ fn kill_cgroup_tree(dir: &Path) -> Result<()> {
 
 fn collect_pids(dir: &Path, out: &mut Vec<i32>) {
     if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
-        out.extend(text.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+        out.extend(
+            text.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok()),
+        );
     }
     if let Ok(rd) = fs::read_dir(dir) {
         for e in rd.flatten() {
@@ -564,7 +732,9 @@ fn remove_cgroup_tree(dir: &Path) -> Result<()> {
         }
     }
     // A cgroup folder is removed with rmdir even though it lists files.
-    fs::remove_dir(dir).or_else(|e| if dir.exists() { Err(e) } else { Ok(()) }).with_context(|| format!("removing cgroup {}", dir.display()))
+    fs::remove_dir(dir)
+        .or_else(|e| if dir.exists() { Err(e) } else { Ok(()) })
+        .with_context(|| format!("removing cgroup {}", dir.display()))
 }
 
 /// What a testbed could leave on the machine: processes in its cgroups, its cgroups, its
@@ -576,15 +746,28 @@ pub fn leftovers() -> Vec<String> {
         for name in machine_cgroups(&root) {
             let mut pids = vec![];
             collect_pids(&root.join(&name), &mut pids);
-            out.push(format!("cgroup {} (processes {pids:?})", root.join(&name).display()));
+            out.push(format!(
+                "cgroup {} (processes {pids:?})",
+                root.join(&name).display()
+            ));
         }
     }
     for ns in list_netns("kt") {
         out.push(format!("network namespace {ns}"));
     }
-    if let Ok(o) = std::process::Command::new("ip").args(["-o", "link", "show"]).output() {
+    if let Ok(o) = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()
+    {
         for line in String::from_utf8_lossy(&o.stdout).lines() {
-            let name = line.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("");
+            let name = line
+                .split(':')
+                .nth(1)
+                .unwrap_or("")
+                .trim()
+                .split('@')
+                .next()
+                .unwrap_or("");
             if name.starts_with("ktv") || name.starts_with("fab-") || name == BRIDGE {
                 out.push(format!("interface {name} in the root namespace"));
             }

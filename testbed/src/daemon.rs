@@ -32,7 +32,10 @@ pub fn start_time(pid: i32) -> Option<u64> {
 /// Whether the process is gone or a zombie.
 fn is_dead(pid: i32) -> bool {
     match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rfind(')').and_then(|i| stat.get(i + 2..i + 3)).is_none_or(|s| s == "Z"),
+        Ok(stat) => stat
+            .rfind(')')
+            .and_then(|i| stat.get(i + 2..i + 3))
+            .is_none_or(|s| s == "Z"),
         Err(_) => true,
     }
 }
@@ -58,34 +61,64 @@ impl Daemon {
         let log_path = Daemon::log_file(layout, machine, name);
         let log = File::options().create(true).append(true).open(&log_path)?;
         let mut cmd = Command::new(&args[0]);
-        cmd.args(&args[1..]).stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log);
+        cmd.args(&args[1..])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
         machine_env(layout, machine, &mut cmd)?;
         Enter::new(machine)?.apply(&mut cmd, true);
-        let child = cmd.spawn().with_context(|| format!("starting {name} in {machine}"))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {name} in {machine}"))?;
         let pid = child.id() as i32;
         // Detached (its own session): dropping the handle neither waits nor kills; once this
         // process exits, init reaps it.
         drop(child);
-        let start = start_time(pid).with_context(|| format!("{name} exited at once; see {}", log_path.display()))?;
-        let d = Daemon { name: name.to_string(), machine, pid, start };
-        fs::write(Daemon::pid_file(layout, machine, name), format!("{pid} {start}\n"))?;
+        let start = start_time(pid)
+            .with_context(|| format!("{name} exited at once; see {}", log_path.display()))?;
+        let d = Daemon {
+            name: name.to_string(),
+            machine,
+            pid,
+            start,
+        };
+        fs::write(
+            Daemon::pid_file(layout, machine, name),
+            format!("{pid} {start}\n"),
+        )?;
         Ok(d)
     }
 
     /// Every daemon recorded under `target/testbed/state/pids`.
     pub fn recorded(layout: &Layout) -> Vec<Daemon> {
-        let Ok(rd) = fs::read_dir(layout.pids()) else { return vec![] };
+        let Ok(rd) = fs::read_dir(layout.pids()) else {
+            return vec![];
+        };
         let mut out = vec![];
         for e in rd.flatten() {
             let file = e.file_name().to_string_lossy().into_owned();
-            let Some((m, name)) = file.split_once('.') else { continue };
-            let Some(machine) = Machine::parse(m) else { continue };
-            let Ok(text) = fs::read_to_string(e.path()) else { continue };
-            let mut it = text.split_whitespace();
-            let (Some(pid), Some(start)) = (it.next().and_then(|p| p.parse().ok()), it.next().and_then(|s| s.parse().ok())) else {
+            let Some((m, name)) = file.split_once('.') else {
                 continue;
             };
-            out.push(Daemon { name: name.to_string(), machine, pid, start });
+            let Some(machine) = Machine::parse(m) else {
+                continue;
+            };
+            let Ok(text) = fs::read_to_string(e.path()) else {
+                continue;
+            };
+            let mut it = text.split_whitespace();
+            let (Some(pid), Some(start)) = (
+                it.next().and_then(|p| p.parse().ok()),
+                it.next().and_then(|s| s.parse().ok()),
+            ) else {
+                continue;
+            };
+            out.push(Daemon {
+                name: name.to_string(),
+                machine,
+                pid,
+                start,
+            });
         }
         out.sort_by(|a, b| (a.machine, &a.name).cmp(&(b.machine, &b.name)));
         out
@@ -93,7 +126,9 @@ impl Daemon {
 
     /// The recorded daemon, if it is still running.
     pub fn running(layout: &Layout, machine: Machine, name: &str) -> Option<Daemon> {
-        Daemon::recorded(layout).into_iter().find(|d| d.machine == machine && d.name == name && d.alive())
+        Daemon::recorded(layout)
+            .into_iter()
+            .find(|d| d.machine == machine && d.name == name && d.alive())
     }
 
     /// SIGTERM, then SIGKILL after `grace`; forgets the pid file.

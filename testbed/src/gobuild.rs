@@ -44,7 +44,10 @@ impl GoBinary {
         let v = KUBERNETES_VERSION;
         let minor = v.split('.').nth(1).unwrap_or("0");
         let mut flags = String::from("-s -w");
-        for pkg in ["k8s.io/component-base/version", "k8s.io/client-go/pkg/version"] {
+        for pkg in [
+            "k8s.io/component-base/version",
+            "k8s.io/client-go/pkg/version",
+        ] {
             flags += &format!(
                 " -X {pkg}.gitVersion={v} -X {pkg}.gitMajor=1 -X {pkg}.gitMinor={minor} -X {pkg}.gitTreeState=clean"
             );
@@ -59,9 +62,11 @@ pub fn cache_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("KT_TESTBED_CACHE") {
         return PathBuf::from(d);
     }
-    let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
-    });
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache")
+        });
     base.join("ktctl-testbed")
 }
 
@@ -87,8 +92,17 @@ fn cache_key(src: &Path, bin: GoBinary) -> Result<String> {
     let mut h = 0xcbf2_9ce4_8422_2325_u64;
     fnv(&mut h, bin.ldflags().as_bytes());
     for f in files {
-        fnv(&mut h, f.strip_prefix(src).unwrap_or(&f).to_string_lossy().as_bytes());
-        fnv(&mut h, &fs::read(&f).with_context(|| format!("reading {}", f.display()))?);
+        fnv(
+            &mut h,
+            f.strip_prefix(src)
+                .unwrap_or(&f)
+                .to_string_lossy()
+                .as_bytes(),
+        );
+        fnv(
+            &mut h,
+            &fs::read(&f).with_context(|| format!("reading {}", f.display()))?,
+        );
     }
     Ok(format!("{h:016x}"))
 }
@@ -122,7 +136,10 @@ pub fn ensure(layout: &Layout, bin: GoBinary) -> Result<PathBuf> {
         .status()
         .context("running `go build` (is Go installed? `cargo xtask setup` checks)")?;
     if !status.success() {
-        bail!("go build {} failed ({status}); see the output above", bin.package());
+        bail!(
+            "go build {} failed ({status}); see the output above",
+            bin.package()
+        );
     }
     fs::rename(&tmp, &out)?;
     eprintln!("testbed: built {} in {:.0?}", bin.name(), started.elapsed());

@@ -62,7 +62,9 @@ impl Machine {
             "laptop" | "kt-laptop" => Some(Machine::Laptop),
             "node" => Some(Machine::Node(1)),
             _ => {
-                let n = s.strip_prefix("kt-node-").or_else(|| s.strip_prefix("node-"))?;
+                let n = s
+                    .strip_prefix("kt-node-")
+                    .or_else(|| s.strip_prefix("node-"))?;
                 let n: u8 = n.parse().ok()?;
                 (1..=MAX_NODES).contains(&n).then_some(Machine::Node(n))
             }
@@ -95,8 +97,16 @@ impl Layout {
         let target = std::env::var_os("CARGO_TARGET_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| workspace.join("target"));
-        let target = if target.is_absolute() { target } else { workspace.join(target) };
-        Layout { workspace: workspace.to_path_buf(), dir: target.join("testbed"), target }
+        let target = if target.is_absolute() {
+            target
+        } else {
+            workspace.join(target)
+        };
+        Layout {
+            workspace: workspace.to_path_buf(),
+            dir: target.join("testbed"),
+            target,
+        }
     }
 
     /// The default: the workspace holding this crate.
@@ -155,7 +165,10 @@ mod tests {
     #[test]
     fn addresses_follow_the_plan() {
         assert_eq!(Machine::Node(2).ip(), Ipv4Addr::new(192, 168, 50, 12));
-        assert_eq!(Machine::Node(2).pod_cidr().as_deref(), Some("10.244.2.0/24"));
+        assert_eq!(
+            Machine::Node(2).pod_cidr().as_deref(),
+            Some("10.244.2.0/24")
+        );
         assert_eq!(Machine::Laptop.pod_cidr(), None);
     }
 }

@@ -14,7 +14,8 @@ use crate::layout::{Layout, Machine};
 /// The cgroup v2 mount point, read from /proc/self/mountinfo (hybrid hosts have it under
 /// /sys/fs/cgroup/unified, pure v2 hosts at /sys/fs/cgroup).
 pub fn cgroup2_root() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
+    let info =
+        fs::read_to_string("/proc/self/mountinfo").context("reading /proc/self/mountinfo")?;
     for line in info.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
         if let Some(sep) = fields.iter().position(|f| *f == "-")
@@ -38,9 +39,16 @@ pub fn netns_path(name: &str) -> PathBuf {
 
 /// Runs `ip ARGS`, failing with its output.
 pub fn ip(args: &[&str]) -> Result<()> {
-    let out = Command::new("ip").args(args).output().context("running ip (iproute2)")?;
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip (iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -55,7 +63,9 @@ pub fn ip_idempotent(args: &[&str]) -> Result<()> {
 
 /// Network namespaces whose names start with `prefix`.
 pub fn list_netns(prefix: &str) -> Vec<String> {
-    let Ok(rd) = fs::read_dir("/run/netns") else { return vec![] };
+    let Ok(rd) = fs::read_dir("/run/netns") else {
+        return vec![];
+    };
     let mut v: Vec<String> = rd
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -68,11 +78,21 @@ pub fn list_netns(prefix: &str) -> Vec<String> {
 /// Writes a sysctl of a namespace by entering it (only /proc/sys/net is per namespace).
 pub fn sysctl(netns: &str, key: &str, value: &str) -> Result<()> {
     let out = Command::new("ip")
-        .args(["netns", "exec", netns, "sysctl", "-qw", &format!("{key}={value}")])
+        .args([
+            "netns",
+            "exec",
+            netns,
+            "sysctl",
+            "-qw",
+            &format!("{key}={value}"),
+        ])
         .output()
         .context("running sysctl")?;
     if !out.status.success() {
-        bail!("sysctl {key}={value} in {netns}: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "sysctl {key}={value} in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
@@ -90,17 +110,31 @@ pub struct Enter {
 impl Enter {
     pub fn new(m: Machine) -> Result<Enter> {
         let ns = netns_path(&m.name());
-        let netns = File::open(&ns).with_context(|| format!("{} does not exist: is the testbed up? (cargo xtask testbed up)", ns.display()))?;
+        let netns = File::open(&ns).with_context(|| {
+            format!(
+                "{} does not exist: is the testbed up? (cargo xtask testbed up)",
+                ns.display()
+            )
+        })?;
         let procs = cgroup(m)?.join("cgroup.procs");
-        let cgroup_procs = OpenOptions::new().write(true).open(&procs).with_context(|| format!("opening {}", procs.display()))?;
+        let cgroup_procs = OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .with_context(|| format!("opening {}", procs.display()))?;
         let resolv_src = Layout::netns_etc(m).join("resolv.conf");
         let resolv = if resolv_src.exists() {
-            let target = fs::canonicalize("/etc/resolv.conf").unwrap_or_else(|_| PathBuf::from("/etc/resolv.conf"));
+            let target = fs::canonicalize("/etc/resolv.conf")
+                .unwrap_or_else(|_| PathBuf::from("/etc/resolv.conf"));
             Some((cstr(&resolv_src)?, cstr(&target)?))
         } else {
             None
         };
-        Ok(Enter { netns, cgroup_procs, resolv, slash: CString::new("/")? })
+        Ok(Enter {
+            netns,
+            cgroup_procs,
+            resolv,
+            slash: CString::new("/")?,
+        })
     }
 
     /// Sets up `cmd` to start inside the machine. `detach` also starts a new session.
@@ -123,10 +157,24 @@ impl Enter {
                         return Err(std::io::Error::last_os_error());
                     }
                     let flags = libc::MS_REC | libc::MS_SLAVE;
-                    if libc::mount(std::ptr::null(), self.slash.as_ptr(), std::ptr::null(), flags, std::ptr::null()) != 0 {
+                    if libc::mount(
+                        std::ptr::null(),
+                        self.slash.as_ptr(),
+                        std::ptr::null(),
+                        flags,
+                        std::ptr::null(),
+                    ) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
-                    if libc::mount(src.as_ptr(), dst.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null()) != 0 {
+                    if libc::mount(
+                        src.as_ptr(),
+                        dst.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND,
+                        std::ptr::null(),
+                    ) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
@@ -146,19 +194,30 @@ fn cstr(p: &Path) -> Result<CString> {
 /// The environment every command in a machine gets.
 pub fn machine_env(layout: &Layout, m: Machine, cmd: &mut Command) -> Result<()> {
     let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
-    cmd.env("PATH", format!("{}:{path}:/usr/sbin:/sbin", layout.bin().display()))
-        .env("KUBECONFIG", layout.kubeconfig())
-        .env("KT_CGROUP", cgroup(m)?)
-        .env("KT_TESTBED_MACHINE", m.name());
+    cmd.env(
+        "PATH",
+        format!("{}:{path}:/usr/sbin:/sbin", layout.bin().display()),
+    )
+    .env("KUBECONFIG", layout.kubeconfig())
+    .env("KT_CGROUP", cgroup(m)?)
+    .env("KT_TESTBED_MACHINE", m.name());
     Ok(())
 }
 
 /// A command that runs `program` inside machine `m` (not detached).
-pub fn command(layout: &Layout, m: Machine, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+pub fn command(
+    layout: &Layout,
+    m: Machine,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Result<Command> {
     // The testbed's own tools (kubectl, kt-node, ktctl...) come first, as on the machine's PATH.
     let program = program.as_ref();
     let own = layout.bin().join(program);
-    let mut cmd = if !program.as_encoded_bytes().contains(&b'/') && own.exists() { Command::new(own) } else { Command::new(program) };
+    let mut cmd = if !program.as_encoded_bytes().contains(&b'/') && own.exists() {
+        Command::new(own)
+    } else {
+        Command::new(program)
+    };
     machine_env(layout, m, &mut cmd)?;
     Enter::new(m)?.apply(&mut cmd, false);
     Ok(cmd)
@@ -169,5 +228,6 @@ pub fn output(layout: &Layout, m: Machine, args: &[&str]) -> Result<Output> {
     let (prog, rest) = args.split_first().context("no command")?;
     let mut cmd = command(layout, m, prog)?;
     cmd.args(rest);
-    cmd.output().with_context(|| format!("running {prog} in {m}"))
+    cmd.output()
+        .with_context(|| format!("running {prog} in {m}"))
 }

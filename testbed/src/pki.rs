@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 
 use crate::layout::{Layout, Machine, api_server_ip};
@@ -56,8 +56,8 @@ impl Pki {
 }
 
 fn write_private(path: &Path, data: &str) -> Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = fs::OpenOptions::new()
         .create(true)
         .truncate(true)
@@ -75,7 +75,12 @@ fn load_issuer(pki: &Pki) -> Result<Issuer<'static, KeyPair>> {
     Ok(Issuer::from_ca_cert_pem(&cert, key)?)
 }
 
-fn leaf(cn: &str, org: Option<&str>, sans: Vec<SanType>, usage: ExtendedKeyUsagePurpose) -> CertificateParams {
+fn leaf(
+    cn: &str,
+    org: Option<&str>,
+    sans: Vec<SanType>,
+    usage: ExtendedKeyUsagePurpose,
+) -> CertificateParams {
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, cn);
@@ -84,12 +89,20 @@ fn leaf(cn: &str, org: Option<&str>, sans: Vec<SanType>, usage: ExtendedKeyUsage
     }
     p.distinguished_name = dn;
     p.subject_alt_names = sans;
-    p.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
     p.extended_key_usages = vec![usage];
     p
 }
 
-fn issue(issuer: &Issuer<'_, KeyPair>, params: CertificateParams, cert: &Path, key: &Path) -> Result<()> {
+fn issue(
+    issuer: &Issuer<'_, KeyPair>,
+    params: CertificateParams,
+    cert: &Path,
+    key: &Path,
+) -> Result<()> {
     let kp = KeyPair::generate()?;
     let c = params.signed_by(&kp, issuer)?;
     fs::write(cert, c.pem())?;
@@ -106,7 +119,11 @@ pub fn ensure(layout: &Layout, nodes: u8) -> Result<Pki> {
         dn.push(DnType::CommonName, "kt-testbed-ca");
         p.distinguished_name = dn;
         p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        p.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
         let kp = KeyPair::generate()?;
         let c = p.self_signed(&kp)?;
         fs::write(pki.ca_cert(), c.pem())?;
@@ -126,13 +143,39 @@ pub fn ensure(layout: &Layout, nodes: u8) -> Result<Pki> {
             SanType::IpAddress(IpAddr::V4(api_server_ip())),
             SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)),
         ];
-        for n in ["kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", "localhost"] {
+        for n in [
+            "kubernetes",
+            "kubernetes.default",
+            "kubernetes.default.svc",
+            "kubernetes.default.svc.cluster.local",
+            "localhost",
+        ] {
             sans.push(SanType::DnsName(n.try_into()?));
         }
-        issue(&issuer, leaf("kube-apiserver", None, sans, ExtendedKeyUsagePurpose::ServerAuth), &pki.apiserver_cert(), &pki.apiserver_key())?;
+        issue(
+            &issuer,
+            leaf(
+                "kube-apiserver",
+                None,
+                sans,
+                ExtendedKeyUsagePurpose::ServerAuth,
+            ),
+            &pki.apiserver_cert(),
+            &pki.apiserver_key(),
+        )?;
     }
     if !pki.admin_cert().exists() {
-        issue(&issuer, leaf("kubernetes-admin", Some("system:masters"), vec![], ExtendedKeyUsagePurpose::ClientAuth), &pki.admin_cert(), &pki.admin_key())?;
+        issue(
+            &issuer,
+            leaf(
+                "kubernetes-admin",
+                Some("system:masters"),
+                vec![],
+                ExtendedKeyUsagePurpose::ClientAuth,
+            ),
+            &pki.admin_cert(),
+            &pki.admin_key(),
+        )?;
     }
     if !pki.sa_key().exists() {
         let kp = KeyPair::generate()?;
@@ -142,29 +185,71 @@ pub fn ensure(layout: &Layout, nodes: u8) -> Result<Pki> {
     for n in 1..=nodes {
         let m = Machine::Node(n);
         if !pki.kubelet_cert(m).exists() {
-            let sans = vec![SanType::IpAddress(IpAddr::V4(m.ip())), SanType::DnsName(m.name().try_into()?)];
-            issue(&issuer, leaf(&format!("system:node:{}", m.name()), Some("system:nodes"), sans, ExtendedKeyUsagePurpose::ServerAuth), &pki.kubelet_cert(m), &pki.kubelet_key(m))?;
+            let sans = vec![
+                SanType::IpAddress(IpAddr::V4(m.ip())),
+                SanType::DnsName(m.name().try_into()?),
+            ];
+            issue(
+                &issuer,
+                leaf(
+                    &format!("system:node:{}", m.name()),
+                    Some("system:nodes"),
+                    sans,
+                    ExtendedKeyUsagePurpose::ServerAuth,
+                ),
+                &pki.kubelet_cert(m),
+                &pki.kubelet_key(m),
+            )?;
         }
     }
     Ok(pki)
 }
 
 /// A kubeconfig for a client certificate, talking to the API server at its LAN address.
-pub fn kubeconfig(pki: &Pki, user: &str, cert: &Path, key: &Path, namespace: &str) -> Result<String> {
+pub fn kubeconfig(
+    pki: &Pki,
+    user: &str,
+    cert: &Path,
+    key: &Path,
+    namespace: &str,
+) -> Result<String> {
     use std::fmt::Write;
-    let b64 = |p: &Path| -> Result<String> { Ok(STANDARD.encode(fs::read(p).with_context(|| format!("reading {}", p.display()))?)) };
+    let b64 = |p: &Path| -> Result<String> {
+        Ok(STANDARD.encode(fs::read(p).with_context(|| format!("reading {}", p.display()))?))
+    };
     let mut s = String::new();
-    writeln!(s, "apiVersion: v1\nkind: Config\nclusters:\n- name: kt-testbed\n  cluster:")?;
-    writeln!(s, "    server: https://{}:6443\n    certificate-authority-data: {}", api_server_ip(), b64(&pki.ca_cert())?)?;
-    writeln!(s, "users:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}", b64(cert)?, b64(key)?)?;
-    writeln!(s, "contexts:\n- name: kt-testbed\n  context:\n    cluster: kt-testbed\n    user: {user}\n    namespace: {namespace}")?;
+    writeln!(
+        s,
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: kt-testbed\n  cluster:"
+    )?;
+    writeln!(
+        s,
+        "    server: https://{}:6443\n    certificate-authority-data: {}",
+        api_server_ip(),
+        b64(&pki.ca_cert())?
+    )?;
+    writeln!(
+        s,
+        "users:\n- name: {user}\n  user:\n    client-certificate-data: {}\n    client-key-data: {}",
+        b64(cert)?,
+        b64(key)?
+    )?;
+    writeln!(
+        s,
+        "contexts:\n- name: kt-testbed\n  context:\n    cluster: kt-testbed\n    user: {user}\n    namespace: {namespace}"
+    )?;
     writeln!(s, "current-context: kt-testbed")?;
     Ok(s)
 }
 
 /// Makes a kubeconfig for a user that is not an admin (RBAC applies to it), for tests of
 /// missing permissions. Returns its path.
-pub fn user_kubeconfig(layout: &Layout, user: &str, groups: &[&str], namespace: &str) -> Result<PathBuf> {
+pub fn user_kubeconfig(
+    layout: &Layout,
+    user: &str,
+    groups: &[&str],
+    namespace: &str,
+) -> Result<PathBuf> {
     let pki = Pki { dir: layout.pki() };
     let issuer = load_issuer(&pki)?;
     let mut p = leaf(user, None, vec![], ExtendedKeyUsagePurpose::ClientAuth);

@@ -70,13 +70,47 @@ metadata: {name: udp-echo}
 spec: {selector: {app: udp-echo}, ports: [{port: 9000, protocol: UDP}]}
 EOF"#,
     );
-    assert!(apply.status.success(), "fixtures: {}", String::from_utf8_lossy(&apply.stderr));
-    kubectl(&["-n", "e2e-other", "rollout", "status", "deploy/web", "--timeout=90s"]);
+    assert!(
+        apply.status.success(),
+        "fixtures: {}",
+        String::from_utf8_lossy(&apply.stderr)
+    );
+    kubectl(&[
+        "-n",
+        "e2e-other",
+        "rollout",
+        "status",
+        "deploy/web",
+        "--timeout=90s",
+    ]);
     kubectl(&["rollout", "status", "statefulset/web", "--timeout=90s"]);
     kubectl(&["rollout", "status", "deploy/udp-echo", "--timeout=90s"]);
-    kubectl(&["-n", "e2e-other", "exec", "deploy/web", "--", "sh", "-c", &format!("echo '{OTHER_PAGE}' > /usr/share/nginx/html/index.html")]);
-    kubectl(&["exec", "web-0", "--", "sh", "-c", &format!("echo '{WEB_PAGE}' > /usr/share/nginx/html/index.html")]);
-    kubectl(&["exec", "deploy/nginx", "--", "sh", "-c", "head -c 1048576 /dev/urandom > /usr/share/nginx/html/blob"]);
+    kubectl(&[
+        "-n",
+        "e2e-other",
+        "exec",
+        "deploy/web",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo '{OTHER_PAGE}' > /usr/share/nginx/html/index.html"),
+    ]);
+    kubectl(&[
+        "exec",
+        "web-0",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo '{WEB_PAGE}' > /usr/share/nginx/html/index.html"),
+    ]);
+    kubectl(&[
+        "exec",
+        "deploy/nginx",
+        "--",
+        "sh",
+        "-c",
+        "head -c 1048576 /dev/urandom > /usr/share/nginx/html/blob",
+    ]);
 }
 
 fn curl(url: &str) -> String {
@@ -90,7 +124,14 @@ fn node_of(pod: &str) -> Machine {
 }
 
 fn shadow_pod() -> String {
-    kubectl(&["get", "pod", "-l", "kt.dev/role=shadow-connect", "-o", "jsonpath={.items[0].metadata.name}"])
+    kubectl(&[
+        "get",
+        "pod",
+        "-l",
+        "kt.dev/role=shadow-connect",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])
 }
 
 #[test]
@@ -99,61 +140,126 @@ fn connect_reaches_services_by_name_and_ip_carries_udp_and_bulk_and_survives_a_c
     let _tb = testbed();
     fixtures();
     let cluster_ip = kubectl(&["get", "svc", "nginx", "-o", "jsonpath={.spec.clusterIP}"]);
-    let pod_ip = kubectl(&["get", "pod", "-l", "app=nginx", "-o", "jsonpath={.items[0].status.podIP}"]);
+    let pod_ip = kubectl(&[
+        "get",
+        "pod",
+        "-l",
+        "app=nginx",
+        "-o",
+        "jsonpath={.items[0].status.podIP}",
+    ]);
     let mut k = Ktctl::connect(&[]);
 
-    for url in ["http://nginx:80", "http://nginx.default", "http://nginx.default.svc.cluster.local", &format!("http://{cluster_ip}"), &format!("http://{pod_ip}")] {
+    for url in [
+        "http://nginx:80",
+        "http://nginx.default",
+        "http://nginx.default.svc.cluster.local",
+        &format!("http://{cluster_ip}"),
+        &format!("http://{pod_ip}"),
+    ] {
         assert_eq!(curl(url), PAGE, "{url}");
     }
     // A Service in another namespace, as svc.ns.
     assert_eq!(curl("http://web.e2e-other"), OTHER_PAGE);
     // A headless Service by name: the pods' IPs.
     let headless = laptop_ok(&["getent", "ahostsv4", "nginx-headless"]);
-    assert!(headless.contains(&pod_ip), "nginx-headless resolved to {headless:?}, not the pod {pod_ip}");
+    assert!(
+        headless.contains(&pod_ip),
+        "nginx-headless resolved to {headless:?}, not the pod {pod_ip}"
+    );
     assert_eq!(curl("http://nginx-headless"), PAGE);
     // A StatefulSet pod by hostname under its headless Service.
     assert_eq!(curl("http://web-0.web.default.svc.cluster.local"), WEB_PAGE);
     // UDP through the tunnel (kt-connect has none).
     let echo = laptop_sh("printf kt-udp-ping | socat -t 3 - UDP:udp-echo:9000");
-    assert_eq!(text(&echo), "kt-udp-ping", "udp echo: {}", String::from_utf8_lossy(&echo.stderr));
+    assert_eq!(
+        text(&echo),
+        "kt-udp-ping",
+        "udp echo: {}",
+        String::from_utf8_lossy(&echo.stderr)
+    );
     // The laptop's own resolver still answers everything else.
     assert!(laptop_ok(&["getent", "hosts", "home.test"]).starts_with("192.168.50.200"));
     let nx = run_in(Machine::Laptop, &["getent", "hosts", "no-such-name.test"]);
     assert!(!nx.status.success(), "a name nobody knows resolved");
 
     // 200 concurrent connections moving 1 MiB each, none lost or corrupted.
-    let want = kubectl(&["exec", "deploy/nginx", "--", "sh", "-c", "sha256sum /usr/share/nginx/html/blob | cut -d' ' -f1"]);
-    let sums = laptop_sh("seq 200 | xargs -P 200 -I{} sh -c 'curl -sS -m 60 http://nginx/blob | sha256sum | cut -d\" \" -f1'");
+    let want = kubectl(&[
+        "exec",
+        "deploy/nginx",
+        "--",
+        "sh",
+        "-c",
+        "sha256sum /usr/share/nginx/html/blob | cut -d' ' -f1",
+    ]);
+    let sums = laptop_sh(
+        "seq 200 | xargs -P 200 -I{} sh -c 'curl -sS -m 60 http://nginx/blob | sha256sum | cut -d\" \" -f1'",
+    );
     let got = text(&sums);
     let lines: Vec<&str> = got.lines().collect();
-    assert_eq!(lines.len(), 200, "{} transfers finished: {}", lines.len(), String::from_utf8_lossy(&sums.stderr));
-    assert!(lines.iter().all(|l| *l == want), "corrupted transfers: {}", lines.iter().filter(|l| **l != want).count());
+    assert_eq!(
+        lines.len(),
+        200,
+        "{} transfers finished: {}",
+        lines.len(),
+        String::from_utf8_lossy(&sums.stderr)
+    );
+    assert!(
+        lines.iter().all(|l| *l == want),
+        "corrupted transfers: {}",
+        lines.iter().filter(|l| **l != want).count()
+    );
 
     // Cut the tunnel's connection (the port-forward's leg into the shadow): new requests work
     // again without restarting ktctl.
     let shadow = shadow_pod();
     let node = node_of(&shadow);
     let killed = run_in(node, &["ss", "-K", "dport", "=", ":7443"]);
-    assert!(killed.status.success(), "ss -K: {}", String::from_utf8_lossy(&killed.stderr));
+    assert!(
+        killed.status.success(),
+        "ss -K: {}",
+        String::from_utf8_lossy(&killed.stderr)
+    );
     k.wait_for("tunnel lost", Duration::from_secs(30));
-    eventually("requests to work again after the cut", Duration::from_secs(30), || {
-        run_in(Machine::Laptop, &["curl", "-sS", "-m", "5", "http://nginx"]).status.success()
-    });
+    eventually(
+        "requests to work again after the cut",
+        Duration::from_secs(30),
+        || {
+            run_in(Machine::Laptop, &["curl", "-sS", "-m", "5", "http://nginx"])
+                .status
+                .success()
+        },
+    );
     k.wait_for("tunnel re-established", Duration::from_secs(5));
     assert_eq!(curl("http://nginx"), PAGE);
 
     // Ctrl-C: exit 0, every object of the session gone, no program left attached.
     let id = session_id(&k);
     assert_eq!(k.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
-    assert!(k.output().contains("Deleted pod/kt-connect-shadow-"), "{}", k.output());
+    assert!(
+        k.output().contains("Deleted pod/kt-connect-shadow-"),
+        "{}",
+        k.output()
+    );
     assert_eq!(session_objects(&format!("kt.dev/session={id}")), "");
-    assert!(!laptop_cgroup_programs().contains("kt_"), "{}", laptop_cgroup_programs());
+    assert!(
+        !laptop_cgroup_programs().contains("kt_"),
+        "{}",
+        laptop_cgroup_programs()
+    );
 }
 
 fn session_id(k: &Ktctl) -> String {
     let out = k.output();
-    let line = out.lines().find(|l| l.contains("Deploying shadow pod kt-connect-shadow-")).expect("the deploy line");
-    line.split("kt-connect-shadow-").nth(1).and_then(|s| s.split_whitespace().next()).expect("an id").to_string()
+    let line = out
+        .lines()
+        .find(|l| l.contains("Deploying shadow pod kt-connect-shadow-"))
+        .expect("the deploy line");
+    line.split("kt-connect-shadow-")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("an id")
+        .to_string()
 }
 
 #[test]
@@ -162,17 +268,38 @@ fn connect_with_a_command_reaches_the_cluster_for_that_command_only() {
     let _tb = testbed();
     seed_nginx();
     let cluster_ip = kubectl(&["get", "svc", "nginx", "-o", "jsonpath={.spec.clusterIP}"]);
-    let mut k = Ktctl::spawn(&["connect", "--", "sh", "-c", "curl -sS -m 10 http://nginx; sleep 8; exit 7"]);
+    let mut k = Ktctl::spawn(&[
+        "connect",
+        "--",
+        "sh",
+        "-c",
+        "curl -sS -m 10 http://nginx; sleep 8; exit 7",
+    ]);
     k.wait_for("All looks good", Duration::from_secs(120));
     k.wait_for(PAGE, Duration::from_secs(20));
     // Meanwhile a process outside CMD's cgroup has no way in.
-    let outside = run_in(Machine::Laptop, &["curl", "-sS", "-m", "3", &format!("http://{cluster_ip}")]);
-    assert!(!outside.status.success(), "a process outside the command reached the ClusterIP");
-    assert_eq!(k.wait(Duration::from_secs(60)), Some(7), "CMD's exit code\n{}", k.output());
+    let outside = run_in(
+        Machine::Laptop,
+        &["curl", "-sS", "-m", "3", &format!("http://{cluster_ip}")],
+    );
+    assert!(
+        !outside.status.success(),
+        "a process outside the command reached the ClusterIP"
+    );
+    assert_eq!(
+        k.wait(Duration::from_secs(60)),
+        Some(7),
+        "CMD's exit code\n{}",
+        k.output()
+    );
     assert!(k.output().contains("Deleted lease/ktctl-"));
     // The child cgroup is gone again.
     let cg = machine::cgroup(Machine::Laptop).expect("laptop cgroup");
-    let children: Vec<_> = std::fs::read_dir(&cg).expect("cgroup").flatten().filter(|e| e.file_name().to_string_lossy().starts_with("ktctl-")).collect();
+    let children: Vec<_> = std::fs::read_dir(&cg)
+        .expect("cgroup")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ktctl-"))
+        .collect();
     assert!(children.is_empty(), "child cgroups left: {children:?}");
 }
 
@@ -194,11 +321,23 @@ fn the_shadow_refuses_a_client_without_the_session_certificate() {
     );
     let o = laptop_sh(&script);
     let out = text(&o);
-    assert!(out.contains("no-cert rc=") && out.contains("foreign-cert rc="), "{out}");
+    assert!(
+        out.contains("no-cert rc=") && out.contains("foreign-cert rc="),
+        "{out}"
+    );
     let logs = kubectl(&["logs", &shadow]);
-    let refusals = logs.lines().filter(|l| l.contains("tunnel connection refused or failed")).count();
-    assert!(refusals >= 2, "the shadow did not refuse both intruders:\n{logs}\nclient side:\n{out}");
-    assert!(!logs.contains("\"stream\""), "the shadow served a stream to an intruder:\n{logs}");
+    let refusals = logs
+        .lines()
+        .filter(|l| l.contains("tunnel connection refused or failed"))
+        .count();
+    assert!(
+        refusals >= 2,
+        "the shadow did not refuse both intruders:\n{logs}\nclient side:\n{out}"
+    );
+    assert!(
+        !logs.contains("\"stream\""),
+        "the shadow served a stream to an intruder:\n{logs}"
+    );
     // The rightful session is unaffected.
     assert_eq!(curl("http://nginx"), PAGE);
 }
@@ -214,10 +353,16 @@ fn a_killed_ktctl_leaves_no_object_after_the_grace_period_and_no_program() {
     assert!(laptop_cgroup_programs().contains("kt_connect4"));
     k.stop(libc::SIGKILL, Duration::from_secs(10));
     // The kernel detached the programs with the process.
-    assert!(!laptop_cgroup_programs().contains("kt_"), "programs survived kill -9:\n{}", laptop_cgroup_programs());
+    assert!(
+        !laptop_cgroup_programs().contains("kt_"),
+        "programs survived kill -9:\n{}",
+        laptop_cgroup_programs()
+    );
     // The shadow notices the stale lease after the grace period; garbage collection does the rest.
     let deadline = Duration::from_secs(5 + 15);
-    eventually("the session's objects to go", deadline, || session_objects(&format!("kt.dev/session={id}")).is_empty());
+    eventually("the session's objects to go", deadline, || {
+        session_objects(&format!("kt.dev/session={id}")).is_empty()
+    });
 }
 
 #[test]
@@ -228,20 +373,46 @@ fn bad_environments_fail_clearly_and_create_nothing() {
 
     // Not root: exit 2 before anything reaches the cluster.
     let ktctl = workspace_bin("ktctl");
-    let o = run_in(Machine::Laptop, &["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", ktctl.to_str().expect("utf-8"), "connect"]);
+    let o = run_in(
+        Machine::Laptop,
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+            ktctl.to_str().expect("utf-8"),
+            "connect",
+        ],
+    );
     assert_eq!(o.status.code(), Some(2), "{o:?}");
-    assert!(String::from_utf8_lossy(&o.stderr).contains("needs root"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("needs root"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // No permission in the namespace: exit 2 naming what is missing.
-    let kc = kt_testbed::pki::user_kubeconfig(&tb.layout, "e2e-nobody", &[], "default").expect("user kubeconfig");
+    let kc = kt_testbed::pki::user_kubeconfig(&tb.layout, "e2e-nobody", &[], "default")
+        .expect("user kubeconfig");
     let mut k = Ktctl::spawn(&["connect", "--kubeconfig", kc.to_str().expect("utf-8")]);
     assert_eq!(k.wait(Duration::from_secs(60)), Some(2), "{}", k.output());
-    assert!(k.output().contains("missing permissions") && k.output().contains("create leases.coordination.k8s.io"), "{}", k.output());
+    assert!(
+        k.output().contains("missing permissions")
+            && k.output().contains("create leases.coordination.k8s.io"),
+        "{}",
+        k.output()
+    );
 
     // An unreadable kubeconfig: exit 2.
     let mut k = Ktctl::spawn(&["connect", "--kubeconfig", "/nonexistent/kubeconfig"]);
     assert_eq!(k.wait(Duration::from_secs(30)), Some(2), "{}", k.output());
-    assert!(k.output().contains("/nonexistent/kubeconfig"), "{}", k.output());
+    assert!(
+        k.output().contains("/nonexistent/kubeconfig"),
+        "{}",
+        k.output()
+    );
 
     // A bad flag value: exit 2.
     let mut k = Ktctl::spawn(&["connect", "--includeIps", "not-a-cidr"]);
@@ -249,12 +420,24 @@ fn bad_environments_fail_clearly_and_create_nothing() {
 
     // A shadow image that does not exist: exit 1, with the pod's events, and the session's
     // objects removed.
-    let mut k = Ktctl::spawn(&["connect", "--image", "registry.example.com/no-such-agent:1", "--podCreationTimeout", "30"]);
+    let mut k = Ktctl::spawn(&[
+        "connect",
+        "--image",
+        "registry.example.com/no-such-agent:1",
+        "--podCreationTimeout",
+        "30",
+    ]);
     assert_eq!(k.wait(Duration::from_secs(90)), Some(1), "{}", k.output());
     let out = k.output();
-    assert!(out.contains("ErrImagePull") && out.contains("Events:"), "{out}");
+    assert!(
+        out.contains("ErrImagePull") && out.contains("Events:"),
+        "{out}"
+    );
     assert!(out.contains("Deleted lease/ktctl-"), "{out}");
-    assert_eq!(session_objects("app.kubernetes.io/managed-by=ktctl"), before);
+    assert_eq!(
+        session_objects("app.kubernetes.io/managed-by=ktctl"),
+        before
+    );
 }
 
 #[test]
@@ -264,13 +447,41 @@ fn the_namespaced_role_in_deploy_is_enough_for_connect() {
     fixtures();
     let rbac = tb.layout.workspace.join("deploy/rbac-connect.yaml");
     kubectl(&["apply", "-f", rbac.to_str().expect("utf-8")]);
-    let _ = run_in(Machine::Laptop, &["kubectl", "delete", "rolebinding", "e2e-dev-ktctl", "--ignore-not-found"]);
-    kubectl(&["create", "rolebinding", "e2e-dev-ktctl", "--role=ktctl-connect", "--user=e2e-dev"]);
-    let kc = kt_testbed::pki::user_kubeconfig(&tb.layout, "e2e-dev", &[], "default").expect("user kubeconfig");
+    let _ = run_in(
+        Machine::Laptop,
+        &[
+            "kubectl",
+            "delete",
+            "rolebinding",
+            "e2e-dev-ktctl",
+            "--ignore-not-found",
+        ],
+    );
+    kubectl(&[
+        "create",
+        "rolebinding",
+        "e2e-dev-ktctl",
+        "--role=ktctl-connect",
+        "--user=e2e-dev",
+    ]);
+    let kc = kt_testbed::pki::user_kubeconfig(&tb.layout, "e2e-dev", &[], "default")
+        .expect("user kubeconfig");
     let k = Ktctl::connect(&["--kubeconfig", kc.to_str().expect("utf-8")]);
-    assert!(k.output().contains("watching Services in namespace default only"), "{}", k.output());
+    assert!(
+        k.output()
+            .contains("watching Services in namespace default only"),
+        "{}",
+        k.output()
+    );
     assert_eq!(curl("http://nginx"), PAGE);
-    let pod_ip = kubectl(&["get", "pod", "-l", "app=nginx", "-o", "jsonpath={.items[0].status.podIP}"]);
+    let pod_ip = kubectl(&[
+        "get",
+        "pod",
+        "-l",
+        "app=nginx",
+        "-o",
+        "jsonpath={.items[0].status.podIP}",
+    ]);
     assert_eq!(curl(&format!("http://{pod_ip}")), PAGE);
     // Other namespaces are out of the watch; their names resolve through the cluster's DNS.
     assert_eq!(curl("http://web.e2e-other.svc.cluster.local"), OTHER_PAGE);
@@ -285,7 +496,14 @@ fn diagnose_measures_the_tunnel_and_cleans_up() {
     let mut k = Ktctl::spawn(&["diagnose", "--pings", "20", "--mib", "8"]);
     assert_eq!(k.wait(Duration::from_secs(120)), Some(0), "{}", k.output());
     let out = k.output();
-    for needle in ["privileges, cgroup v2, kernel      ok", "round trip (20 pings)", "throughput from the shadow", "throughput to the shadow", "cluster DNS answer", "NoError"] {
+    for needle in [
+        "privileges, cgroup v2, kernel      ok",
+        "round trip (20 pings)",
+        "throughput from the shadow",
+        "throughput to the shadow",
+        "cluster DNS answer",
+        "NoError",
+    ] {
         assert!(out.contains(needle), "no {needle:?} in:\n{out}");
     }
     assert!(out.contains("Deleted lease/ktctl-"), "{out}");

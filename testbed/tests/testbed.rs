@@ -15,7 +15,18 @@ fn in_pod(pod: &str, cmd: &[&str]) -> String {
 }
 
 fn client_on(name: &str, node: &str) {
-    let _ = run_in(Machine::Laptop, &["kubectl", "delete", "pod", name, "--ignore-not-found", "--grace-period=0", "--force"]);
+    let _ = run_in(
+        Machine::Laptop,
+        &[
+            "kubectl",
+            "delete",
+            "pod",
+            name,
+            "--ignore-not-found",
+            "--grace-period=0",
+            "--force",
+        ],
+    );
     kubectl(&[
         "run",
         name,
@@ -26,7 +37,12 @@ fn client_on(name: &str, node: &str) {
         "sleep",
         "infinity",
     ]);
-    kubectl(&["wait", "--for=condition=Ready", &format!("pod/{name}"), "--timeout=60s"]);
+    kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        &format!("pod/{name}"),
+        "--timeout=60s",
+    ]);
 }
 
 #[test]
@@ -34,7 +50,14 @@ fn client_on(name: &str, node: &str) {
 fn seed_walkthrough_cluster_half_across_two_nodes_then_a_clean_down() {
     let tb = testbed();
     seed_nginx();
-    let nginx_pod = kubectl(&["get", "pod", "-l", "app=nginx", "-o", "jsonpath={.items[0].metadata.name}"]);
+    let nginx_pod = kubectl(&[
+        "get",
+        "pod",
+        "-l",
+        "app=nginx",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
     let nginx_node = kubectl(&["get", "pod", &nginx_pod, "-o", "jsonpath={.spec.nodeName}"]);
     let cluster_ip = kubectl(&["get", "svc", "nginx", "-o", "jsonpath={.spec.clusterIP}"]);
     let pod_ip = kubectl(&["get", "pod", &nginx_pod, "-o", "jsonpath={.status.podIP}"]);
@@ -42,7 +65,12 @@ fn seed_walkthrough_cluster_half_across_two_nodes_then_a_clean_down() {
     client_on("client-1", "kt-node-1");
     client_on("client-2", "kt-node-2");
     for client in ["client-1", "client-2"] {
-        for url in ["http://nginx:80", "http://nginx.default.svc.cluster.local", &format!("http://{cluster_ip}"), &format!("http://{pod_ip}")] {
+        for url in [
+            "http://nginx:80",
+            "http://nginx.default.svc.cluster.local",
+            &format!("http://{cluster_ip}"),
+            &format!("http://{pod_ip}"),
+        ] {
             let got = in_pod(client, &["curl", "-sS", "-m", "5", url]);
             assert_eq!(got, PAGE, "{client} ({url}); nginx runs on {nginx_node}");
         }
@@ -55,46 +83,109 @@ fn seed_walkthrough_cluster_half_across_two_nodes_then_a_clean_down() {
     );
 
     // kubectl port-forward from the laptop.
-    let pf = laptop_sh("kubectl port-forward svc/nginx 18080:80 >/tmp/kt-e2e-pf.log 2>&1 & pf=$!; \
-                        for i in $(seq 50); do curl -s -m 2 http://localhost:18080 && break; sleep 0.2; done; kill $pf");
-    assert_eq!(text(&pf), PAGE, "port-forward: {}", String::from_utf8_lossy(&pf.stderr));
+    let pf = laptop_sh(
+        "kubectl port-forward svc/nginx 18080:80 >/tmp/kt-e2e-pf.log 2>&1 & pf=$!; \
+                        for i in $(seq 50); do curl -s -m 2 http://localhost:18080 && break; sleep 0.2; done; kill $pf",
+    );
+    assert_eq!(
+        text(&pf),
+        PAGE,
+        "port-forward: {}",
+        String::from_utf8_lossy(&pf.stderr)
+    );
 
     // The access log reaches kubectl logs.
     let logs = kubectl(&["logs", "deploy/nginx"]);
-    assert!(logs.contains("\"GET / HTTP/1.1\" 200"), "no access log line in:\n{logs}");
+    assert!(
+        logs.contains("\"GET / HTTP/1.1\" 200"),
+        "no access log line in:\n{logs}"
+    );
 
     // kubectl exec passes the exit code through.
-    let o = run_in(Machine::Laptop, &["kubectl", "exec", "client-1", "--", "sh", "-c", "exit 3"]);
+    let o = run_in(
+        Machine::Laptop,
+        &["kubectl", "exec", "client-1", "--", "sh", "-c", "exit 3"],
+    );
     assert_eq!(o.status.code(), Some(3));
 
     // A deleted pod is replaced and the new one becomes Ready.
     kubectl(&["delete", "pod", &nginx_pod, "--wait=false"]);
     eventually("a new nginx pod Ready", Duration::from_secs(90), || {
-        let names = text(&run_in(Machine::Laptop, &["kubectl", "get", "pods", "-l", "app=nginx", "-o",
-            "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type==\"Ready\")].status} {end}"]));
-        names.split_whitespace().any(|p| !p.starts_with(&nginx_pod) && p.ends_with("=True"))
+        let names = text(&run_in(
+            Machine::Laptop,
+            &[
+                "kubectl",
+                "get",
+                "pods",
+                "-l",
+                "app=nginx",
+                "-o",
+                "jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type==\"Ready\")].status} {end}",
+            ],
+        ));
+        names
+            .split_whitespace()
+            .any(|p| !p.starts_with(&nginx_pod) && p.ends_with("=True"))
     });
 
     // An image the testbed does not have fails like a failed pull, with a message.
-    let _ = run_in(Machine::Laptop, &["kubectl", "delete", "pod", "noimage", "--ignore-not-found"]);
+    let _ = run_in(
+        Machine::Laptop,
+        &["kubectl", "delete", "pod", "noimage", "--ignore-not-found"],
+    );
     kubectl(&["run", "noimage", "--image=registry.example.com/nope:1"]);
-    eventually("ErrImagePull on the unknown image", Duration::from_secs(30), || {
-        let st = text(&run_in(Machine::Laptop, &["kubectl", "get", "pod", "noimage", "-o", "jsonpath={.status.containerStatuses[0].state.waiting.reason}"]));
-        st == "ErrImagePull"
-    });
-    let msg = kubectl(&["get", "pod", "noimage", "-o", "jsonpath={.status.containerStatuses[0].state.waiting.message}"]);
+    eventually(
+        "ErrImagePull on the unknown image",
+        Duration::from_secs(30),
+        || {
+            let st = text(&run_in(
+                Machine::Laptop,
+                &[
+                    "kubectl",
+                    "get",
+                    "pod",
+                    "noimage",
+                    "-o",
+                    "jsonpath={.status.containerStatuses[0].state.waiting.reason}",
+                ],
+            ));
+            st == "ErrImagePull"
+        },
+    );
+    let msg = kubectl(&[
+        "get",
+        "pod",
+        "noimage",
+        "-o",
+        "jsonpath={.status.containerStatuses[0].state.waiting.message}",
+    ]);
     assert!(msg.contains("image table"), "{msg}");
 
     // No back door: the laptop has no route to cluster addresses.
-    let o = run_in(Machine::Laptop, &["curl", "-sS", "-m", "3", &format!("http://{cluster_ip}")]);
-    assert!(!o.status.success(), "the laptop reached the ClusterIP without ktctl");
-    let o = run_in(Machine::Laptop, &["curl", "-sS", "-m", "3", &format!("http://{pod_ip}")]);
-    assert!(!o.status.success(), "the laptop reached a pod IP without ktctl");
+    let o = run_in(
+        Machine::Laptop,
+        &["curl", "-sS", "-m", "3", &format!("http://{cluster_ip}")],
+    );
+    assert!(
+        !o.status.success(),
+        "the laptop reached the ClusterIP without ktctl"
+    );
+    let o = run_in(
+        Machine::Laptop,
+        &["curl", "-sS", "-m", "3", &format!("http://{pod_ip}")],
+    );
+    assert!(
+        !o.status.success(),
+        "the laptop reached a pod IP without ktctl"
+    );
     // ...but its own resolver answers.
     assert!(laptop_ok(&["getent", "hosts", "home.test"]).starts_with("192.168.50.200"));
 
     for c in ["client-1", "client-2", "noimage"] {
-        let _ = run_in(Machine::Laptop, &["kubectl", "delete", "pod", c, "--grace-period=0", "--force"]);
+        let _ = run_in(
+            Machine::Laptop,
+            &["kubectl", "delete", "pod", c, "--grace-period=0", "--force"],
+        );
     }
 
     // down: no process, namespace, veth, mount or cgroup left; safe to repeat.

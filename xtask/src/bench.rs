@@ -30,7 +30,11 @@ pub struct Args {
 
 impl Args {
     pub fn quick() -> Args {
-        Args { quick: true, repeats: 1, readme: false }
+        Args {
+            quick: true,
+            repeats: 1,
+            readme: false,
+        }
     }
 }
 
@@ -40,7 +44,11 @@ pub enum Tool {
     /// Accept and close connections on ADDR
     Listen { addr: SocketAddr },
     /// Open and close N connections to ADDR from T threads; print connections per second
-    ConnectRate { addr: SocketAddr, n: usize, threads: usize },
+    ConnectRate {
+        addr: SocketAddr,
+        n: usize,
+        threads: usize,
+    },
     /// Open N idle connections to ADDR, print "ready", hold them until stdin closes
     Hold { addr: SocketAddr, n: usize },
 }
@@ -70,7 +78,10 @@ pub fn tool(t: Tool) -> Result<()> {
             for h in handles {
                 let _ = h.join();
             }
-            println!("{:.1}", (per * threads) as f64 / start.elapsed().as_secs_f64());
+            println!(
+                "{:.1}",
+                (per * threads) as f64 / start.elapsed().as_secs_f64()
+            );
         }
         Tool::Hold { addr, n } => {
             let mut conns = Vec::with_capacity(n);
@@ -99,7 +110,11 @@ fn stat(mut v: Vec<f64>) -> Option<Stat> {
         return None;
     }
     v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
-    Some(Stat { min: v[0], median: v[v.len() / 2], max: v[v.len() - 1] })
+    Some(Stat {
+        min: v[0],
+        median: v[v.len() / 2],
+        max: v[v.len() - 1],
+    })
 }
 
 /// One path's results: metric name -> stats.
@@ -161,7 +176,12 @@ fn wrk_percentile(out: &str, pct: &str) -> Option<f64> {
 }
 
 fn wrk_rate(out: &str) -> Option<f64> {
-    out.lines().find(|l| l.starts_with("Requests/sec:"))?.split_whitespace().nth(1)?.parse().ok()
+    out.lines()
+        .find(|l| l.starts_with("Requests/sec:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
 }
 
 struct Sizes {
@@ -171,7 +191,12 @@ struct Sizes {
     conn_rate_n: usize,
 }
 
-fn measure_path(tb: &Testbed, base: &str, s: &Sizes, results: &mut BTreeMap<String, Vec<f64>>) -> Result<()> {
+fn measure_path(
+    tb: &Testbed,
+    base: &str,
+    s: &Sizes,
+    results: &mut BTreeMap<String, Vec<f64>>,
+) -> Result<()> {
     let d = format!("{}s", s.secs);
     let mut push = |k: &str, v: Option<f64>| {
         if let Some(v) = v {
@@ -181,38 +206,122 @@ fn measure_path(tb: &Testbed, base: &str, s: &Sizes, results: &mut BTreeMap<Stri
     let ka = sh(tb, &format!("wrk -t1 -c1 -d{d} --latency {base}/1k"))?;
     push("latency_keepalive_p50_ms", wrk_percentile(&ka, "50%"));
     push("latency_keepalive_p99_ms", wrk_percentile(&ka, "99%"));
-    let nc = sh(tb, &format!("wrk -t1 -c1 -d{d} --latency -H 'Connection: close' {base}/1k"))?;
+    let nc = sh(
+        tb,
+        &format!("wrk -t1 -c1 -d{d} --latency -H 'Connection: close' {base}/1k"),
+    )?;
     push("latency_newconn_p50_ms", wrk_percentile(&nc, "50%"));
     push("latency_newconn_p99_ms", wrk_percentile(&nc, "99%"));
-    let one = sh(tb, &format!("curl -sS -o /dev/null -m 300 -w '%{{speed_download}}' {base}/bulk"))?;
-    push("bulk_1_stream_mib_s", one.trim().parse::<f64>().ok().map(|b| b / 1048576.0));
+    let one = sh(
+        tb,
+        &format!("curl -sS -o /dev/null -m 300 -w '%{{speed_download}}' {base}/bulk"),
+    )?;
+    push(
+        "bulk_1_stream_mib_s",
+        one.trim().parse::<f64>().ok().map(|b| b / 1048576.0),
+    );
     let start = Instant::now();
-    sh(tb, &format!("seq 8 | xargs -P 8 -I{{}} curl -sS -o /dev/null -m 600 {base}/bulk"))?;
-    push("bulk_8_streams_mib_s", Some(8.0 * f64::from(s.bulk_mib) / start.elapsed().as_secs_f64()));
+    sh(
+        tb,
+        &format!("seq 8 | xargs -P 8 -I{{}} curl -sS -o /dev/null -m 600 {base}/bulk"),
+    )?;
+    push(
+        "bulk_8_streams_mib_s",
+        Some(8.0 * f64::from(s.bulk_mib) / start.elapsed().as_secs_f64()),
+    );
     // Four bulk downloads in a loop (a process group of ours, ended by its id) while small
     // requests are timed.
-    let bulk = Group::start(tb, &format!("for i in 1 2 3 4; do (while :; do curl -sS -o /dev/null -m 600 {base}/bulk || exit; done) & done; wait"))?;
+    let bulk = Group::start(
+        tb,
+        &format!(
+            "for i in 1 2 3 4; do (while :; do curl -sS -o /dev/null -m 600 {base}/bulk || exit; done) & done; wait"
+        ),
+    )?;
     std::thread::sleep(Duration::from_secs(1));
     let fair = sh(tb, &format!("wrk -t1 -c1 -d{d} --latency {base}/1k"));
     drop(bulk);
     push("fairness_p99_under_bulk_ms", wrk_percentile(&fair?, "99%"));
-    let conns = sh(tb, &format!("wrk -t2 -c16 -d{d} -H 'Connection: close' {base}/1k"))?;
+    let conns = sh(
+        tb,
+        &format!("wrk -t2 -c16 -d{d} -H 'Connection: close' {base}/1k"),
+    )?;
     push("new_connections_per_s", wrk_rate(&conns));
     Ok(())
 }
 
 /// Creates the benchmark's nginx with a 1 KiB page and a bulk file.
 fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String)> {
-    let have = machine::output(&tb.layout, Machine::Laptop, &["kubectl", "get", "deploy/bench-nginx"])?.status.success();
+    let have = machine::output(
+        &tb.layout,
+        Machine::Laptop,
+        &["kubectl", "get", "deploy/bench-nginx"],
+    )?
+    .status
+    .success();
     if !have {
-        laptop(tb, &["kubectl", "create", "deployment", "bench-nginx", "--image=nginx:alpine", "--port=80"])?;
+        laptop(
+            tb,
+            &[
+                "kubectl",
+                "create",
+                "deployment",
+                "bench-nginx",
+                "--image=nginx:alpine",
+                "--port=80",
+            ],
+        )?;
     }
-    laptop(tb, &["kubectl", "rollout", "status", "deploy/bench-nginx", "--timeout=90s"])?;
-    let pod = laptop(tb, &["kubectl", "get", "pod", "-l", "app=bench-nginx", "-o", "jsonpath={.items[0].metadata.name}"])?.trim().to_string();
-    let ip = laptop(tb, &["kubectl", "get", "pod", &pod, "-o", "jsonpath={.status.podIP}"])?.trim().to_string();
     laptop(
         tb,
-        &["kubectl", "exec", &pod, "--", "sh", "-c", &format!("head -c 1024 /dev/zero | tr '\\0' k > /usr/share/nginx/html/1k; head -c {}M /dev/urandom > /usr/share/nginx/html/bulk", bulk_mib)],
+        &[
+            "kubectl",
+            "rollout",
+            "status",
+            "deploy/bench-nginx",
+            "--timeout=90s",
+        ],
+    )?;
+    let pod = laptop(
+        tb,
+        &[
+            "kubectl",
+            "get",
+            "pod",
+            "-l",
+            "app=bench-nginx",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+    )?
+    .trim()
+    .to_string();
+    let ip = laptop(
+        tb,
+        &[
+            "kubectl",
+            "get",
+            "pod",
+            &pod,
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+    )?
+    .trim()
+    .to_string();
+    laptop(
+        tb,
+        &[
+            "kubectl",
+            "exec",
+            &pod,
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "head -c 1024 /dev/zero | tr '\\0' k > /usr/share/nginx/html/1k; head -c {}M /dev/urandom > /usr/share/nginx/html/bulk",
+                bulk_mib
+            ),
+        ],
     )?;
     Ok((pod, ip))
 }
@@ -225,7 +334,11 @@ impl Group {
     fn start(tb: &Testbed, line: &str) -> Result<Group> {
         use std::os::unix::process::CommandExt;
         let mut cmd = machine::command(&tb.layout, Machine::Laptop, "sh")?;
-        cmd.args(["-c", line]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).process_group(0);
+        cmd.args(["-c", line])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
         Ok(Group(cmd.spawn().context("starting a background group")?))
     }
 }
@@ -257,13 +370,27 @@ impl Drop for Bg {
     }
 }
 
-fn bg(tb: &Testbed, program: &std::path::Path, args: &[&str], ready: &str, timeout: Duration) -> Result<(Bg, Duration)> {
+fn bg(
+    tb: &Testbed,
+    program: &std::path::Path,
+    args: &[&str],
+    ready: &str,
+    timeout: Duration,
+) -> Result<(Bg, Duration)> {
     let start = Instant::now();
     let mut cmd = machine::command(&tb.layout, Machine::Laptop, program)?;
-    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-    let mut child = cmd.spawn().with_context(|| format!("starting {}", program.display()))?;
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
     let (tx, rx) = std::sync::mpsc::channel();
-    for s in [Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>, Box::new(child.stderr.take().expect("stderr"))] {
+    for s in [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ] {
         let tx = tx.clone();
         std::thread::spawn(move || {
             for l in BufReader::new(s).lines().map_while(Result::ok) {
@@ -276,7 +403,10 @@ fn bg(tb: &Testbed, program: &std::path::Path, args: &[&str], ready: &str, timeo
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(l) if l.contains(ready) => return Ok((child, start.elapsed())),
             Ok(_) => {}
-            Err(_) if start.elapsed() > timeout => bail!("{} did not print {ready:?} in {timeout:?}", program.display()),
+            Err(_) if start.elapsed() > timeout => bail!(
+                "{} did not print {ready:?} in {timeout:?}",
+                program.display()
+            ),
             Err(_) => {}
         }
     }
@@ -284,46 +414,101 @@ fn bg(tb: &Testbed, program: &std::path::Path, args: &[&str], ready: &str, timeo
 
 fn vm_hwm_mib(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = s.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kb / 1024.0)
 }
 
 fn vm_rss_mib(pid: u32) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
     Some(kb / 1024.0)
 }
 
 /// The shadow's process: the kt-router in the pod's container cgroup on its node.
 fn shadow_pid(tb: &Testbed) -> Option<u32> {
-    let pod = laptop(tb, &["kubectl", "get", "pod", "-l", "kt.dev/role=shadow-connect", "-o", "jsonpath={.items[0].metadata.uid} {.items[0].spec.nodeName}"]).ok()?;
+    let pod = laptop(
+        tb,
+        &[
+            "kubectl",
+            "get",
+            "pod",
+            "-l",
+            "kt.dev/role=shadow-connect",
+            "-o",
+            "jsonpath={.items[0].metadata.uid} {.items[0].spec.nodeName}",
+        ],
+    )
+    .ok()?;
     let mut it = pod.split_whitespace();
     let (uid, node) = (it.next()?, it.next()?);
-    let cg = machine::cgroup(Machine::parse(node)?).ok()?.join("pods").join(uid).join("shadow/cgroup.procs");
-    std::fs::read_to_string(cg).ok()?.split_whitespace().next()?.parse().ok()
+    let cg = machine::cgroup(Machine::parse(node)?)
+        .ok()?
+        .join("pods")
+        .join(uid)
+        .join("shadow/cgroup.procs");
+    std::fs::read_to_string(cg)
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Why kt-connect is not measured, in the words of the tools that failed.
 fn kt_connect_unavailable() -> String {
-    let o = std::process::Command::new("go").args(["list", "-m", "-versions", "github.com/alibaba/kt-connect"]).env("GOTOOLCHAIN", "local").output();
+    let o = std::process::Command::new("go")
+        .args(["list", "-m", "-versions", "github.com/alibaba/kt-connect"])
+        .env("GOTOOLCHAIN", "local")
+        .output();
     let detail = match o {
-        Ok(o) => format!("{} {}", String::from_utf8_lossy(&o.stdout).trim(), String::from_utf8_lossy(&o.stderr).trim()),
+        Ok(o) => format!(
+            "{} {}",
+            String::from_utf8_lossy(&o.stdout).trim(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
         Err(e) => e.to_string(),
     };
-    format!("`go list -m -versions github.com/alibaba/kt-connect` answered: {}; the Go module proxy these machines reach does not serve kt-connect v0.3.7, so it cannot be built here", detail.trim())
+    format!(
+        "`go list -m -versions github.com/alibaba/kt-connect` answered: {}; the Go module proxy these machines reach does not serve kt-connect v0.3.7, so it cannot be built here",
+        detail.trim()
+    )
 }
 
 pub fn run(args: Args) -> Result<()> {
     let sizes = if args.quick {
-        Sizes { secs: 2, bulk_mib: 32, idle_conns: 1000, conn_rate_n: 4000 }
+        Sizes {
+            secs: 2,
+            bulk_mib: 32,
+            idle_conns: 1000,
+            conn_rate_n: 4000,
+        }
     } else {
-        Sizes { secs: 8, bulk_mib: 256, idle_conns: 1000, conn_rate_n: 20000 }
+        Sizes {
+            secs: 8,
+            bulk_mib: 256,
+            idle_conns: 1000,
+            conn_rate_n: 20000,
+        }
     };
     let repeats = if args.quick { 1 } else { args.repeats.max(1) };
     // The quick run is a smoke test of the harness: it reuses the debug build CI already made.
     let bin_dir = crate::build::binaries(!args.quick)?;
     let tb = Testbed::default();
-    tb.up(UpOptions { nodes: tb.nodes().max(1) })?;
+    tb.up(UpOptions {
+        nodes: tb.nodes().max(1),
+    })?;
     let (pod, ip) = fixtures(&tb, sizes.bulk_mib)?;
     let xtask = std::env::current_exe()?;
     let mut raw: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
@@ -333,23 +518,68 @@ pub fn run(args: Args) -> Result<()> {
     for r in 0..repeats {
         eprintln!("bench: repeat {}/{repeats}", r + 1);
         // raw: a temporary route from the laptop to the pod network, removed right after.
-        let route = format!("ip route add {} via {} dev eth0 onlink", kt_testbed::layout::POD_CIDR, kt_testbed::layout::api_server_ip());
+        let route = format!(
+            "ip route add {} via {} dev eth0 onlink",
+            kt_testbed::layout::POD_CIDR,
+            kt_testbed::layout::api_server_ip()
+        );
         sh(&tb, &route)?;
-        let res = measure_path(&tb, &format!("http://{ip}"), &sizes, raw.entry("raw".into()).or_default());
-        sh(&tb, &format!("ip route del {}", kt_testbed::layout::POD_CIDR))?;
+        let res = measure_path(
+            &tb,
+            &format!("http://{ip}"),
+            &sizes,
+            raw.entry("raw".into()).or_default(),
+        );
+        sh(
+            &tb,
+            &format!("ip route del {}", kt_testbed::layout::POD_CIDR),
+        )?;
         res?;
 
         // kubectl port-forward to the same pod.
         let kubectl = tb.layout.bin().join("kubectl");
-        let (pf, _) = bg(&tb, &kubectl, &["port-forward", &format!("pod/{pod}"), "18090:80"], "Forwarding from", Duration::from_secs(30))?;
-        measure_path(&tb, "http://127.0.0.1:18090", &sizes, raw.entry("port-forward".into()).or_default())?;
+        let (pf, _) = bg(
+            &tb,
+            &kubectl,
+            &["port-forward", &format!("pod/{pod}"), "18090:80"],
+            "Forwarding from",
+            Duration::from_secs(30),
+        )?;
+        measure_path(
+            &tb,
+            "http://127.0.0.1:18090",
+            &sizes,
+            raw.entry("port-forward".into()).or_default(),
+        )?;
         drop(pf);
 
         // ktctl connect, to the pod IP; time to ready includes the shadow's start.
         let ktctl = bin_dir.join("ktctl");
         let start = Instant::now();
-        let (k, _) = bg(&tb, &ktctl, &["connect"], "All looks good", Duration::from_secs(120))?;
-        while machine::output(&tb.layout, Machine::Laptop, &["curl", "-s", "-o", "/dev/null", "-m", "2", &format!("http://{ip}/1k")])?.status.code() != Some(0) {
+        let (k, _) = bg(
+            &tb,
+            &ktctl,
+            &["connect"],
+            "All looks good",
+            Duration::from_secs(120),
+        )?;
+        while machine::output(
+            &tb.layout,
+            Machine::Laptop,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-m",
+                "2",
+                &format!("http://{ip}/1k"),
+            ],
+        )?
+        .status
+        .code()
+            != Some(0)
+        {
             if start.elapsed() > Duration::from_secs(60) {
                 bail!("ktctl did not carry a request within 60 s of its banner");
             }
@@ -360,9 +590,22 @@ pub fn run(args: Args) -> Result<()> {
         m.entry("time_to_ready_s".into()).or_default().push(ready);
         let kpid = k.0.id();
         // Idle connections held open through ktctl.
-        let (hold, _) = bg(&tb, &xtask, &["bench-tool", "hold", &format!("{ip}:80"), &sizes.idle_conns.to_string()], "ready", Duration::from_secs(60))?;
+        let (hold, _) = bg(
+            &tb,
+            &xtask,
+            &[
+                "bench-tool",
+                "hold",
+                &format!("{ip}:80"),
+                &sizes.idle_conns.to_string(),
+            ],
+            "ready",
+            Duration::from_secs(60),
+        )?;
         if let Some(v) = vm_rss_mib(kpid) {
-            m.entry("rss_ktctl_idle_1000_mib".into()).or_default().push(v);
+            m.entry("rss_ktctl_idle_1000_mib".into())
+                .or_default()
+                .push(v);
         }
         drop(hold);
         measure_path(&tb, &format!("http://{ip}"), &sizes, m)?;
@@ -373,21 +616,46 @@ pub fn run(args: Args) -> Result<()> {
             m.entry("rss_shadow_mib".into()).or_default().push(v);
         }
         // What the hooks cost other traffic: connect() to a loopback server, with and without.
-        let (listener, _) = bg(&tb, &xtask, &["bench-tool", "listen", "127.0.0.1:18099"], "listening", Duration::from_secs(10))?;
+        let (listener, _) = bg(
+            &tb,
+            &xtask,
+            &["bench-tool", "listen", "127.0.0.1:18099"],
+            "listening",
+            Duration::from_secs(10),
+        )?;
         let rate = |tb: &Testbed| -> Result<f64> {
-            let out = laptop(tb, &[xtask.to_str().expect("utf-8"), "bench-tool", "connect-rate", "127.0.0.1:18099", &sizes.conn_rate_n.to_string(), "2"])?;
+            let out = laptop(
+                tb,
+                &[
+                    xtask.to_str().expect("utf-8"),
+                    "bench-tool",
+                    "connect-rate",
+                    "127.0.0.1:18099",
+                    &sizes.conn_rate_n.to_string(),
+                    "2",
+                ],
+            )?;
             Ok(out.trim().parse()?)
         };
         let with = rate(&tb)?;
         drop(k);
         let without = rate(&tb)?;
         drop(listener);
-        m.entry("hooks_connect_rate_ratio".into()).or_default().push(with / without);
+        m.entry("hooks_connect_rate_ratio".into())
+            .or_default()
+            .push(with / without);
     }
 
     let paths: BTreeMap<String, PathResults> = raw
         .into_iter()
-        .map(|(p, ms)| (p, ms.into_iter().filter_map(|(k, v)| stat(v).map(|s| (k, s))).collect()))
+        .map(|(p, ms)| {
+            (
+                p,
+                ms.into_iter()
+                    .filter_map(|(k, v)| stat(v).map(|s| (k, s)))
+                    .collect(),
+            )
+        })
         .collect();
     let mut ratios = BTreeMap::new();
     let med = |p: &str, m: &str| paths.get(p).and_then(|x| x.get(m)).map(|s| s.median);
@@ -424,21 +692,37 @@ pub fn run(args: Args) -> Result<()> {
 }
 
 fn jiff_now() -> String {
-    std::process::Command::new("date").args(["-u", "+%Y-%m-%d %H:%M UTC"]).output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()).unwrap_or_default()
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
 }
 
 fn machine_description() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
         .unwrap_or_default();
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
 }
 
 fn fmt(v: f64) -> String {
-    if v >= 100.0 { format!("{v:.0}") } else if v >= 10.0 { format!("{v:.1}") } else { format!("{v:.2}") }
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
 }
 
 fn markdown(r: &Report) -> String {
@@ -451,10 +735,26 @@ fn markdown(r: &Report) -> String {
     );
     for (m, unit, _) in METRICS {
         let cell = |p: &str| {
-            r.paths.get(p).and_then(|x| x.get(*m)).map(|st| format!("{} [{}–{}]", fmt(st.median), fmt(st.min), fmt(st.max))).unwrap_or_else(|| "–".into())
+            r.paths
+                .get(p)
+                .and_then(|x| x.get(*m))
+                .map(|st| format!("{} [{}–{}]", fmt(st.median), fmt(st.min), fmt(st.max)))
+                .unwrap_or_else(|| "–".into())
         };
-        let ratio = |b: &str| r.ratios.get(&format!("ktctl/{b} {m}")).map(|v| format!("{v:.2}×")).unwrap_or_else(|| "–".into());
-        s += &format!("| {m} ({unit}) | {} | {} | {} | {} | {} |\n", cell("raw"), cell("port-forward"), cell("ktctl"), ratio("port-forward"), ratio("raw"));
+        let ratio = |b: &str| {
+            r.ratios
+                .get(&format!("ktctl/{b} {m}"))
+                .map(|v| format!("{v:.2}×"))
+                .unwrap_or_else(|| "–".into())
+        };
+        s += &format!(
+            "| {m} ({unit}) | {} | {} | {} | {} | {} |\n",
+            cell("raw"),
+            cell("port-forward"),
+            cell("ktctl"),
+            ratio("port-forward"),
+            ratio("raw")
+        );
     }
     for (p, why) in &r.unavailable {
         s += &format!("\n**{p}**: not measured. {why}\n");
@@ -464,23 +764,45 @@ fn markdown(r: &Report) -> String {
 
 /// Bars of the medians of the main metrics, one group per metric, one bar per path.
 fn svg(r: &Report) -> String {
-    let metrics = ["latency_keepalive_p50_ms", "latency_newconn_p50_ms", "fairness_p99_under_bulk_ms", "bulk_1_stream_mib_s", "bulk_8_streams_mib_s", "new_connections_per_s"];
+    let metrics = [
+        "latency_keepalive_p50_ms",
+        "latency_newconn_p50_ms",
+        "fairness_p99_under_bulk_ms",
+        "bulk_1_stream_mib_s",
+        "bulk_8_streams_mib_s",
+        "new_connections_per_s",
+    ];
     let paths = ["raw", "port-forward", "ktctl"];
     let colors = ["#888888", "#d08c2c", "#2c7fb8"];
     let (w, h, group_h) = (760.0, 60.0 + 70.0 * metrics.len() as f64, 70.0);
-    let mut s = format!(r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14">ktctl bench: {} ({})</text>"#, r.date, r.machine);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14">ktctl bench: {} ({})</text>"#,
+        r.date, r.machine
+    );
     for (i, (p, c)) in paths.iter().zip(colors).enumerate() {
-        s += &format!(r#"<rect x="{}" y="32" width="12" height="12" fill="{c}"/><text x="{}" y="43">{p}</text>"#, 10 + i * 130, 26 + i * 130);
+        s += &format!(
+            r#"<rect x="{}" y="32" width="12" height="12" fill="{c}"/><text x="{}" y="43">{p}</text>"#,
+            10 + i * 130,
+            26 + i * 130
+        );
     }
     for (gi, m) in metrics.iter().enumerate() {
         let y0 = 60.0 + gi as f64 * group_h;
         s += &format!(r#"<text x="10" y="{}">{m}</text>"#, y0 + 12.0);
-        let max = paths.iter().filter_map(|p| r.paths.get(*p).and_then(|x| x.get(*m)).map(|st| st.median)).fold(0.0f64, f64::max);
+        let max = paths
+            .iter()
+            .filter_map(|p| r.paths.get(*p).and_then(|x| x.get(*m)).map(|st| st.median))
+            .fold(0.0f64, f64::max);
         for (pi, (p, c)) in paths.iter().zip(colors).enumerate() {
             if let Some(v) = r.paths.get(*p).and_then(|x| x.get(*m)).map(|st| st.median) {
                 let bw = if max > 0.0 { 520.0 * v / max } else { 0.0 };
                 let y = y0 + 18.0 + pi as f64 * 15.0;
-                s += &format!(r#"<rect x="200" y="{y}" width="{bw:.1}" height="12" fill="{c}"/><text x="{:.1}" y="{:.1}">{}</text>"#, 205.0 + bw, y + 10.0, fmt(v));
+                s += &format!(
+                    r#"<rect x="200" y="{y}" width="{bw:.1}" height="12" fill="{c}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                    205.0 + bw,
+                    y + 10.0,
+                    fmt(v)
+                );
             }
         }
     }
@@ -491,8 +813,14 @@ fn update_readme(md: &str) -> Result<()> {
     let path = crate::build::workspace().join("README.md");
     let text = std::fs::read_to_string(&path)?;
     let (start, end) = ("<!-- bench:start -->", "<!-- bench:end -->");
-    let (Some(a), Some(b)) = (text.find(start), text.find(end)) else { bail!("README.md has no {start}/{end} markers") };
-    let new = format!("{}{start}\n{md}\n![benchmark](docs/bench.svg)\n{}", &text[..a], &text[b..]);
+    let (Some(a), Some(b)) = (text.find(start), text.find(end)) else {
+        bail!("README.md has no {start}/{end} markers")
+    };
+    let new = format!(
+        "{}{start}\n{md}\n![benchmark](docs/bench.svg)\n{}",
+        &text[..a],
+        &text[b..]
+    );
     std::fs::write(&path, new)?;
     let svg = std::fs::read(crate::build::workspace().join("target/bench/report.svg"))?;
     std::fs::create_dir_all(crate::build::workspace().join("docs"))?;

@@ -25,13 +25,24 @@ pub fn workspace() -> PathBuf {
 
 /// Builds ktctl and kt-router (debug, or release) and links them into the testbed's bin/.
 pub fn binaries(release: bool) -> Result<PathBuf> {
-    let mut args = vec!["build", "--quiet", "-p", "kt-userspace", "-p", "kt-router", "--bins"];
+    let mut args = vec![
+        "build",
+        "--quiet",
+        "-p",
+        "kt-userspace",
+        "-p",
+        "kt-router",
+        "--bins",
+    ];
     if release {
         args.push("--release");
     }
     cargo(&args)?;
     let tb = Testbed::default();
-    let dir = tb.layout.target.join(if release { "release" } else { "debug" });
+    let dir = tb
+        .layout
+        .target
+        .join(if release { "release" } else { "debug" });
     tb.link_workspace_binaries(&dir)?;
     Ok(dir)
 }

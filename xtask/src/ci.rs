@@ -35,10 +35,19 @@ impl Steps {
         let mut total = Duration::ZERO;
         for (name, d, ok) in &self.done {
             total += *d;
-            eprintln!("{name:<40} {:>8.0?}  {}", d, if *ok { "ok" } else { "FAILED" });
+            eprintln!(
+                "{name:<40} {:>8.0?}  {}",
+                d,
+                if *ok { "ok" } else { "FAILED" }
+            );
         }
         eprintln!("{:<40} {:>8.0?}", "total", total);
-        let failed: Vec<&str> = self.done.iter().filter(|s| !s.2).map(|s| s.0.as_str()).collect();
+        let failed: Vec<&str> = self
+            .done
+            .iter()
+            .filter(|s| !s.2)
+            .map(|s| s.0.as_str())
+            .collect();
         if !failed.is_empty() {
             bail!("failed: {}", failed.join(", "));
         }
@@ -56,24 +65,63 @@ pub fn run(lint: bool) -> Result<()> {
     }
     if lint {
         s.run("cargo fmt --check", || cargo(&["fmt", "--all", "--check"]));
-        s.run("clippy -D warnings", || cargo(&["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"]));
+        s.run("clippy -D warnings", || {
+            cargo(&["clippy", "--quiet", "--all-targets", "--", "-D", "warnings"])
+        });
         s.run("clippy -D warnings (eBPF crate)", clippy_ebpf);
     }
-    s.run("unit tests", || cargo(&["test", "--quiet", "--workspace", "--exclude", "kt-ebpf", "--all-features"]));
+    s.run("unit tests", || {
+        cargo(&[
+            "test",
+            "--quiet",
+            "--workspace",
+            "--exclude",
+            "kt-ebpf",
+            "--all-features",
+        ])
+    });
     s.run("root tests (eBPF hooks in a child cgroup)", || {
-        cargo(&["test", "--quiet", "-p", "kt-userspace", "--test", "hooks", "--", "--ignored", "--test-threads=1"])
+        cargo(&[
+            "test",
+            "--quiet",
+            "-p",
+            "kt-userspace",
+            "--test",
+            "hooks",
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ])
     });
     s.run("fuzz the frame decoder (30 s)", fuzz);
-    s.run("image (OCI archive, checked by skopeo)", || crate::image::build_and_check().map(|_| ()));
+    s.run("image (OCI archive, checked by skopeo)", || {
+        crate::image::build_and_check().map(|_| ())
+    });
     s.run("e2e on the testbed", || e2e(None));
-    s.run("bench --quick (smoke; no thresholds)", || crate::bench::run(crate::bench::Args::quick()));
-    s.run("testbed down, nothing left behind", || Testbed::default().down());
+    s.run("bench --quick (smoke; no thresholds)", || {
+        crate::bench::run(crate::bench::Args::quick())
+    });
+    s.run("testbed down, nothing left behind", || {
+        Testbed::default().down()
+    });
     s.summary()
 }
 
 fn clippy_ebpf() -> Result<()> {
     let status = Command::new("cargo")
-        .args(["clippy", "--quiet", "-p", "kt-ebpf", "--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"])
+        .args([
+            "clippy",
+            "--quiet",
+            "-p",
+            "kt-ebpf",
+            "--target",
+            "bpfel-unknown-none",
+            "-Z",
+            "build-std=core",
+            "--",
+            "-D",
+            "warnings",
+        ])
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_TARGET_DIR", workspace().join("target/ebpf-clippy"))
         .current_dir(workspace())
@@ -105,7 +153,17 @@ pub fn e2e(filter: Option<&str>) -> Result<()> {
     Testbed::default().up(UpOptions { nodes: 2 })?;
     let mut failed = vec![];
     for test in ["connect", "testbed"] {
-        let mut args = vec!["test", "--quiet", "-p", "kt-testbed", "--test", test, "--", "--ignored", "--test-threads=1"];
+        let mut args = vec![
+            "test",
+            "--quiet",
+            "-p",
+            "kt-testbed",
+            "--test",
+            test,
+            "--",
+            "--ignored",
+            "--test-threads=1",
+        ];
         if let Some(f) = filter {
             args.push(f);
         }

@@ -33,20 +33,41 @@ pub fn run() -> Result<()> {
     tb.up(UpOptions { nodes: 1 })?;
 
     step("In the cluster: the seed's nginx Service");
-    let exists = machine::output(&tb.layout, Machine::Laptop, &["kubectl", "get", "deploy/nginx"])?.status.success();
+    let exists = machine::output(
+        &tb.layout,
+        Machine::Laptop,
+        &["kubectl", "get", "deploy/nginx"],
+    )?
+    .status
+    .success();
     if !exists {
-        laptop(&tb, "kubectl create deployment nginx --image=nginx:alpine --port=80")?;
-        laptop(&tb, "kubectl expose deployment nginx --port=80 --target-port=80")?;
+        laptop(
+            &tb,
+            "kubectl create deployment nginx --image=nginx:alpine --port=80",
+        )?;
+        laptop(
+            &tb,
+            "kubectl expose deployment nginx --port=80 --target-port=80",
+        )?;
     }
     laptop(&tb, "kubectl rollout status deployment/nginx --timeout=90s")?;
-    laptop(&tb, "kubectl exec deploy/nginx -- /bin/sh -c 'echo \"kt-connect cluster nginx service\" > /usr/share/nginx/html/index.html'")?;
+    laptop(
+        &tb,
+        "kubectl exec deploy/nginx -- /bin/sh -c 'echo \"kt-connect cluster nginx service\" > /usr/share/nginx/html/index.html'",
+    )?;
 
     step("On the developer's machine, without ktctl, the cluster is out of reach");
-    let _ = laptop(&tb, "curl -sS -m 3 http://nginx:80 || echo '(as expected: no such host)'");
+    let _ = laptop(
+        &tb,
+        "curl -sS -m 3 http://nginx:80 || echo '(as expected: no such host)'",
+    );
 
     step("laptop$ ktctl connect");
     let mut cmd = machine::command(&tb.layout, Machine::Laptop, tb.layout.bin().join("ktctl"))?;
-    cmd.arg("connect").stdin(Stdio::null()).stderr(Stdio::piped()).stdout(Stdio::null());
+    cmd.arg("connect")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
     let mut child = cmd.spawn().context("starting ktctl")?;
     let stderr = child.stderr.take().context("ktctl's stderr")?;
     let (tx, rx) = std::sync::mpsc::channel::<String>();
@@ -75,12 +96,18 @@ pub fn run() -> Result<()> {
     std::thread::sleep(Duration::from_millis(300));
 
     step("Now every program on the laptop reaches the cluster");
-    let cluster_ip = laptop(&tb, "kubectl get svc nginx -o jsonpath='{.spec.clusterIP}'; echo")?;
+    let cluster_ip = laptop(
+        &tb,
+        "kubectl get svc nginx -o jsonpath='{.spec.clusterIP}'; echo",
+    )?;
     let result = (|| -> Result<()> {
         laptop(&tb, "curl -sS http://nginx:80")?;
         laptop(&tb, "curl -sS http://nginx.default.svc.cluster.local")?;
         laptop(&tb, &format!("curl -sS http://{}", cluster_ip.trim()))?;
-        laptop(&tb, "getent hosts home.test   # the laptop's own DNS still answers")?;
+        laptop(
+            &tb,
+            "getent hosts home.test   # the laptop's own DNS still answers",
+        )?;
         Ok(())
     })();
 

@@ -30,7 +30,8 @@ fn is_static(elf: &[u8]) -> bool {
     let phnum = u16::from_le_bytes([elf[0x38], elf[0x39]]) as usize;
     (0..phnum).all(|i| {
         let off = phoff + i * phentsize;
-        elf.get(off..off + 4).is_some_and(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")) != 3)
+        elf.get(off..off + 4)
+            .is_some_and(|t| u32::from_le_bytes(t.try_into().expect("4 bytes")) != 3)
     })
 }
 
@@ -38,7 +39,15 @@ fn is_static(elf: &[u8]) -> bool {
 fn static_binary() -> Result<PathBuf> {
     let ws = workspace();
     let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
-        .args(["build", "--quiet", "--release", "-p", "kt-router", "--target", "x86_64-unknown-linux-gnu"])
+        .args([
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "kt-router",
+            "--target",
+            "x86_64-unknown-linux-gnu",
+        ])
         .env("RUSTFLAGS", "-C target-feature=+crt-static")
         .current_dir(&ws)
         .status()
@@ -54,7 +63,13 @@ fn static_binary() -> Result<PathBuf> {
 }
 
 /// A tar entry for a file of `data` at `path` with `mode`.
-fn append(t: &mut tar::Builder<impl Write>, path: &str, data: &[u8], mode: u32, kind: tar::EntryType) -> Result<()> {
+fn append(
+    t: &mut tar::Builder<impl Write>,
+    path: &str,
+    data: &[u8],
+    mode: u32,
+    kind: tar::EntryType,
+) -> Result<()> {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_size(data.len() as u64);
@@ -71,9 +86,27 @@ pub fn build() -> Result<PathBuf> {
     let bin = std::fs::read(static_binary()?)?;
     // The layer: / with the binary, a /tmp and the CA bundle folder left empty.
     let mut layer_tar = tar::Builder::new(Vec::new());
-    append(&mut layer_tar, "kt-router", &bin, 0o755, tar::EntryType::Regular)?;
-    append(&mut layer_tar, "tmp/", &[], 0o1777, tar::EntryType::Directory)?;
-    append(&mut layer_tar, "etc/passwd", b"root:x:0:0:root:/:/kt-router\nnobody:x:65534:65534:nobody:/:/kt-router\n", 0o644, tar::EntryType::Regular)?;
+    append(
+        &mut layer_tar,
+        "kt-router",
+        &bin,
+        0o755,
+        tar::EntryType::Regular,
+    )?;
+    append(
+        &mut layer_tar,
+        "tmp/",
+        &[],
+        0o1777,
+        tar::EntryType::Directory,
+    )?;
+    append(
+        &mut layer_tar,
+        "etc/passwd",
+        b"root:x:0:0:root:/:/kt-router\nnobody:x:65534:65534:nobody:/:/kt-router\n",
+        0o644,
+        tar::EntryType::Regular,
+    )?;
     let layer = layer_tar.into_inner()?;
     let diff_id = sha(&layer);
     let mut gz = GzEncoder::new(Vec::new(), Compression::default());
@@ -128,14 +161,54 @@ pub fn build() -> Result<PathBuf> {
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("kt-router-{VERSION}.oci.tar"));
     let mut out = tar::Builder::new(std::fs::File::create(&path)?);
-    append(&mut out, "oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644, tar::EntryType::Regular)?;
-    append(&mut out, "index.json", &index, 0o644, tar::EntryType::Regular)?;
-    append(&mut out, "manifest.json", &docker, 0o644, tar::EntryType::Regular)?;
-    append(&mut out, &blob(&manifest_digest), &manifest, 0o644, tar::EntryType::Regular)?;
-    append(&mut out, &blob(&config_digest), &config, 0o644, tar::EntryType::Regular)?;
-    append(&mut out, &blob(&layer_digest), &layer_gz, 0o644, tar::EntryType::Regular)?;
+    append(
+        &mut out,
+        "oci-layout",
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+        0o644,
+        tar::EntryType::Regular,
+    )?;
+    append(
+        &mut out,
+        "index.json",
+        &index,
+        0o644,
+        tar::EntryType::Regular,
+    )?;
+    append(
+        &mut out,
+        "manifest.json",
+        &docker,
+        0o644,
+        tar::EntryType::Regular,
+    )?;
+    append(
+        &mut out,
+        &blob(&manifest_digest),
+        &manifest,
+        0o644,
+        tar::EntryType::Regular,
+    )?;
+    append(
+        &mut out,
+        &blob(&config_digest),
+        &config,
+        0o644,
+        tar::EntryType::Regular,
+    )?;
+    append(
+        &mut out,
+        &blob(&layer_digest),
+        &layer_gz,
+        0o644,
+        tar::EntryType::Regular,
+    )?;
     out.into_inner()?.flush()?;
-    eprintln!("image: {} ({} MiB, kt-router:{VERSION})", path.display(), std::fs::metadata(&path)?.len() >> 20);
+    eprintln!(
+        "image: {} ({} MiB, kt-router:{VERSION})",
+        path.display(),
+        std::fs::metadata(&path)?.len() >> 20
+    );
     Ok(path)
 }
 
@@ -148,9 +221,15 @@ pub fn build_and_check() -> Result<PathBuf> {
 
 fn check_with_skopeo(path: &Path) -> Result<()> {
     let src = format!("oci-archive:{}", path.display());
-    let out = Command::new("skopeo").args(["inspect", "--config", &src]).output().context("running skopeo (cargo xtask setup installs it)")?;
+    let out = Command::new("skopeo")
+        .args(["inspect", "--config", &src])
+        .output()
+        .context("running skopeo (cargo xtask setup installs it)")?;
     if !out.status.success() {
-        bail!("skopeo cannot read the image: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "skopeo cannot read the image: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let cfg: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     if cfg["config"]["Entrypoint"] != json!(["/kt-router"]) {
@@ -158,7 +237,9 @@ fn check_with_skopeo(path: &Path) -> Result<()> {
     }
     let dir = std::env::temp_dir().join(format!("kt-image-check-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
-    let copied = Command::new("skopeo").args(["copy", "--quiet", &src, &format!("dir:{}", dir.display())]).status()?;
+    let copied = Command::new("skopeo")
+        .args(["copy", "--quiet", &src, &format!("dir:{}", dir.display())])
+        .status()?;
     let _ = std::fs::remove_dir_all(&dir);
     if !copied.success() {
         bail!("skopeo copy of the image failed ({copied})");

@@ -27,11 +27,16 @@ const DEBIAN_PACKAGES: &[&str] = &[
 ];
 
 fn ok(cmd: &mut Command) -> bool {
-    cmd.stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+    cmd.stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 fn run_cmd(cmd: &mut Command, what: &str) -> Result<()> {
-    let status = cmd.status().with_context(|| format!("{what}: could not start"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("{what}: could not start"))?;
     if !status.success() {
         bail!("{what} failed ({status})");
     }
@@ -60,21 +65,23 @@ pub fn run() -> Result<()> {
     Ok(())
 }
 
-
-
 fn debian_packages() -> Result<()> {
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .copied()
         .filter(|p| {
-            !capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", p])).is_ok_and(|s| s.contains("install ok installed"))
+            !capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", p]))
+                .is_ok_and(|s| s.contains("install ok installed"))
         })
         .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() {
-        bail!("these Debian packages are missing and installing them needs root: {}", missing.join(" "));
+        bail!(
+            "these Debian packages are missing and installing them needs root: {}",
+            missing.join(" ")
+        );
     }
     eprintln!("setup: installing {}", missing.join(" "));
     // Packages must not start their services (nginx, sshd) on this machine: a policy-rc.d that
@@ -86,9 +93,16 @@ fn debian_packages() -> Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&policy, std::fs::Permissions::from_mode(0o755))?;
     }
-    let result = run_cmd(Command::new("apt-get").arg("update").arg("-qq"), "apt-get update").and_then(|_| {
+    let result = run_cmd(
+        Command::new("apt-get").arg("update").arg("-qq"),
+        "apt-get update",
+    )
+    .and_then(|_| {
         run_cmd(
-            Command::new("apt-get").args(["install", "-y", "-qq", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive"),
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(&missing)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
             "apt-get install",
         )
     });
@@ -105,12 +119,23 @@ fn toolchain() -> String {
 
 fn rust_src() -> Result<()> {
     let tc = toolchain();
-    let installed = capture(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", &tc]))?;
+    let installed = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        &tc,
+    ]))?;
     if installed.lines().any(|l| l.starts_with("rust-src")) {
         return Ok(());
     }
-    eprintln!("setup: rustup component add rust-src ({tc}); the BPF target builds core from source");
-    run_cmd(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc]), "rustup component add rust-src")
+    eprintln!(
+        "setup: rustup component add rust-src ({tc}); the BPF target builds core from source"
+    );
+    run_cmd(
+        Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", &tc]),
+        "rustup component add rust-src",
+    )
 }
 
 /// bpf-linker linked against the LLVM that rustc itself ships (no system libLLVM needed).
@@ -125,19 +150,39 @@ fn bpf_linker() -> Result<()> {
         .and_then(|v| v.split('.').next())
         .context("rustc -vV shows no LLVM version")?
         .to_string();
-    let sysroot = PathBuf::from(capture(Command::new("rustc").args(["--print", "sysroot"]))?.trim());
+    let sysroot =
+        PathBuf::from(capture(Command::new("rustc").args(["--print", "sysroot"]))?.trim());
     let lib = sysroot.join("lib");
     let llvm = std::fs::read_dir(&lib)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("libLLVM") && n.ends_with(".so"))
-        .with_context(|| format!("no libLLVM*.so in {} (is this a rustup toolchain?)", lib.display()))?;
-    let link_name = llvm.trim_start_matches("lib").trim_end_matches(".so").to_string();
-    eprintln!("setup: building bpf-linker against rustc's LLVM {llvm_major} ({llvm}); a few minutes");
-    let rustflags = format!("-L {lib} -l dylib={link_name} -C link-arg=-Wl,-rpath,{lib}", lib = lib.display());
+        .with_context(|| {
+            format!(
+                "no libLLVM*.so in {} (is this a rustup toolchain?)",
+                lib.display()
+            )
+        })?;
+    let link_name = llvm
+        .trim_start_matches("lib")
+        .trim_end_matches(".so")
+        .to_string();
+    eprintln!(
+        "setup: building bpf-linker against rustc's LLVM {llvm_major} ({llvm}); a few minutes"
+    );
+    let rustflags = format!(
+        "-L {lib} -l dylib={link_name} -C link-arg=-Wl,-rpath,{lib}",
+        lib = lib.display()
+    );
     run_cmd(
         Command::new("cargo")
-            .args(["install", "--locked", "bpf-linker", "--no-default-features", "--features"])
+            .args([
+                "install",
+                "--locked",
+                "bpf-linker",
+                "--no-default-features",
+                "--features",
+            ])
             .arg(format!("llvm-{llvm_major},no-llvm-linking"))
             .env("RUSTFLAGS", rustflags),
         "cargo install bpf-linker",
@@ -149,12 +194,17 @@ fn cargo_fuzz() -> Result<()> {
         return Ok(());
     }
     eprintln!("setup: installing cargo-fuzz");
-    run_cmd(Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]), "cargo install cargo-fuzz")
+    run_cmd(
+        Command::new("cargo").args(["install", "--locked", "cargo-fuzz"]),
+        "cargo install cargo-fuzz",
+    )
 }
 
 fn go_modules() -> Result<()> {
     if !ok(Command::new("go").arg("version")) {
-        bail!("Go is not installed; the testbed builds Kubernetes from its Go modules (install Go >= 1.26 from go.dev or Debian backports)");
+        bail!(
+            "Go is not installed; the testbed builds Kubernetes from its Go modules (install Go >= 1.26 from go.dev or Debian backports)"
+        );
     }
     kt_testbed::gobuild::download_modules(&kt_testbed::cluster::Testbed::default().layout)
 }

@@ -9,7 +9,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::Ipv4Net;
-use k8s_openapi::api::authorization::v1::{ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec};
+use k8s_openapi::api::authorization::v1::{
+    ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+};
 use k8s_openapi::api::core::v1::{Node, Pod, Service};
 use k8s_openapi::api::networking::v1::ServiceCIDR;
 use kube::api::{ListParams, PostParams};
@@ -46,7 +48,10 @@ pub enum ClusterError {
 impl ClusterError {
     /// Errors the user fixes in their environment (exit code 2).
     pub fn is_environment(&self) -> bool {
-        matches!(self, ClusterError::Kubeconfig(_) | ClusterError::Forbidden(_))
+        matches!(
+            self,
+            ClusterError::Kubeconfig(_) | ClusterError::Forbidden(_)
+        )
     }
 
     pub fn api(what: impl Into<String>, source: kube::Error) -> ClusterError {
@@ -55,7 +60,10 @@ impl ClusterError {
         {
             return ClusterError::Forbidden(format!("{}: forbidden: {}", what.into(), s.message));
         }
-        ClusterError::Api { what: what.into(), source }
+        ClusterError::Api {
+            what: what.into(),
+            source,
+        }
     }
 }
 
@@ -83,32 +91,70 @@ impl Kube {
     /// context and namespace, and checks that the API server answers.
     pub async fn connect(t: &Target) -> Result<Kube, ClusterError> {
         let kc = match &t.kubeconfig {
-            Some(p) => Kubeconfig::read_from(p).map_err(|e| ClusterError::Kubeconfig(format!("{}: {e}", p.display())))?,
+            Some(p) => Kubeconfig::read_from(p)
+                .map_err(|e| ClusterError::Kubeconfig(format!("{}: {e}", p.display())))?,
             None => Kubeconfig::read().map_err(|e| {
-                ClusterError::Kubeconfig(format!("{e} (set --kubeconfig or KUBECONFIG, or create ~/.kube/config)"))
+                ClusterError::Kubeconfig(format!(
+                    "{e} (set --kubeconfig or KUBECONFIG, or create ~/.kube/config)"
+                ))
             })?,
         };
-        let context = t.context.clone().or_else(|| kc.current_context.clone()).unwrap_or_default();
+        let context = t
+            .context
+            .clone()
+            .or_else(|| kc.current_context.clone())
+            .unwrap_or_default();
         if let Some(c) = &t.context
             && !kc.contexts.iter().any(|x| &x.name == c)
         {
             let known: Vec<&str> = kc.contexts.iter().map(|x| x.name.as_str()).collect();
-            return Err(ClusterError::Kubeconfig(format!("no context {c:?} (contexts: {})", known.join(", "))));
+            return Err(ClusterError::Kubeconfig(format!(
+                "no context {c:?} (contexts: {})",
+                known.join(", ")
+            )));
         }
-        let opts = KubeConfigOptions { context: t.context.clone(), ..Default::default() };
-        let mut config = Config::from_custom_kubeconfig(kc, &opts).await.map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
+        let opts = KubeConfigOptions {
+            context: t.context.clone(),
+            ..Default::default()
+        };
+        let mut config = Config::from_custom_kubeconfig(kc, &opts)
+            .await
+            .map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
         config.connect_timeout = Some(Duration::from_secs(10));
-        let namespace = t.namespace.clone().unwrap_or_else(|| config.default_namespace.clone());
+        let namespace = t
+            .namespace
+            .clone()
+            .unwrap_or_else(|| config.default_namespace.clone());
         let server = config.cluster_url.to_string();
-        let host = config.cluster_url.host().unwrap_or_default().trim_matches(['[', ']']).to_string();
+        let host = config
+            .cluster_url
+            .host()
+            .unwrap_or_default()
+            .trim_matches(['[', ']'])
+            .to_string();
         let port = config.cluster_url.port_u16().unwrap_or(443);
         let server_ips = match host.parse::<IpAddr>() {
             Ok(ip) => vec![ip],
-            Err(_) => tokio::net::lookup_host((host.as_str(), port)).await.map(|it| it.map(|a| a.ip()).collect()).unwrap_or_default(),
+            Err(_) => tokio::net::lookup_host((host.as_str(), port))
+                .await
+                .map(|it| it.map(|a| a.ip()).collect())
+                .unwrap_or_default(),
         };
         let client = nodelay_client(config).map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
-        client.apiserver_version().await.map_err(|source| ClusterError::Unreachable { url: server.clone(), source })?;
-        Ok(Kube { client, namespace, context, server, server_ips })
+        client
+            .apiserver_version()
+            .await
+            .map_err(|source| ClusterError::Unreachable {
+                url: server.clone(),
+                source,
+            })?;
+        Ok(Kube {
+            client,
+            namespace,
+            context,
+            server,
+            server_ips,
+        })
     }
 
     /// Fails with the exact verbs and resources missing from `needed` in the namespace.
@@ -161,10 +207,19 @@ impl Kube {
     pub async fn cidrs(&self, pod_ips: bool) -> Result<Vec<Ipv4Net>, ClusterError> {
         let mut out = vec![];
         let v4 = |s: &str| s.parse::<Ipv4Net>().ok();
-        match Api::<ServiceCIDR>::all(self.client.clone()).list(&ListParams::default()).await {
+        match Api::<ServiceCIDR>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+        {
             Ok(l) if !l.items.is_empty() => {
                 for s in l.items {
-                    out.extend(s.spec.and_then(|s| s.cidrs).unwrap_or_default().iter().filter_map(|c| v4(c)));
+                    out.extend(
+                        s.spec
+                            .and_then(|s| s.cidrs)
+                            .unwrap_or_default()
+                            .iter()
+                            .filter_map(|c| v4(c)),
+                    );
                 }
             }
             other => {
@@ -182,8 +237,13 @@ impl Kube {
                         }
                     }
                 }
-                if let Ok(k) = Api::<Service>::namespaced(self.client.clone(), "default").get("kubernetes").await
-                    && let Some(ip) = k.spec.and_then(|s| s.cluster_ip).and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+                if let Ok(k) = Api::<Service>::namespaced(self.client.clone(), "default")
+                    .get("kubernetes")
+                    .await
+                    && let Some(ip) = k
+                        .spec
+                        .and_then(|s| s.cluster_ip)
+                        .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
                 {
                     out.push(widen16(ip));
                 }
@@ -191,10 +251,18 @@ impl Kube {
         }
         if pod_ips {
             let mut found = false;
-            if let Ok(nodes) = Api::<Node>::all(self.client.clone()).list(&ListParams::default()).await {
+            if let Ok(nodes) = Api::<Node>::all(self.client.clone())
+                .list(&ListParams::default())
+                .await
+            {
                 for n in nodes.items {
                     let spec = n.spec.unwrap_or_default();
-                    for c in spec.pod_cidrs.unwrap_or_default().iter().chain(spec.pod_cidr.iter()) {
+                    for c in spec
+                        .pod_cidrs
+                        .unwrap_or_default()
+                        .iter()
+                        .chain(spec.pod_cidr.iter())
+                    {
                         if let Some(net) = v4(c) {
                             out.push(net);
                             found = true;
@@ -203,13 +271,19 @@ impl Kube {
                 }
             }
             if !found {
-                tracing::debug!("no node pod CIDRs visible; guessing them from the namespace's pods");
+                tracing::debug!(
+                    "no node pod CIDRs visible; guessing them from the namespace's pods"
+                );
                 let pods = Api::<Pod>::namespaced(self.client.clone(), &self.namespace)
                     .list(&ListParams::default())
                     .await
                     .map_err(|e| ClusterError::api("listing pods", e))?;
                 for p in pods.items {
-                    if let Some(ip) = p.status.and_then(|s| s.pod_ip).and_then(|ip| ip.parse::<Ipv4Addr>().ok()) {
+                    if let Some(ip) = p
+                        .status
+                        .and_then(|s| s.pod_ip)
+                        .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
+                    {
                         out.push(widen16(ip));
                     }
                 }
@@ -227,7 +301,8 @@ fn nodelay_client(config: Config) -> Result<Client, kube::Error> {
     http.enforce_http(false);
     http.set_nodelay(true);
     let https = config.rustls_https_connector_with_connector(http)?;
-    let hyper = hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new()).build(https);
+    let hyper =
+        hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new()).build(https);
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
@@ -256,7 +331,11 @@ impl std::fmt::Display for Permission {
 }
 
 const fn perm(verb: &'static str, group: &'static str, resource: &'static str) -> Permission {
-    Permission { verb, group, resource }
+    Permission {
+        verb,
+        group,
+        resource,
+    }
 }
 
 /// What `ktctl connect` does in its namespace (deploy/rbac-connect.yaml grants exactly this).

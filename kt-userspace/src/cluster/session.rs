@@ -61,7 +61,10 @@ pub struct Session {
 
 impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Session").field("id", &self.id).field("namespace", &self.namespace).finish()
+        f.debug_struct("Session")
+            .field("id", &self.id)
+            .field("namespace", &self.namespace)
+            .finish()
     }
 }
 
@@ -70,24 +73,38 @@ pub fn new_id() -> String {
     const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
     let mut bytes = [0u8; 6];
     // getrandom(2) via std's hashmap keys would be indirect; read the kernel's pool directly.
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes)).is_err() {
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut bytes))
+        .is_err()
+    {
         let t = Timestamp::now().as_nanosecond() as u64 ^ u64::from(std::process::id());
         bytes.copy_from_slice(&t.to_le_bytes()[..6]);
     }
-    bytes.iter().map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char).collect()
+    bytes
+        .iter()
+        .map(|b| ALPHABET[*b as usize % ALPHABET.len()] as char)
+        .collect()
 }
 
 fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_string()).unwrap_or_else(|_| "unknown".into())
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
 }
 
 impl Session {
     /// Creates the anchor Lease `ktctl-<id>`.
-    pub async fn begin(kube: &Kube, command: &str, grace: Duration) -> Result<Session, ClusterError> {
+    pub async fn begin(
+        kube: &Kube,
+        command: &str,
+        grace: Duration,
+    ) -> Result<Session, ClusterError> {
         let id = new_id();
         let lease = format!("ktctl-{id}");
         let now = MicroTime(Timestamp::now());
-        let user = std::env::var("SUDO_USER").or_else(|_| std::env::var("USER")).unwrap_or_else(|_| "root".into());
+        let user = std::env::var("SUDO_USER")
+            .or_else(|_| std::env::var("USER"))
+            .unwrap_or_else(|_| "root".into());
         let obj = Lease {
             metadata: ObjectMeta {
                 name: Some(lease.clone()),
@@ -96,7 +113,10 @@ impl Session {
                 annotations: Some(BTreeMap::from([
                     (GRACE_ANNOTATION.to_string(), grace.as_secs().to_string()),
                     (COMMAND_ANNOTATION.to_string(), command.to_string()),
-                    (OWNER_ANNOTATION.to_string(), format!("{user}@{}", hostname())),
+                    (
+                        OWNER_ANNOTATION.to_string(),
+                        format!("{user}@{}", hostname()),
+                    ),
                 ])),
                 ..Default::default()
             },
@@ -148,13 +168,23 @@ impl Session {
     /// Creates an object and remembers it for [`Session::end`].
     pub async fn create<K>(&self, kind: Kind, obj: &K) -> Result<K, ClusterError>
     where
-        K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + serde::Serialize
+            + std::fmt::Debug,
         K::DynamicType: Default,
     {
         let name = obj.meta().name.clone().unwrap_or_default();
         let api: Api<K> = Api::namespaced(self.client.clone(), &self.namespace);
-        let out = api.create(&PostParams::default(), obj).await.map_err(|e| ClusterError::api(format!("creating {} {name}", kind.name()), e))?;
-        self.created.lock().expect("session lock").push((kind, name));
+        let out = api
+            .create(&PostParams::default(), obj)
+            .await
+            .map_err(|e| ClusterError::api(format!("creating {} {name}", kind.name()), e))?;
+        self.created
+            .lock()
+            .expect("session lock")
+            .push((kind, name));
         Ok(out)
     }
 
@@ -167,8 +197,12 @@ impl Session {
             let mut failing = false;
             loop {
                 tokio::time::sleep(every).await;
-                let patch = serde_json::json!({ "spec": { "renewTime": MicroTime(Timestamp::now()) } });
-                match api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+                let patch =
+                    serde_json::json!({ "spec": { "renewTime": MicroTime(Timestamp::now()) } });
+                match api
+                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
                     Ok(_) if failing => {
                         tracing::info!(lease = %name, "session lease renewed again");
                         failing = false;
@@ -187,21 +221,75 @@ impl Session {
 
     /// Deletes every object of the session, the anchor last; returns what it deleted.
     pub async fn end(&self) -> Vec<String> {
-        let created: Vec<(Kind, String)> = self.created.lock().expect("session lock").iter().rev().cloned().collect();
+        let created: Vec<(Kind, String)> = self
+            .created
+            .lock()
+            .expect("session lock")
+            .iter()
+            .rev()
+            .cloned()
+            .collect();
         let mut report = vec![];
         for (kind, name) in created {
             let ok = match kind {
-                Kind::Pod => delete::<Pod>(&self.client, &self.namespace, &name, DeleteParams::default().grace_period(0)).await,
-                Kind::Secret => delete::<Secret>(&self.client, &self.namespace, &name, DeleteParams::default()).await,
-                Kind::ServiceAccount => delete::<ServiceAccount>(&self.client, &self.namespace, &name, DeleteParams::default()).await,
-                Kind::Role => delete::<Role>(&self.client, &self.namespace, &name, DeleteParams::default()).await,
-                Kind::RoleBinding => delete::<RoleBinding>(&self.client, &self.namespace, &name, DeleteParams::default()).await,
+                Kind::Pod => {
+                    delete::<Pod>(
+                        &self.client,
+                        &self.namespace,
+                        &name,
+                        DeleteParams::default().grace_period(0),
+                    )
+                    .await
+                }
+                Kind::Secret => {
+                    delete::<Secret>(
+                        &self.client,
+                        &self.namespace,
+                        &name,
+                        DeleteParams::default(),
+                    )
+                    .await
+                }
+                Kind::ServiceAccount => {
+                    delete::<ServiceAccount>(
+                        &self.client,
+                        &self.namespace,
+                        &name,
+                        DeleteParams::default(),
+                    )
+                    .await
+                }
+                Kind::Role => {
+                    delete::<Role>(
+                        &self.client,
+                        &self.namespace,
+                        &name,
+                        DeleteParams::default(),
+                    )
+                    .await
+                }
+                Kind::RoleBinding => {
+                    delete::<RoleBinding>(
+                        &self.client,
+                        &self.namespace,
+                        &name,
+                        DeleteParams::default(),
+                    )
+                    .await
+                }
             };
             if ok {
                 report.push(format!("{}/{name}", kind.name()));
             }
         }
-        if delete::<Lease>(&self.client, &self.namespace, &self.lease, DeleteParams::background()).await {
+        if delete::<Lease>(
+            &self.client,
+            &self.namespace,
+            &self.lease,
+            DeleteParams::background(),
+        )
+        .await
+        {
             report.push(format!("lease/{}", self.lease));
         }
         report
@@ -214,7 +302,10 @@ impl Session {
 pub async fn clean_expired(kube: &Kube) -> Result<Vec<String>, ClusterError> {
     let api: Api<Lease> = Api::namespaced(kube.client.clone(), &kube.namespace);
     let leases = api
-        .list(&kube::api::ListParams::default().labels(&format!("{MANAGED_BY}=ktctl,{ROLE_LABEL}=anchor")))
+        .list(
+            &kube::api::ListParams::default()
+                .labels(&format!("{MANAGED_BY}=ktctl,{ROLE_LABEL}=anchor")),
+        )
         .await
         .map_err(|e| ClusterError::api("listing ktctl sessions (leases)", e))?;
     let now = Timestamp::now();
@@ -222,14 +313,28 @@ pub async fn clean_expired(kube: &Kube) -> Result<Vec<String>, ClusterError> {
     for l in leases.items {
         let spec = l.spec.clone().unwrap_or_default();
         let grace = i64::from(spec.lease_duration_seconds.unwrap_or(30));
-        let Some(renewed) = spec.renew_time.map(|t| t.0) else { continue };
+        let Some(renewed) = spec.renew_time.map(|t| t.0) else {
+            continue;
+        };
         // One more grace period of slack: the shadow gets the first chance to clean up.
         if now.as_second() - renewed.as_second() <= 2 * grace {
             continue;
         }
         let name = l.metadata.name.clone().unwrap_or_default();
-        if delete::<Lease>(&kube.client, &kube.namespace, &name, DeleteParams::background()).await {
-            removed.push(l.metadata.labels.and_then(|m| m.get(SESSION_LABEL).cloned()).unwrap_or(name));
+        if delete::<Lease>(
+            &kube.client,
+            &kube.namespace,
+            &name,
+            DeleteParams::background(),
+        )
+        .await
+        {
+            removed.push(
+                l.metadata
+                    .labels
+                    .and_then(|m| m.get(SESSION_LABEL).cloned())
+                    .unwrap_or(name),
+            );
         }
     }
     Ok(removed)
@@ -246,10 +351,16 @@ fn base_labels(id: &str, role: &str) -> BTreeMap<String, String> {
 /// Deletes one object; true if it existed and is gone (a missing one is fine and says false).
 async fn delete<K>(client: &Client, ns: &str, name: &str, dp: DeleteParams) -> bool
 where
-    K: Resource<Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
     K::DynamicType: Default,
 {
-    match Api::<K>::namespaced(client.clone(), ns).delete(name, &dp).await {
+    match Api::<K>::namespaced(client.clone(), ns)
+        .delete(name, &dp)
+        .await
+    {
         Ok(_) => true,
         Err(kube::Error::Api(s)) if s.code == 404 => false,
         Err(e) => {
@@ -268,7 +379,10 @@ mod tests {
         let a = new_id();
         let b = new_id();
         assert_eq!(a.len(), 6);
-        assert!(a.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit()));
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+        );
         assert_ne!(a, b);
     }
 }

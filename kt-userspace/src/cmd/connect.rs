@@ -15,12 +15,12 @@ use ipnet::Ipv4Net;
 use kt_common::bpf::DNS_ALIAS_NET;
 use tokio::signal::unix::{SignalKind, signal};
 
+use super::AbortOnDrop;
 use crate::bpf::{HookConfig, Hooks};
 use crate::cgroup::{self, ChildCgroup};
 use crate::cidr::Plan;
 use crate::cli::{ConnectArgs, Global};
 use crate::cluster::session::{self, Session};
-use super::AbortOnDrop;
 use crate::cluster::shadow::{self, ShadowOptions};
 use crate::cluster::{CONNECT_PERMISSIONS, Kube, Target};
 use crate::dns::{self, index::Index, names::Rules};
@@ -29,7 +29,8 @@ use crate::proxy::{self, OrigDst};
 use crate::tunnel::Tunnel;
 
 /// The banner kt-connect users look for.
-pub const BANNER: &str = "All looks good, now you can access to resources in the kubernetes cluster";
+pub const BANNER: &str =
+    "All looks good, now you can access to resources in the kubernetes cluster";
 
 /// Runs the command; returns the process exit code (CMD's, with `-- CMD`).
 pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
@@ -42,11 +43,31 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
     crate::preflight::check()?;
     let shadow_opts = shadow_options(global)?;
     let attach_to = cgroup::target(args.cgroup.as_deref())?;
-    let _lock = if args.cmd.is_empty() { Some(NetnsLock::acquire()?) } else { None };
+    let _lock = if args.cmd.is_empty() {
+        Some(NetnsLock::acquire()?)
+    } else {
+        None
+    };
 
-    let kube = Kube::connect(&Target { kubeconfig: global.kubeconfig.clone(), context: global.context.clone(), namespace: global.namespace.clone() }).await?;
-    tracing::info!("Using cluster context {} ({}), namespace {}", kube.context, kube.server, kube.namespace);
-    tracing::info!("KtConnect (ktctl) {} start at {} ({} {})", env!("CARGO_PKG_VERSION"), std::process::id(), std::env::consts::OS, std::env::consts::ARCH);
+    let kube = Kube::connect(&Target {
+        kubeconfig: global.kubeconfig.clone(),
+        context: global.context.clone(),
+        namespace: global.namespace.clone(),
+    })
+    .await?;
+    tracing::info!(
+        "Using cluster context {} ({}), namespace {}",
+        kube.context,
+        kube.server,
+        kube.namespace
+    );
+    tracing::info!(
+        "KtConnect (ktctl) {} start at {} ({} {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
     kube.require(CONNECT_PERMISSIONS).await?;
     if !args.skip_cleanup {
         for id in session::clean_expired(&kube).await? {
@@ -60,9 +81,14 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
 
     let grace = Duration::from_secs(args.grace);
     let pf_timeout = Duration::from_secs(args.port_forward_timeout);
-    super::with_shadow(&kube, &shadow_opts, "connect", grace, pf_timeout, async |session, tunnel| {
-        connected(&kube, session, tunnel, args, plan, attach_to).await
-    })
+    super::with_shadow(
+        &kube,
+        &shadow_opts,
+        "connect",
+        grace,
+        pf_timeout,
+        async |session, tunnel| connected(&kube, session, tunnel, args, plan, attach_to).await,
+    )
     .await
 }
 
@@ -70,8 +96,19 @@ pub(crate) fn shadow_options(global: &Global) -> Result<ShadowOptions> {
     Ok(ShadowOptions {
         image: global.image.clone(),
         image_pull_secret: global.image_pull_secret.clone(),
-        node_selector: global.node_selector.as_deref().map(shadow::parse_node_selector).transpose().map_err(EnvError)?.unwrap_or_default(),
-        quota: global.pod_quota.as_deref().map(shadow::parse_quota).transpose().map_err(EnvError)?,
+        node_selector: global
+            .node_selector
+            .as_deref()
+            .map(shadow::parse_node_selector)
+            .transpose()
+            .map_err(EnvError)?
+            .unwrap_or_default(),
+        quota: global
+            .pod_quota
+            .as_deref()
+            .map(shadow::parse_quota)
+            .transpose()
+            .map_err(EnvError)?,
         creation_timeout: Duration::from_secs(global.pod_creation_timeout),
     })
 }
@@ -90,10 +127,18 @@ async fn plan(kube: &Kube, args: &ConnectArgs) -> Result<Plan> {
 }
 
 /// Everything between the tunnel coming up and the session's end.
-async fn connected(kube: &Kube, session: &Session, tunnel: &Tunnel, args: &ConnectArgs, plan: Plan, attach_to: PathBuf) -> Result<u8> {
+async fn connected(
+    kube: &Kube,
+    session: &Session,
+    tunnel: &Tunnel,
+    args: &ConnectArgs,
+    plan: Plan,
+    attach_to: PathBuf,
+) -> Result<u8> {
     let tunnel = tunnel.clone();
     // Local sockets first, so that nothing is steered to a socket that does not exist yet.
-    let tcp = proxy::tcp::listener().map_err(|e| Error::io("making the proxy's TCP listener", e))?;
+    let tcp =
+        proxy::tcp::listener().map_err(|e| Error::io("making the proxy's TCP listener", e))?;
     let udp = proxy::udp::socket().map_err(|e| Error::io("making the proxy's UDP socket", e))?;
     let plan = Arc::new(plan);
     let orig = OrigDst::new(plan.clone());
@@ -102,26 +147,67 @@ async fn connected(kube: &Kube, session: &Session, tunnel: &Tunnel, args: &Conne
 
     let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     let (resolvers, search) = dns::host_config(&resolv);
-    let resolvers: Vec<Ipv4Addr> = resolvers.into_iter().filter(|r| !plan.is_cluster(*r)).take(15).collect();
+    let resolvers: Vec<Ipv4Addr> = resolvers
+        .into_iter()
+        .filter(|r| !plan.is_cluster(*r))
+        .take(15)
+        .collect();
     let index = Index::start(kube).await?;
-    let rules = Rules { cluster_domain: args.cluster_domain.clone(), namespace: kube.namespace.clone(), host_search: search };
-    let shared = dns::Shared::new(rules, index, tunnel.clone(), Duration::from_secs(args.dns_cache_ttl));
+    let rules = Rules {
+        cluster_domain: args.cluster_domain.clone(),
+        namespace: kube.namespace.clone(),
+        host_search: search,
+    };
+    let shared = dns::Shared::new(
+        rules,
+        index,
+        tunnel.clone(),
+        Duration::from_secs(args.dns_cache_ttl),
+    );
     let mut dns_servers = vec![];
     for (i, r) in resolvers.iter().enumerate() {
         let listen = Ipv4Addr::from(DNS_ALIAS_NET + i as u32 + 1);
-        let server = dns::serve(listen, *r, shared.clone()).map_err(|e| Error::io(format!("starting the DNS server on {listen}:53"), e))?;
+        let server = dns::serve(listen, *r, shared.clone())
+            .map_err(|e| Error::io(format!("starting the DNS server on {listen}:53"), e))?;
         tracing::info!("DNS for the cluster in front of resolver {r} (on {listen}:53)");
         dns_servers.push(server);
     }
     if resolvers.is_empty() {
-        tracing::warn!("no IPv4 nameserver in /etc/resolv.conf: cluster names will not resolve (IPs still work)");
+        tracing::warn!(
+            "no IPv4 nameserver in /etc/resolv.conf: cluster names will not resolve (IPs still work)"
+        );
     }
 
-    let child = if args.cmd.is_empty() { None } else { Some(ChildCgroup::create(&attach_to, &format!("ktctl-{}", session.id))?) };
-    let cgroup_path = child.as_ref().map(|c| c.path().to_path_buf()).unwrap_or(attach_to);
-    let netns = File::open("/proc/self/ns/net").map_err(|e| Error::io("opening /proc/self/ns/net", e))?;
-    let hooks = Hooks::attach(&cgroup_path, &netns, &HookConfig { plan: &plan, resolvers: &resolvers, self_tgid: std::process::id() }, &tcp, &udp)?;
-    let tcp_task = AbortOnDrop(tokio::spawn(proxy::tcp::serve(tcp, orig.clone(), tunnel.clone())));
+    let child = if args.cmd.is_empty() {
+        None
+    } else {
+        Some(ChildCgroup::create(
+            &attach_to,
+            &format!("ktctl-{}", session.id),
+        )?)
+    };
+    let cgroup_path = child
+        .as_ref()
+        .map(|c| c.path().to_path_buf())
+        .unwrap_or(attach_to);
+    let netns =
+        File::open("/proc/self/ns/net").map_err(|e| Error::io("opening /proc/self/ns/net", e))?;
+    let hooks = Hooks::attach(
+        &cgroup_path,
+        &netns,
+        &HookConfig {
+            plan: &plan,
+            resolvers: &resolvers,
+            self_tgid: std::process::id(),
+        },
+        &tcp,
+        &udp,
+    )?;
+    let tcp_task = AbortOnDrop(tokio::spawn(proxy::tcp::serve(
+        tcp,
+        orig.clone(),
+        tunnel.clone(),
+    )));
     let udp_task = AbortOnDrop(tokio::spawn(proxy::udp::serve(udp, orig, tunnel.clone())));
     tracing::info!("eBPF hooks attached to cgroup {}", cgroup_path.display());
     tracing::info!("---------------------------------------------------------------");
@@ -171,7 +257,9 @@ async fn run_command(cmd: &[String], cg: &ChildCgroup) -> Result<u8> {
             Ok(())
         });
     }
-    let mut child = tokio::process::Command::from(c).spawn().map_err(|e| Error::Runtime(format!("cannot run {}: {e}", cmd[0])))?;
+    let mut child = tokio::process::Command::from(c)
+        .spawn()
+        .map_err(|e| Error::Runtime(format!("cannot run {}: {e}", cmd[0])))?;
     drop(procs);
     let pid = child.id().map(|p| p as i32);
     let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
@@ -184,7 +272,10 @@ async fn run_command(cmd: &[String], cg: &ChildCgroup) -> Result<u8> {
         }
     };
     use std::os::unix::process::ExitStatusExt;
-    Ok(status.code().map(|c| c as u8).unwrap_or_else(|| 128 + status.signal().unwrap_or(0) as u8))
+    Ok(status
+        .code()
+        .map(|c| c as u8)
+        .unwrap_or_else(|| 128 + status.signal().unwrap_or(0) as u8))
 }
 
 fn forward(pid: Option<i32>, sig: i32) {
@@ -204,11 +295,19 @@ impl NetnsLock {
         use std::io::Write;
         use std::os::fd::AsRawFd;
         use std::os::unix::fs::MetadataExt;
-        let ino = std::fs::metadata("/proc/self/ns/net").map(|m| m.ino()).unwrap_or(0);
+        let ino = std::fs::metadata("/proc/self/ns/net")
+            .map(|m| m.ino())
+            .unwrap_or(0);
         let dir = PathBuf::from("/run/ktctl");
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("creating /run/ktctl", e))?;
         let path = dir.join(format!("connect-{ino}.lock"));
-        let mut f = std::fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
         // SAFETY: flock on our own descriptor.
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();

@@ -22,12 +22,29 @@ fn line(what: &str, verdict: &str) {
 fn machine() -> bool {
     println!("This machine");
     let kernel = crate::preflight::kernel_version();
-    line("kernel", &kernel.map(|(a, b)| format!("Linux {a}.{b}{}", if (a, b) >= (5, 9) { "" } else { " (too old: 5.9 needed)" })).unwrap_or_else(|| "unknown".into()));
+    line(
+        "kernel",
+        &kernel
+            .map(|(a, b)| {
+                format!(
+                    "Linux {a}.{b}{}",
+                    if (a, b) >= (5, 9) {
+                        ""
+                    } else {
+                        " (too old: 5.9 needed)"
+                    }
+                )
+            })
+            .unwrap_or_else(|| "unknown".into()),
+    );
     let pre = crate::preflight::check();
-    line("privileges, cgroup v2, kernel", &match &pre {
-        Ok(()) => "ok".to_string(),
-        Err(e) => format!("PROBLEM: {e}"),
-    });
+    line(
+        "privileges, cgroup v2, kernel",
+        &match &pre {
+            Ok(()) => "ok".to_string(),
+            Err(e) => format!("PROBLEM: {e}"),
+        },
+    );
     match crate::cgroup::target(None) {
         Ok(p) => line("hooks would attach to", &p.display().to_string()),
         Err(e) => line("hooks would attach to", &format!("PROBLEM: {e}")),
@@ -37,27 +54,66 @@ fn machine() -> bool {
         .filter_map(|p| p.name_as_str().map(str::to_string))
         .filter(|n| n.starts_with("kt_"))
         .collect();
-    line("ktctl programs in the kernel", &if loaded.is_empty() { "none (no connect running)".to_string() } else { format!("{} ({})", loaded.len(), loaded.join(" ")) });
+    line(
+        "ktctl programs in the kernel",
+        &if loaded.is_empty() {
+            "none (no connect running)".to_string()
+        } else {
+            format!("{} ({})", loaded.len(), loaded.join(" "))
+        },
+    );
     pre.is_ok()
 }
 
 pub async fn run(global: &Global, args: &DiagnoseArgs) -> Result<u8> {
     let machine_ok = machine();
     println!("Cluster");
-    let kube = Kube::connect(&Target { kubeconfig: global.kubeconfig.clone(), context: global.context.clone(), namespace: global.namespace.clone() }).await?;
-    line("API server", &format!("{} ({}), context {}", kube.server, kube.server_ips.iter().map(|i| i.to_string()).collect::<Vec<_>>().join(" "), kube.context));
+    let kube = Kube::connect(&Target {
+        kubeconfig: global.kubeconfig.clone(),
+        context: global.context.clone(),
+        namespace: global.namespace.clone(),
+    })
+    .await?;
+    line(
+        "API server",
+        &format!(
+            "{} ({}), context {}",
+            kube.server,
+            kube.server_ips
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            kube.context
+        ),
+    );
     let perms = kube.require(CONNECT_PERMISSIONS).await;
-    line("permissions in namespace", &match &perms {
-        Ok(()) => format!("{}: ok", kube.namespace),
-        Err(e) => format!("PROBLEM: {e}"),
-    });
+    line(
+        "permissions in namespace",
+        &match &perms {
+            Ok(()) => format!("{}: ok", kube.namespace),
+            Err(e) => format!("PROBLEM: {e}"),
+        },
+    );
     let cidrs = kube.cidrs(true).await?;
-    line("cluster CIDRs", &cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(" "));
+    line(
+        "cluster CIDRs",
+        &cidrs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(" "),
+    );
     perms?;
     let opts = super::connect::shadow_options(global)?;
-    let report = super::with_shadow(&kube, &opts, "diagnose", Duration::from_secs(30), Duration::from_secs(20), async |_session, tunnel| {
-        measure(tunnel, args).await
-    })
+    let report = super::with_shadow(
+        &kube,
+        &opts,
+        "diagnose",
+        Duration::from_secs(30),
+        Duration::from_secs(20),
+        async |_session, tunnel| measure(tunnel, args).await,
+    )
     .await?;
     println!("Tunnel (port-forward, TLS 1.3, yamux)");
     for (k, v) in report {
@@ -82,8 +138,17 @@ async fn measure(tunnel: &Tunnel, args: &DiagnoseArgs) -> Result<Vec<(String, St
     }
     drop(echo);
     let sum: Duration = rtts.iter().sum();
-    let (min, max) = (rtts.iter().min().copied().unwrap_or_default(), rtts.iter().max().copied().unwrap_or_default());
-    out.push((format!("round trip ({} pings)", args.pings), format!("min {min:.2?} avg {:.2?} max {max:.2?}", sum / rtts.len().max(1) as u32)));
+    let (min, max) = (
+        rtts.iter().min().copied().unwrap_or_default(),
+        rtts.iter().max().copied().unwrap_or_default(),
+    );
+    out.push((
+        format!("round trip ({} pings)", args.pings),
+        format!(
+            "min {min:.2?} avg {:.2?} max {max:.2?}",
+            sum / rtts.len().max(1) as u32
+        ),
+    ));
     if let Some(rtt) = tunnel.session().await?.rtt() {
         out.push(("keepalive round trip".into(), format!("{rtt:.2?}")));
     }
@@ -100,7 +165,14 @@ async fn measure(tunnel: &Tunnel, args: &DiagnoseArgs) -> Result<Vec<(String, St
         }
         got += n as u64;
     }
-    out.push(("throughput from the shadow".into(), format!("{:.1} MiB/s ({} MiB)", got as f64 / 1048576.0 / t.elapsed().as_secs_f64(), got >> 20)));
+    out.push((
+        "throughput from the shadow".into(),
+        format!(
+            "{:.1} MiB/s ({} MiB)",
+            got as f64 / 1048576.0 / t.elapsed().as_secs_f64(),
+            got >> 20
+        ),
+    ));
     let t = Instant::now();
     let mut up = tunnel.request(Open::Sink).await?;
     let chunk = vec![0u8; 256 * 1024];
@@ -113,19 +185,37 @@ async fn measure(tunnel: &Tunnel, args: &DiagnoseArgs) -> Result<Vec<(String, St
     up.shutdown().await.map_err(io)?;
     let mut count = [0u8; 8];
     up.read_exact(&mut count).await.map_err(io)?;
-    out.push(("throughput to the shadow".into(), format!("{:.1} MiB/s ({} MiB)", u64::from_be_bytes(count) as f64 / 1048576.0 / t.elapsed().as_secs_f64(), sent >> 20)));
+    out.push((
+        "throughput to the shadow".into(),
+        format!(
+            "{:.1} MiB/s ({} MiB)",
+            u64::from_be_bytes(count) as f64 / 1048576.0 / t.elapsed().as_secs_f64(),
+            sent >> 20
+        ),
+    ));
     // The cluster's DNS through the shadow.
-    let name = format!("kubernetes.default.svc.{}.", args.cluster_domain.trim_matches('.'));
+    let name = format!(
+        "kubernetes.default.svc.{}.",
+        args.cluster_domain.trim_matches('.')
+    );
     let mut q = Message::query();
     q.metadata.recursion_desired = true;
-    q.add_query(Query::query(Name::from_ascii(&name).map_err(|e| Error::Runtime(e.to_string()))?, RecordType::A));
+    q.add_query(Query::query(
+        Name::from_ascii(&name).map_err(|e| Error::Runtime(e.to_string()))?,
+        RecordType::A,
+    ));
     let bytes = q.to_vec().map_err(|e| Error::Runtime(e.to_string()))?;
     let t = Instant::now();
     let mut st = tunnel.request(Open::Dns).await?;
     write_data(&mut st, &bytes).await?;
     let verdict = match read_data(&mut st).await? {
         Some(answer) => match Message::from_vec(&answer) {
-            Ok(m) => format!("{:.2?} ({name}: {:?}, {} answer(s))", t.elapsed(), m.metadata.response_code, m.answers.len()),
+            Ok(m) => format!(
+                "{:.2?} ({name}: {:?}, {} answer(s))",
+                t.elapsed(),
+                m.metadata.response_code,
+                m.answers.len()
+            ),
             Err(e) => format!("PROBLEM: bad answer: {e}"),
         },
         None => "PROBLEM: no answer".into(),

@@ -38,12 +38,27 @@ pub(crate) async fn with_shadow<T>(
     let session = Session::begin(kube, command, grace).await?;
     tracing::debug!(session = %session.id, "session started");
     let result = async {
-        let pki = SessionPki::generate(&session.id, 30).map_err(|e| Error::Runtime(e.to_string()))?;
+        let pki =
+            SessionPki::generate(&session.id, 30).map_err(|e| Error::Runtime(e.to_string()))?;
         let _renewer = AbortOnDrop(session.spawn_renewer());
-        tracing::info!("Deploying shadow pod kt-connect-shadow-{} in namespace {}", session.id, session.namespace);
-        let pod = shadow::deploy(&session, kube, &format!("shadow-{command}"), opts, &pki.server).await?;
+        tracing::info!(
+            "Deploying shadow pod kt-connect-shadow-{} in namespace {}",
+            session.id,
+            session.namespace
+        );
+        let pod = shadow::deploy(
+            &session,
+            kube,
+            &format!("shadow-{command}"),
+            opts,
+            &pki.server,
+        )
+        .await?;
         let pod_name = pod.metadata.name.clone().unwrap_or_default();
-        tracing::info!("Shadow pod {pod_name} is ready ({})", pod.status.and_then(|s| s.pod_ip).unwrap_or_default());
+        tracing::info!(
+            "Shadow pod {pod_name} is ready ({})",
+            pod.status.and_then(|s| s.pod_ip).unwrap_or_default()
+        );
         let target = tunnel::Target {
             pods: Api::<Pod>::namespaced(kube.client.clone(), &kube.namespace),
             pod: pod_name,

@@ -62,7 +62,10 @@ where
     K::DynamicType: Default + Eq + std::hash::Hash + Clone,
 {
     let (reader, writer) = reflector::store::<K>();
-    let stream = watcher(api, watcher::Config::default()).default_backoff().reflect(writer).touched_objects();
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut failing = false;
@@ -84,22 +87,36 @@ impl Index {
     /// Watches every namespace if the user may, else the connect namespace only; waits for
     /// the first lists (10 s at most).
     pub async fn start(kube: &Kube) -> Result<Index, ClusterError> {
-        let list = |r| Permission { verb: "list", group: "", resource: r };
-        let watchp = |r| Permission { verb: "watch", group: "", resource: r };
-        let cluster_wide = kube.can(&list("services"), None).await? && kube.can(&watchp("services"), None).await?;
+        let list = |r| Permission {
+            verb: "list",
+            group: "",
+            resource: r,
+        };
+        let watchp = |r| Permission {
+            verb: "watch",
+            group: "",
+            resource: r,
+        };
+        let cluster_wide =
+            kube.can(&list("services"), None).await? && kube.can(&watchp("services"), None).await?;
         let c = kube.client.clone();
         let (services, t1, slices, t2, only) = if cluster_wide {
             let (s, t1) = watch(Api::<Service>::all(c.clone()));
             let (e, t2) = watch(Api::<EndpointSlice>::all(c.clone()));
             (s, t1, e, t2, None)
         } else {
-            tracing::info!("watching Services in namespace {} only (no cluster-wide list/watch permission); other namespaces resolve through the cluster's DNS", kube.namespace);
+            tracing::info!(
+                "watching Services in namespace {} only (no cluster-wide list/watch permission); other namespaces resolve through the cluster's DNS",
+                kube.namespace
+            );
             let (s, t1) = watch(Api::<Service>::namespaced(c.clone(), &kube.namespace));
             let (e, t2) = watch(Api::<EndpointSlice>::namespaced(c.clone(), &kube.namespace));
             (s, t1, e, t2, Some(kube.namespace.clone()))
         };
         let mut tasks = vec![t1, t2];
-        let namespaces = if kube.can(&list("namespaces"), None).await? && kube.can(&watchp("namespaces"), None).await? {
+        let namespaces = if kube.can(&list("namespaces"), None).await?
+            && kube.can(&watchp("namespaces"), None).await?
+        {
             let (n, t) = watch(Api::<Namespace>::all(c));
             tasks.push(t);
             Some(n)
@@ -113,10 +130,21 @@ impl Index {
                 let _ = n.wait_until_ready().await;
             }
         };
-        if tokio::time::timeout(Duration::from_secs(10), ready).await.is_err() {
-            tracing::warn!("the cluster watches are slow to start; names resolve through the cluster's DNS meanwhile");
+        if tokio::time::timeout(Duration::from_secs(10), ready)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the cluster watches are slow to start; names resolve through the cluster's DNS meanwhile"
+            );
         }
-        Ok(Index { services, slices, namespaces, only, tasks: std::sync::Arc::new(tasks) })
+        Ok(Index {
+            services,
+            slices,
+            namespaces,
+            only,
+            tasks: std::sync::Arc::new(tasks),
+        })
     }
 
     fn covers(&self, ns: &str) -> bool {
@@ -128,14 +156,25 @@ impl Index {
         if let Some(store) = &self.namespaces {
             return store.get(&ObjectRef::new(ns)).is_some();
         }
-        self.only.as_deref() == Some(ns) || self.services.state().iter().any(|s| s.metadata.namespace.as_deref() == Some(ns))
+        self.only.as_deref() == Some(ns)
+            || self
+                .services
+                .state()
+                .iter()
+                .any(|s| s.metadata.namespace.as_deref() == Some(ns))
     }
 
     /// Namespaces seen so far (for logs).
     pub fn namespace_count(&self) -> usize {
         match &self.namespaces {
             Some(n) => n.len(),
-            None => self.services.state().iter().filter_map(|s| s.metadata.namespace.clone()).collect::<BTreeSet<_>>().len(),
+            None => self
+                .services
+                .state()
+                .iter()
+                .filter_map(|s| s.metadata.namespace.clone())
+                .collect::<BTreeSet<_>>()
+                .len(),
         }
     }
 
@@ -144,12 +183,19 @@ impl Index {
         if !self.covers(ns) {
             return Lookup::Unknown;
         }
-        let Some(svc) = self.services.get(&ObjectRef::new(name).within(ns)) else { return Lookup::Missing };
+        let Some(svc) = self.services.get(&ObjectRef::new(name).within(ns)) else {
+            return Lookup::Missing;
+        };
         let spec = svc.spec.clone().unwrap_or_default();
         if spec.type_.as_deref() == Some("ExternalName") {
             return Lookup::Found(Answer::Alias(spec.external_name.unwrap_or_default()));
         }
-        let ips: Vec<IpAddr> = spec.cluster_ips.unwrap_or_default().iter().filter_map(|ip| ip.parse().ok()).collect();
+        let ips: Vec<IpAddr> = spec
+            .cluster_ips
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
         if !ips.is_empty() {
             return Lookup::Found(Answer::Addresses(ips));
         }
@@ -162,7 +208,13 @@ impl Index {
         let mut out: Vec<IpAddr> = vec![];
         for slice in self.slices.state() {
             if slice.metadata.namespace.as_deref() != Some(ns)
-                || slice.metadata.labels.as_ref().and_then(|l| l.get("kubernetes.io/service-name")).map(String::as_str) != Some(service)
+                || slice
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .map(String::as_str)
+                    != Some(service)
             {
                 continue;
             }

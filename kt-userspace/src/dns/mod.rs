@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use hickory_server::net::runtime::Time;
-use hickory_server::proto::op::{Edns, Header, HeaderCounts, Message, Metadata, Query, ResponseCode};
+use hickory_server::proto::op::{
+    Edns, Header, HeaderCounts, Message, Metadata, Query, ResponseCode,
+};
 use hickory_server::proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_server::proto::rr::{Name as DnsName, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
@@ -43,7 +45,13 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(rules: Rules, index: Index, tunnel: Tunnel, ttl: Duration) -> Arc<Shared> {
-        Arc::new(Shared { rules, index, tunnel, ttl, cache: Mutex::default() })
+        Arc::new(Shared {
+            rules,
+            index,
+            tunnel,
+            ttl,
+            cache: Mutex::default(),
+        })
     }
 }
 
@@ -55,7 +63,11 @@ struct Handler {
 
 /// Binds 127.127.53.<slot>:53 (UDP and TCP) and serves it; the returned server stops when
 /// dropped.
-pub fn serve(listen: Ipv4Addr, upstream: Ipv4Addr, shared: Arc<Shared>) -> std::io::Result<hickory_server::Server<impl RequestHandler>> {
+pub fn serve(
+    listen: Ipv4Addr,
+    upstream: Ipv4Addr,
+    shared: Arc<Shared>,
+) -> std::io::Result<hickory_server::Server<impl RequestHandler>> {
     let addr = SocketAddr::from((listen, kt_common::bpf::DNS_PORT));
     let udp = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
     udp.set_reuse_address(true)?;
@@ -66,51 +78,86 @@ pub fn serve(listen: Ipv4Addr, upstream: Ipv4Addr, shared: Arc<Shared>) -> std::
     tcp.bind(&addr.into())?;
     tcp.listen(256)?;
     tcp.set_nonblocking(true)?;
-    let mut server = hickory_server::Server::new(Handler { shared, upstream: SocketAddr::from((upstream, 53)) });
+    let mut server = hickory_server::Server::new(Handler {
+        shared,
+        upstream: SocketAddr::from((upstream, 53)),
+    });
     server.register_socket(tokio::net::UdpSocket::from_std(udp.into())?);
-    server.register_listener(tokio::net::TcpListener::from_std(tcp.into())?, Duration::from_secs(10), 64);
+    server.register_listener(
+        tokio::net::TcpListener::from_std(tcp.into())?,
+        Duration::from_secs(10),
+        64,
+    );
     Ok(server)
 }
 
 fn servfail(req: &Request) -> ResponseInfo {
     let mut m = Metadata::response_from_request(&req.metadata);
     m.response_code = ResponseCode::ServFail;
-    ResponseInfo::from(Header { metadata: m, counts: HeaderCounts::default() })
+    ResponseInfo::from(Header {
+        metadata: m,
+        counts: HeaderCounts::default(),
+    })
 }
 
 #[async_trait::async_trait]
 impl RequestHandler for Handler {
-    async fn handle_request<R: ResponseHandler, T: Time>(&self, req: &Request, mut rh: R) -> ResponseInfo {
+    async fn handle_request<R: ResponseHandler, T: Time>(
+        &self,
+        req: &Request,
+        mut rh: R,
+    ) -> ResponseInfo {
         let Some(q) = req.queries.queries().first() else {
-            let r = MessageResponseBuilder::from_message_request(req).error_msg(&req.metadata, ResponseCode::FormErr);
+            let r = MessageResponseBuilder::from_message_request(req)
+                .error_msg(&req.metadata, ResponseCode::FormErr);
             return rh.send_response(r).await.unwrap_or_else(|_| servfail(req));
         };
         let qname = DnsName::from(q.name());
         let qtype = q.query_type();
         let qstr = qname.to_ascii();
         let s = &self.shared;
-        let in_domain = qstr.trim_end_matches('.').to_ascii_lowercase().ends_with(s.rules.cluster_domain.trim_matches('.'));
+        let in_domain = qstr
+            .trim_end_matches('.')
+            .to_ascii_lowercase()
+            .ends_with(s.rules.cluster_domain.trim_matches('.'));
         let decision = match s.rules.classify(&qstr, |ns| s.index.is_namespace(ns)) {
             Name::Service { name, namespace } => match s.index.service(&name, &namespace) {
                 Lookup::Found(a) => Decision::Answer(a),
                 Lookup::Missing if !in_domain => Decision::Upstream,
-                Lookup::Missing | Lookup::Unknown => Decision::Relay(s.rules.service_fqdn(&name, &namespace)),
+                Lookup::Missing | Lookup::Unknown => {
+                    Decision::Relay(s.rules.service_fqdn(&name, &namespace))
+                }
             },
-            Name::Endpoint { hostname, service, namespace } => match s.index.endpoint(&hostname, &service, &namespace) {
+            Name::Endpoint {
+                hostname,
+                service,
+                namespace,
+            } => match s.index.endpoint(&hostname, &service, &namespace) {
                 Lookup::Found(a) => Decision::Answer(a),
                 Lookup::Missing if !in_domain => Decision::Upstream,
-                _ => Decision::Relay(format!("{hostname}.{}", s.rules.service_fqdn(&service, &namespace))),
+                _ => Decision::Relay(format!(
+                    "{hostname}.{}",
+                    s.rules.service_fqdn(&service, &namespace)
+                )),
             },
             Name::Cluster { fqdn } => Decision::Relay(fqdn),
             Name::Upstream => Decision::Upstream,
         };
         tracing::debug!(name = %qstr, ?qtype, ?decision, "dns query");
         let result = match decision {
-            Decision::Answer(a) if matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY | RecordType::CNAME) => {
+            Decision::Answer(a)
+                if matches!(
+                    qtype,
+                    RecordType::A | RecordType::AAAA | RecordType::ANY | RecordType::CNAME
+                ) =>
+            {
                 Ok(self.synthesize(&qname, qtype, a))
             }
             // SRV, TXT... of a Service: the cluster's DNS has them.
-            Decision::Answer(_) => self.relay(&qname, qtype, &s.rules.service_fqdn_of(&qstr)).await,
+            Decision::Answer(_) => {
+                self.relay(&qname, qtype, &s.rules.service_fqdn_of(&qstr))
+                    .await
+            }
             Decision::Relay(fqdn) => self.relay(&qname, qtype, &fqdn).await,
             Decision::Upstream => self.upstream(req).await,
         };
@@ -118,7 +165,8 @@ impl RequestHandler for Handler {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(name = %qstr, error = %e, "dns: answering SERVFAIL");
-                let r = MessageResponseBuilder::from_message_request(req).error_msg(&req.metadata, ResponseCode::ServFail);
+                let r = MessageResponseBuilder::from_message_request(req)
+                    .error_msg(&req.metadata, ResponseCode::ServFail);
                 return rh.send_response(r).await.unwrap_or_else(|_| servfail(req));
             }
         };
@@ -131,8 +179,16 @@ impl RequestHandler for Handler {
         if req.edns.is_some() {
             b.edns(&edns);
         }
-        let resp = b.build(meta, msg.answers.iter(), msg.authorities.iter(), [], msg.additionals.iter());
-        rh.send_response(resp).await.unwrap_or_else(|_| servfail(req))
+        let resp = b.build(
+            meta,
+            msg.answers.iter(),
+            msg.authorities.iter(),
+            [],
+            msg.additionals.iter(),
+        );
+        rh.send_response(resp)
+            .await
+            .unwrap_or_else(|_| servfail(req))
     }
 }
 
@@ -154,17 +210,26 @@ impl Handler {
             Answer::Addresses(ips) => {
                 for ip in ips {
                     match (ip, qtype) {
-                        (std::net::IpAddr::V4(v4), RecordType::A | RecordType::ANY) => m.add_answer(Record::from_rdata(qname.clone(), ttl, RData::A(A(v4)))),
-                        (std::net::IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => {
-                            m.add_answer(Record::from_rdata(qname.clone(), ttl, RData::AAAA(AAAA(v6))))
+                        (std::net::IpAddr::V4(v4), RecordType::A | RecordType::ANY) => {
+                            m.add_answer(Record::from_rdata(qname.clone(), ttl, RData::A(A(v4))))
                         }
+                        (std::net::IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => m
+                            .add_answer(Record::from_rdata(
+                                qname.clone(),
+                                ttl,
+                                RData::AAAA(AAAA(v6)),
+                            )),
                         _ => &mut m,
                     };
                 }
             }
             Answer::Alias(target) => {
                 if let Ok(t) = DnsName::from_str(&format!("{}.", target.trim_end_matches('.'))) {
-                    m.add_answer(Record::from_rdata(qname.clone(), ttl, RData::CNAME(CNAME(t))));
+                    m.add_answer(Record::from_rdata(
+                        qname.clone(),
+                        ttl,
+                        RData::CNAME(CNAME(t)),
+                    ));
                 }
             }
         }
@@ -172,9 +237,20 @@ impl Handler {
     }
 
     /// Asks the cluster's DNS (through the shadow) for `fqdn`, and answers under `qname`.
-    async fn relay(&self, qname: &DnsName, qtype: RecordType, fqdn: &str) -> Result<Message, String> {
+    async fn relay(
+        &self,
+        qname: &DnsName,
+        qtype: RecordType,
+        fqdn: &str,
+    ) -> Result<Message, String> {
         let key = (fqdn.to_ascii_lowercase(), qtype);
-        if let Some((m, until)) = self.shared.cache.lock().expect("dns cache").get(&key).cloned()
+        if let Some((m, until)) = self
+            .shared
+            .cache
+            .lock()
+            .expect("dns cache")
+            .get(&key)
+            .cloned()
             && until > Instant::now()
         {
             return Ok(rename(m, fqdn, qname));
@@ -185,15 +261,37 @@ impl Handler {
         query.add_query(Query::query(target, qtype));
         let bytes = query.to_vec().map_err(|e| e.to_string())?;
         let ask = async {
-            let mut st = self.shared.tunnel.stream().await.map_err(|e| e.to_string())?;
-            write_frame(&mut st, &Frame::Open(Open::Dns)).await.map_err(|e| e.to_string())?;
-            write_data(&mut st, &bytes).await.map_err(|e| e.to_string())?;
-            kt_common::tunnel::expect_ok(&mut st).await.map_err(|e| e.to_string())?;
-            read_data(&mut st).await.map_err(|e| e.to_string())?.ok_or_else(|| "the shadow closed the DNS stream".to_string())
+            let mut st = self
+                .shared
+                .tunnel
+                .stream()
+                .await
+                .map_err(|e| e.to_string())?;
+            write_frame(&mut st, &Frame::Open(Open::Dns))
+                .await
+                .map_err(|e| e.to_string())?;
+            write_data(&mut st, &bytes)
+                .await
+                .map_err(|e| e.to_string())?;
+            kt_common::tunnel::expect_ok(&mut st)
+                .await
+                .map_err(|e| e.to_string())?;
+            read_data(&mut st)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or_else(|| "the shadow closed the DNS stream".to_string())
         };
-        let answer = tokio::time::timeout(UPSTREAM_TIMEOUT, ask).await.map_err(|_| "the cluster's DNS did not answer".to_string())??;
+        let answer = tokio::time::timeout(UPSTREAM_TIMEOUT, ask)
+            .await
+            .map_err(|_| "the cluster's DNS did not answer".to_string())??;
         let m = Message::from_vec(&answer).map_err(|e| e.to_string())?;
-        let ttl = m.answers.iter().map(|r| r.ttl).min().unwrap_or(5).min(self.shared.ttl.as_secs() as u32);
+        let ttl = m
+            .answers
+            .iter()
+            .map(|r| r.ttl)
+            .min()
+            .unwrap_or(5)
+            .min(self.shared.ttl.as_secs() as u32);
         let mut cache = self.shared.cache.lock().expect("dns cache");
         if cache.len() >= CACHE_SIZE {
             let now = Instant::now();
@@ -202,7 +300,13 @@ impl Handler {
                 cache.clear();
             }
         }
-        cache.insert(key, (m.clone(), Instant::now() + Duration::from_secs(u64::from(ttl))));
+        cache.insert(
+            key,
+            (
+                m.clone(),
+                Instant::now() + Duration::from_secs(u64::from(ttl)),
+            ),
+        );
         drop(cache);
         Ok(rename(m, fqdn, qname))
     }
@@ -212,7 +316,9 @@ impl Handler {
     async fn upstream(&self, req: &Request) -> Result<Message, String> {
         let raw = req.as_slice();
         let bytes = if req.protocol().is_stream() {
-            tokio::time::timeout(UPSTREAM_TIMEOUT, tcp_exchange(self.upstream, raw)).await.map_err(|_| "upstream timeout".to_string())?
+            tokio::time::timeout(UPSTREAM_TIMEOUT, tcp_exchange(self.upstream, raw))
+                .await
+                .map_err(|_| "upstream timeout".to_string())?
         } else {
             udp_exchange(self.upstream, raw).await
         }
@@ -233,7 +339,9 @@ impl Rules {
 
 /// Renames records owned by `from` to `to` (the name the application asked).
 fn rename(mut m: Message, from: &str, to: &DnsName) -> Message {
-    let Ok(from) = DnsName::from_str(from) else { return m };
+    let Ok(from) = DnsName::from_str(from) else {
+        return m;
+    };
     if &from == to {
         return m;
     }
@@ -257,7 +365,10 @@ async fn udp_exchange(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec
             return Ok(buf);
         }
     }
-    Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer"))
+    Err(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "no answer",
+    ))
 }
 
 async fn tcp_exchange(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
@@ -288,7 +399,9 @@ pub fn host_config(resolv_conf: &str) -> (Vec<Ipv4Addr>, Vec<String>) {
                     servers.push(ip);
                 }
             }
-            Some("search") | Some("domain") => search = words.map(|w| w.trim_end_matches('.').to_string()).collect(),
+            Some("search") | Some("domain") => {
+                search = words.map(|w| w.trim_end_matches('.').to_string()).collect()
+            }
             _ => {}
         }
     }
@@ -305,8 +418,14 @@ mod tests {
             "# generated\nnameserver 127.0.0.53\nnameserver 127.0.0.53\nnameserver fd00::1\noptions edns0 trust-ad\nsearch lan corp.example.com.\n; comment\n",
         );
         assert_eq!(servers, vec![Ipv4Addr::new(127, 0, 0, 53)]);
-        assert_eq!(search, vec!["lan".to_string(), "corp.example.com".to_string()]);
-        assert_eq!(host_config("domain home\nsearch lan\n").1, vec!["lan".to_string()]);
+        assert_eq!(
+            search,
+            vec!["lan".to_string(), "corp.example.com".to_string()]
+        );
+        assert_eq!(
+            host_config("domain home\nsearch lan\n").1,
+            vec!["lan".to_string()]
+        );
         assert_eq!(host_config(""), (vec![], vec![]));
     }
 }

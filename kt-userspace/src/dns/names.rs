@@ -16,7 +16,11 @@ pub enum Name {
     /// A Service (answered from the watch).
     Service { name: String, namespace: String },
     /// A pod behind a (headless) Service, by hostname.
-    Endpoint { hostname: String, service: String, namespace: String },
+    Endpoint {
+        hostname: String,
+        service: String,
+        namespace: String,
+    },
     /// Some other name in the cluster domain: ask the cluster's DNS (through the shadow).
     Cluster { fqdn: String },
     /// Not the cluster's.
@@ -44,15 +48,26 @@ impl Rules {
         if let Some(rest) = q.strip_suffix(&domain).and_then(|r| r.strip_suffix('.')) {
             let labels: Vec<&str> = rest.split('.').collect();
             return match labels.as_slice() {
-                [svc, ns, "svc"] if is_label(svc) && is_label(ns) => Name::Service { name: svc.to_string(), namespace: ns.to_string() },
+                [svc, ns, "svc"] if is_label(svc) && is_label(ns) => Name::Service {
+                    name: svc.to_string(),
+                    namespace: ns.to_string(),
+                },
                 [host, svc, ns, "svc"] if is_label(host) && is_label(svc) && is_label(ns) => {
-                    Name::Endpoint { hostname: host.to_string(), service: svc.to_string(), namespace: ns.to_string() }
+                    Name::Endpoint {
+                        hostname: host.to_string(),
+                        service: svc.to_string(),
+                        namespace: ns.to_string(),
+                    }
                 }
-                _ => Name::Cluster { fqdn: format!("{q}.") },
+                _ => Name::Cluster {
+                    fqdn: format!("{q}."),
+                },
             };
         }
         if q == domain {
-            return Name::Cluster { fqdn: format!("{q}.") };
+            return Name::Cluster {
+                fqdn: format!("{q}."),
+            };
         }
         if let Some(n) = self.short(&q, &is_namespace) {
             return n;
@@ -78,17 +93,33 @@ impl Rules {
             return None;
         }
         match labels.as_slice() {
-            [svc] => Some(Name::Service { name: svc.to_string(), namespace: self.namespace.clone() }),
-            [svc, ns] if is_namespace(ns) => Some(Name::Service { name: svc.to_string(), namespace: ns.to_string() }),
-            [svc, ns, "svc"] => Some(Name::Service { name: svc.to_string(), namespace: ns.to_string() }),
-            [host, svc, ns, "svc"] => Some(Name::Endpoint { hostname: host.to_string(), service: svc.to_string(), namespace: ns.to_string() }),
+            [svc] => Some(Name::Service {
+                name: svc.to_string(),
+                namespace: self.namespace.clone(),
+            }),
+            [svc, ns] if is_namespace(ns) => Some(Name::Service {
+                name: svc.to_string(),
+                namespace: ns.to_string(),
+            }),
+            [svc, ns, "svc"] => Some(Name::Service {
+                name: svc.to_string(),
+                namespace: ns.to_string(),
+            }),
+            [host, svc, ns, "svc"] => Some(Name::Endpoint {
+                hostname: host.to_string(),
+                service: svc.to_string(),
+                namespace: ns.to_string(),
+            }),
             _ => None,
         }
     }
 
     /// The cluster FQDN of a Service.
     pub fn service_fqdn(&self, name: &str, namespace: &str) -> String {
-        format!("{name}.{namespace}.svc.{}.", self.cluster_domain.trim_matches('.'))
+        format!(
+            "{name}.{namespace}.svc.{}.",
+            self.cluster_domain.trim_matches('.')
+        )
     }
 }
 
@@ -97,7 +128,11 @@ mod tests {
     use super::*;
 
     fn rules() -> Rules {
-        Rules { cluster_domain: "cluster.local".into(), namespace: "default".into(), host_search: vec!["lan".into(), "corp.example.com".into()] }
+        Rules {
+            cluster_domain: "cluster.local".into(),
+            namespace: "default".into(),
+            host_search: vec!["lan".into(), "corp.example.com".into()],
+        }
     }
 
     fn ns(n: &str) -> bool {
@@ -105,17 +140,31 @@ mod tests {
     }
 
     fn svc(name: &str, namespace: &str) -> Name {
-        Name::Service { name: name.into(), namespace: namespace.into() }
+        Name::Service {
+            name: name.into(),
+            namespace: namespace.into(),
+        }
     }
 
     #[test]
     fn every_service_spelling_kt_connect_users_type() {
         let r = rules();
-        for q in ["nginx", "nginx.", "NGINX", "nginx.default", "nginx.default.svc", "nginx.default.svc.cluster.local", "nginx.default.svc.cluster.local."] {
+        for q in [
+            "nginx",
+            "nginx.",
+            "NGINX",
+            "nginx.default",
+            "nginx.default.svc",
+            "nginx.default.svc.cluster.local",
+            "nginx.default.svc.cluster.local.",
+        ] {
             assert_eq!(r.classify(q, ns), svc("nginx", "default"), "{q}");
         }
         assert_eq!(r.classify("redis.other", ns), svc("redis", "other"));
-        assert_eq!(r.classify("kube-dns.kube-system.svc.cluster.local", ns), svc("kube-dns", "kube-system"));
+        assert_eq!(
+            r.classify("kube-dns.kube-system.svc.cluster.local", ns),
+            svc("kube-dns", "kube-system")
+        );
     }
 
     #[test]
@@ -123,7 +172,10 @@ mod tests {
         let r = rules();
         assert_eq!(r.classify("nginx.lan", ns), svc("nginx", "default"));
         assert_eq!(r.classify("nginx.default.lan", ns), svc("nginx", "default"));
-        assert_eq!(r.classify("nginx.corp.example.com", ns), svc("nginx", "default"));
+        assert_eq!(
+            r.classify("nginx.corp.example.com", ns),
+            svc("nginx", "default")
+        );
         assert_eq!(r.classify("printer.home.lan", ns), Name::Upstream);
     }
 
@@ -132,28 +184,56 @@ mod tests {
         let r = rules();
         assert_eq!(
             r.classify("web-0.nginx.default.svc.cluster.local", ns),
-            Name::Endpoint { hostname: "web-0".into(), service: "nginx".into(), namespace: "default".into() }
+            Name::Endpoint {
+                hostname: "web-0".into(),
+                service: "nginx".into(),
+                namespace: "default".into()
+            }
         );
         assert_eq!(
             r.classify("10-244-1-5.default.pod.cluster.local", ns),
-            Name::Cluster { fqdn: "10-244-1-5.default.pod.cluster.local.".into() }
+            Name::Cluster {
+                fqdn: "10-244-1-5.default.pod.cluster.local.".into()
+            }
         );
-        assert_eq!(r.classify("_http._tcp.nginx.default.svc.cluster.local", ns), Name::Cluster { fqdn: "_http._tcp.nginx.default.svc.cluster.local.".into() });
+        assert_eq!(
+            r.classify("_http._tcp.nginx.default.svc.cluster.local", ns),
+            Name::Cluster {
+                fqdn: "_http._tcp.nginx.default.svc.cluster.local.".into()
+            }
+        );
     }
 
     #[test]
     fn ordinary_names_go_upstream() {
         let r = rules();
-        for q in ["home.test", "example.com", "www.example.com", "nginx.nosuchns", "a.b.c.d.e", "under_score", ""] {
+        for q in [
+            "home.test",
+            "example.com",
+            "www.example.com",
+            "nginx.nosuchns",
+            "a.b.c.d.e",
+            "under_score",
+            "",
+        ] {
             assert_eq!(r.classify(q, ns), Name::Upstream, "{q:?}");
         }
     }
 
     #[test]
     fn another_cluster_domain() {
-        let r = Rules { cluster_domain: "k8s.internal".into(), ..rules() };
-        assert_eq!(r.classify("nginx.default.svc.k8s.internal", ns), svc("nginx", "default"));
-        assert_eq!(r.classify("nginx.default.svc.cluster.local", ns), Name::Upstream);
+        let r = Rules {
+            cluster_domain: "k8s.internal".into(),
+            ..rules()
+        };
+        assert_eq!(
+            r.classify("nginx.default.svc.k8s.internal", ns),
+            svc("nginx", "default")
+        );
+        assert_eq!(
+            r.classify("nginx.default.svc.cluster.local", ns),
+            Name::Upstream
+        );
         assert_eq!(r.service_fqdn("a", "b"), "a.b.svc.k8s.internal.");
     }
 }

@@ -15,7 +15,11 @@ use crate::tunnel::Tunnel;
 /// Makes the listener sk_lookup steers to: loopback, any port, a deep backlog for bursts of
 /// new connections.
 pub fn listener() -> std::io::Result<std::net::TcpListener> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, Some(socket2::Protocol::TCP))?;
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
     s.set_reuse_address(true)?;
     s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
     s.listen(4096)?;
@@ -39,7 +43,9 @@ pub async fn serve(listener: TcpListener, orig: OrigDst, tunnel: Tunnel) {
             continue;
         };
         let tunnel = tunnel.clone();
-        tokio::spawn(handle(conn, dst, tunnel).instrument(tracing::debug_span!("tcp", %dst, client = %peer)));
+        tokio::spawn(
+            handle(conn, dst, tunnel).instrument(tracing::debug_span!("tcp", %dst, client = %peer)),
+        );
     }
 }
 
@@ -55,7 +61,10 @@ async fn handle(mut conn: TcpStream, dst: SocketAddr, tunnel: Tunnel) {
             return;
         }
     };
-    if write_frame(&mut stream, &Frame::Open(Open::Tcp(dst))).await.is_err() {
+    if write_frame(&mut stream, &Frame::Open(Open::Tcp(dst)))
+        .await
+        .is_err()
+    {
         reset(&conn);
         return;
     }
@@ -65,7 +74,11 @@ async fn handle(mut conn: TcpStream, dst: SocketAddr, tunnel: Tunnel) {
 }
 
 /// Copies both ways; false if the cluster refused the connection.
-async fn splice(conn: &mut TcpStream, stream: kt_common::tunnel::MuxStream, dst: SocketAddr) -> bool {
+async fn splice(
+    conn: &mut TcpStream,
+    stream: kt_common::tunnel::MuxStream,
+    dst: SocketAddr,
+) -> bool {
     let (mut lr, mut lw) = conn.split();
     let (mut sr, mut sw) = tokio::io::split(stream);
     let up = async {

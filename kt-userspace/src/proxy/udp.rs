@@ -27,12 +27,22 @@ pub const IDLE: Duration = Duration::from_secs(60);
 
 /// The steered socket: loopback, any port, original destinations reported per datagram.
 pub fn socket() -> io::Result<std::net::UdpSocket> {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+    let s = socket2::Socket::new(
+        socket2::Domain::IPV4,
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
     s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
     let one: libc::c_int = 1;
     // SAFETY: setsockopt with a valid int option on our own socket.
     let rc = unsafe {
-        libc::setsockopt(s.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVORIGDSTADDR, (&one as *const libc::c_int).cast(), size_of::<libc::c_int>() as u32)
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_RECVORIGDSTADDR,
+            (&one as *const libc::c_int).cast(),
+            size_of::<libc::c_int>() as u32,
+        )
     };
     if rc != 0 {
         return Err(io::Error::last_os_error());
@@ -46,7 +56,10 @@ pub fn socket() -> io::Result<std::net::UdpSocket> {
 pub fn recv_orig(fd: i32, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4, SocketAddrV4)> {
     // SAFETY: plain C structs, zero is a valid initial value for all of them.
     let mut src: libc::sockaddr_in = unsafe { zeroed() };
-    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     let mut control = [0u64; 8]; // aligned room for one cmsg with a sockaddr_in
     // SAFETY: as above.
     let mut msg: libc::msghdr = unsafe { zeroed() };
@@ -68,13 +81,19 @@ pub fn recv_orig(fd: i32, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4, So
         while !c.is_null() {
             if (*c).cmsg_level == libc::IPPROTO_IP && (*c).cmsg_type == libc::IP_ORIGDSTADDR {
                 let sa = std::ptr::read_unaligned(libc::CMSG_DATA(c) as *const libc::sockaddr_in);
-                dst = Some(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)), u16::from_be(sa.sin_port)));
+                dst = Some(SocketAddrV4::new(
+                    Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr)),
+                    u16::from_be(sa.sin_port),
+                ));
             }
             c = libc::CMSG_NXTHDR(&msg, c);
         }
     }
     let dst = dst.ok_or_else(|| io::Error::other("no IP_ORIGDSTADDR on a datagram"))?;
-    let src = SocketAddrV4::new(Ipv4Addr::from(u32::from_be(src.sin_addr.s_addr)), u16::from_be(src.sin_port));
+    let src = SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(src.sin_addr.s_addr)),
+        u16::from_be(src.sin_port),
+    );
     Ok((n as usize, src, dst))
 }
 
@@ -86,7 +105,9 @@ pub async fn serve(sock: UdpSocket, orig: OrigDst, tunnel: Tunnel) {
     let replies = ReplySockets::default();
     let mut buf = vec![0u8; 65_536];
     loop {
-        let got = sock.async_io(Interest::READABLE, || recv_orig(sock.as_raw_fd(), &mut buf)).await;
+        let got = sock
+            .async_io(Interest::READABLE, || recv_orig(sock.as_raw_fd(), &mut buf))
+            .await;
         let (n, client, alias) = match got {
             Ok(x) => x,
             Err(e) => {
@@ -94,7 +115,9 @@ pub async fn serve(sock: UdpSocket, orig: OrigDst, tunnel: Tunnel) {
                 continue;
             }
         };
-        let Some(dst) = orig.resolve(SocketAddr::V4(alias)) else { continue };
+        let Some(dst) = orig.resolve(SocketAddr::V4(alias)) else {
+            continue;
+        };
         let key = (client, alias);
         let datagram = Bytes::copy_from_slice(&buf[..n]);
         let existing = flows.lock().expect("flows lock").get(&key).cloned();
@@ -160,7 +183,11 @@ impl ReplySockets {
         if let Some(s) = map.get(&alias) {
             return Ok(s.clone());
         }
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
+        let s = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
         s.set_reuse_address(true)?;
         s.bind(&SocketAddr::V4(alias).into())?;
         s.set_nonblocking(true)?;

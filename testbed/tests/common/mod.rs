@@ -1,6 +1,9 @@
 //! Helpers for the end-to-end tests: the testbed, commands in its machines, and a running
 //! `ktctl connect` that is always stopped (Drop), also when a test fails.
-#![allow(dead_code, reason = "each test file uses a different part of the harness")]
+#![allow(
+    dead_code,
+    reason = "each test file uses a different part of the harness"
+)]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -24,7 +27,11 @@ pub fn testbed() -> Testbed {
 pub fn workspace_bin(name: &str) -> PathBuf {
     let tb = Testbed::default();
     let p = tb.layout.bin().join(name);
-    assert!(p.exists(), "{} is missing: run the e2e tests through `cargo xtask e2e` (it builds and links the binaries)", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the e2e tests through `cargo xtask e2e` (it builds and links the binaries)",
+        p.display()
+    );
     p
 }
 
@@ -41,7 +48,13 @@ pub fn text(o: &Output) -> String {
 /// Runs in the laptop and insists on success; returns stdout.
 pub fn laptop_ok(args: &[&str]) -> String {
     let o = run_in(Machine::Laptop, args);
-    assert!(o.status.success(), "{args:?} failed ({}): {}\n{}", o.status, String::from_utf8_lossy(&o.stderr), text(&o));
+    assert!(
+        o.status.success(),
+        "{args:?} failed ({}): {}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr),
+        text(&o)
+    );
     text(&o)
 }
 
@@ -61,20 +74,44 @@ pub fn kubectl(args: &[&str]) -> String {
 pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
     while !f() {
-        assert!(start.elapsed() < timeout, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(250));
     }
 }
 
 /// The seed's cluster half: nginx Deployment and Service with the walkthrough's page.
 pub fn seed_nginx() {
-    let exists = run_in(Machine::Laptop, &["kubectl", "get", "deploy/nginx"]).status.success();
+    let exists = run_in(Machine::Laptop, &["kubectl", "get", "deploy/nginx"])
+        .status
+        .success();
     if !exists {
-        kubectl(&["create", "deployment", "nginx", "--image=nginx:alpine", "--port=80"]);
-        kubectl(&["expose", "deployment", "nginx", "--port=80", "--target-port=80"]);
+        kubectl(&[
+            "create",
+            "deployment",
+            "nginx",
+            "--image=nginx:alpine",
+            "--port=80",
+        ]);
+        kubectl(&[
+            "expose",
+            "deployment",
+            "nginx",
+            "--port=80",
+            "--target-port=80",
+        ]);
     }
     kubectl(&["rollout", "status", "deploy/nginx", "--timeout=90s"]);
-    kubectl(&["exec", "deploy/nginx", "--", "/bin/sh", "-c", &format!("echo \"{PAGE}\" > /usr/share/nginx/html/index.html")]);
+    kubectl(&[
+        "exec",
+        "deploy/nginx",
+        "--",
+        "/bin/sh",
+        "-c",
+        &format!("echo \"{PAGE}\" > /usr/share/nginx/html/index.html"),
+    ]);
 }
 
 /// A `ktctl` process in the laptop; stopped with SIGINT (then SIGKILL) when dropped.
@@ -87,11 +124,19 @@ impl Ktctl {
     /// Starts `ktctl ARGS` in the laptop.
     pub fn spawn(args: &[&str]) -> Ktctl {
         let tb = Testbed::default();
-        let mut cmd = machine::command(&tb.layout, Machine::Laptop, workspace_bin("ktctl")).expect("command");
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).env("KT_LOG", "info,ktctl=debug");
+        let mut cmd =
+            machine::command(&tb.layout, Machine::Laptop, workspace_bin("ktctl")).expect("command");
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .env("KT_LOG", "info,ktctl=debug");
         let mut child = cmd.spawn().expect("ktctl starts");
         let lines = Arc::new(Mutex::new(Vec::new()));
-        for stream in [Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>, Box::new(child.stdout.take().expect("stdout"))] {
+        for stream in [
+            Box::new(child.stderr.take().expect("stderr")) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stdout.take().expect("stdout")),
+        ] {
             let lines = lines.clone();
             std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
@@ -100,7 +145,10 @@ impl Ktctl {
                 }
             });
         }
-        Ktctl { child: Some(child), lines }
+        Ktctl {
+            child: Some(child),
+            lines,
+        }
     }
 
     /// `ktctl connect ARGS`, returned once its banner is printed.
@@ -108,7 +156,10 @@ impl Ktctl {
         let mut all = vec!["connect"];
         all.extend_from_slice(args);
         let mut k = Ktctl::spawn(&all);
-        k.wait_for("All looks good, now you can access to resources in the kubernetes cluster", Duration::from_secs(120));
+        k.wait_for(
+            "All looks good, now you can access to resources in the kubernetes cluster",
+            Duration::from_secs(120),
+        );
         k
     }
 
@@ -120,14 +171,31 @@ impl Ktctl {
     pub fn wait_for(&mut self, needle: &str, timeout: Duration) {
         let start = Instant::now();
         loop {
-            if self.lines.lock().expect("lines").iter().any(|l| l.contains(needle)) {
+            if self
+                .lines
+                .lock()
+                .expect("lines")
+                .iter()
+                .any(|l| l.contains(needle))
+            {
                 return;
             }
-            if let Some(st) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 std::thread::sleep(Duration::from_millis(200));
-                panic!("ktctl exited ({st}) before printing {needle:?}:\n{}", self.output());
+                panic!(
+                    "ktctl exited ({st}) before printing {needle:?}:\n{}",
+                    self.output()
+                );
             }
-            assert!(start.elapsed() < timeout, "no {needle:?} after {timeout:?}:\n{}", self.output());
+            assert!(
+                start.elapsed() < timeout,
+                "no {needle:?} after {timeout:?}:\n{}",
+                self.output()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -150,7 +218,10 @@ impl Ktctl {
             if start.elapsed() > timeout {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!("ktctl did not exit within {timeout:?} after signal {sig}:\n{}", self.output());
+                panic!(
+                    "ktctl did not exit within {timeout:?} after signal {sig}:\n{}",
+                    self.output()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -197,7 +268,15 @@ impl Drop for Ktctl {
 pub fn session_objects(selector: &str) -> String {
     let o = run_in(
         Machine::Laptop,
-        &["kubectl", "get", "pods,secrets,serviceaccounts,roles,rolebindings,leases", "-l", selector, "-o", "name"],
+        &[
+            "kubectl",
+            "get",
+            "pods,secrets,serviceaccounts,roles,rolebindings,leases",
+            "-l",
+            selector,
+            "-o",
+            "name",
+        ],
     );
     text(&o)
 }
@@ -205,6 +284,10 @@ pub fn session_objects(selector: &str) -> String {
 /// Programs attached to the laptop's cgroup (bpftool's view).
 pub fn laptop_cgroup_programs() -> String {
     let cg = machine::cgroup(Machine::Laptop).expect("laptop cgroup");
-    let o = Command::new("bpftool").args(["cgroup", "show"]).arg(&cg).output().expect("bpftool");
+    let o = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(&cg)
+        .output()
+        .expect("bpftool");
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
