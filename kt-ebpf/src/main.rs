@@ -75,7 +75,7 @@ fn rewrite_out(addr_be: u32, port: u16) -> Option<(u32, u32)> {
     }
     if cfg.flags & FLAG_DNS != 0 && port == DNS_PORT {
         // SAFETY: the value is a u32 copied out at once.
-        if let Some(slot) = unsafe { RESOLVERS.get(&addr_be) } {
+        if let Some(slot) = unsafe { RESOLVERS.get(addr_be) } {
             return Some(((DNS_ALIAS_NET + *slot).to_be(), counter::DNS));
         }
     }
