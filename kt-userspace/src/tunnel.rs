@@ -118,8 +118,13 @@ type Connected = (
     kube::api::Portforwarder,
 );
 
+/// Errors that waiting will not cure: the agent refused us, or RBAC forbids the port-forward.
 fn is_fatal(e: &crate::error::Error) -> bool {
-    matches!(e, crate::error::Error::Tunnel(TunnelError::Rejected(_)))
+    matches!(
+        e,
+        crate::error::Error::Tunnel(TunnelError::Rejected(_))
+            | crate::error::Error::Cluster(ClusterError::Forbidden(_))
+    )
 }
 
 async fn connect_once(t: &Target) -> Result<Connected, crate::error::Error> {

@@ -221,21 +221,7 @@ func (c *containerRuntime) start() error {
 	if err != nil {
 		return err
 	}
-	privileged := false
-	var add, drop []string
-	if sc := c.spec.SecurityContext; sc != nil {
-		if sc.Privileged != nil {
-			privileged = *sc.Privileged
-		}
-		if sc.Capabilities != nil {
-			for _, x := range sc.Capabilities.Add {
-				add = append(add, string(x))
-			}
-			for _, x := range sc.Capabilities.Drop {
-				drop = append(drop, string(x))
-			}
-		}
-	}
+	privileged, caps := c.capabilities()
 	wd := c.spec.WorkingDir
 	if wd == "" {
 		wd = c.image.WorkingDir
@@ -257,7 +243,7 @@ func (c *containerRuntime) start() error {
 	spec := InitSpec{
 		NetNS: netns, Hostname: hostname, Scratch: scratch, HostMounts: rt.p.hostMounts,
 		Files: files, Mounts: mounts, Args: c.argv(env), Env: envList(env), WorkingDir: wd,
-		Privileged: privileged, Caps: ContainerCaps(add, drop),
+		Privileged: privileged, Caps: caps,
 	}
 	specJSON, err := json.Marshal(spec)
 	if err != nil {
@@ -366,6 +352,27 @@ func (c *containerRuntime) start() error {
 	go c.probe(exited)
 	rt.changed()
 	return nil
+}
+
+// capabilities is the container's securityContext: privileged, or the bounding set.
+func (c *containerRuntime) capabilities() (bool, []string) {
+	var add, drop []string
+	sc := c.spec.SecurityContext
+	if sc == nil {
+		return false, ContainerCaps(nil, nil)
+	}
+	if sc.Privileged != nil && *sc.Privileged {
+		return true, nil
+	}
+	if sc.Capabilities != nil {
+		for _, x := range sc.Capabilities.Add {
+			add = append(add, string(x))
+		}
+		for _, x := range sc.Capabilities.Drop {
+			drop = append(drop, string(x))
+		}
+	}
+	return false, ContainerCaps(add, drop)
 }
 
 func (c *containerRuntime) containerID() string {

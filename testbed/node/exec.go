@@ -75,7 +75,17 @@ func (c *containerRuntime) command(ctx context.Context, cmd []string) (*exec.Cmd
 	if !c.rt.hostNetwork() {
 		args = append(args, "--uts")
 	}
-	args = append(append(args, "--"), cmd...)
+	args = append(args, "--")
+	// An exec'd process gets the container's capabilities, as the kubelet gives it, not the
+	// agent's: setpriv (util-linux, in every container's root here) narrows the bounding set.
+	if privileged, caps := c.capabilities(); !privileged {
+		set := "-all"
+		for _, cp := range caps {
+			set += ",+" + strings.ToLower(cp)
+		}
+		args = append(args, "setpriv", "--bounding-set", set, "--")
+	}
+	args = append(args, cmd...)
 	proc := exec.CommandContext(ctx, "nsenter", args...)
 	proc.Env = envList(env)
 	cg, err := os.Open(c.cgroup())

@@ -161,6 +161,116 @@ fn seed_walkthrough_cluster_half_across_two_nodes_then_a_clean_down() {
     ]);
     assert!(msg.contains("image table"), "{msg}");
 
+    // hostNetwork pods (DaemonSets) run in the node's own namespace, with its IP.
+    let _ = run_in(
+        Machine::Laptop,
+        &["kubectl", "delete", "pod", "hostnet", "--ignore-not-found"],
+    );
+    kubectl(&[
+        "run",
+        "hostnet",
+        "--image=busybox",
+        "--overrides={\"spec\":{\"hostNetwork\":true,\"nodeName\":\"kt-node-1\"}}",
+        "--command",
+        "--",
+        "sleep",
+        "infinity",
+    ]);
+    kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/hostnet",
+        "--timeout=60s",
+    ]);
+    assert_eq!(
+        kubectl(&["get", "pod", "hostnet", "-o", "jsonpath={.status.podIP}"]),
+        "192.168.50.11"
+    );
+    assert!(
+        in_pod("hostnet", &["ip", "-4", "-o", "addr", "show", "eth0"]).contains("192.168.50.11")
+    );
+
+    // Capabilities as the pod gives them, and an emptyDir the pod's containers share.
+    let caps = laptop_sh(
+        r#"kubectl apply -f - <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata: {name: caps}
+spec:
+  volumes: [{name: shared, emptyDir: {}}]
+  containers:
+  - {name: plain, image: busybox, command: [sleep, infinity], volumeMounts: [{name: shared, mountPath: /shared}]}
+  - name: netadmin
+    image: busybox
+    command: [sleep, infinity]
+    securityContext: {capabilities: {add: [NET_ADMIN]}}
+    volumeMounts: [{name: shared, mountPath: /shared}]
+EOF"#,
+    );
+    assert!(
+        caps.status.success(),
+        "{}",
+        String::from_utf8_lossy(&caps.stderr)
+    );
+    kubectl(&["wait", "--for=condition=Ready", "pod/caps", "--timeout=60s"]);
+    let plain = run_in(
+        Machine::Laptop,
+        &[
+            "kubectl", "exec", "caps", "-c", "plain", "--", "ip", "link", "add", "kt-a0", "type",
+            "veth", "peer", "name", "kt-b0",
+        ],
+    );
+    assert!(
+        !plain.status.success(),
+        "a container without NET_ADMIN added a link"
+    );
+    kubectl(&[
+        "exec", "caps", "-c", "netadmin", "--", "ip", "link", "add", "kt-a1", "type", "veth",
+        "peer", "name", "kt-b1",
+    ]);
+    kubectl(&[
+        "exec",
+        "caps",
+        "-c",
+        "plain",
+        "--",
+        "sh",
+        "-c",
+        "echo shared-by-containers > /shared/f",
+    ]);
+    assert_eq!(
+        kubectl(&["exec", "caps", "-c", "netadmin", "--", "cat", "/shared/f"]),
+        "shared-by-containers"
+    );
+    // Each container has a root of its own: a file written elsewhere stays private.
+    kubectl(&[
+        "exec",
+        "caps",
+        "-c",
+        "plain",
+        "--",
+        "sh",
+        "-c",
+        "echo mine > /root/private",
+    ]);
+    assert!(
+        !run_in(
+            Machine::Laptop,
+            &[
+                "kubectl",
+                "exec",
+                "caps",
+                "-c",
+                "netadmin",
+                "--",
+                "cat",
+                "/root/private"
+            ]
+        )
+        .status
+        .success()
+    );
+
     // No back door: the laptop has no route to cluster addresses.
     let o = run_in(
         Machine::Laptop,
@@ -181,7 +291,7 @@ fn seed_walkthrough_cluster_half_across_two_nodes_then_a_clean_down() {
     // ...but its own resolver answers.
     assert!(laptop_ok(&["getent", "hosts", "home.test"]).starts_with("192.168.50.200"));
 
-    for c in ["client-1", "client-2", "noimage"] {
+    for c in ["client-1", "client-2", "noimage", "hostnet", "caps"] {
         let _ = run_in(
             Machine::Laptop,
             &["kubectl", "delete", "pod", c, "--grace-period=0", "--force"],

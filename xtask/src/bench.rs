@@ -120,6 +120,14 @@ fn stat(mut v: Vec<f64>) -> Option<Stat> {
 /// One path's results: metric name -> stats.
 type PathResults = BTreeMap<String, Stat>;
 
+/// A goal from the benchmark issue, read against this run.
+#[derive(Serialize)]
+struct Goal {
+    goal: &'static str,
+    value: Option<f64>,
+    met: Option<bool>,
+}
+
 #[derive(Serialize)]
 struct Report {
     date: String,
@@ -129,6 +137,51 @@ struct Report {
     paths: BTreeMap<String, PathResults>,
     unavailable: BTreeMap<String, String>,
     ratios: BTreeMap<String, f64>,
+    goals: Vec<Goal>,
+}
+
+fn goals(paths: &BTreeMap<String, PathResults>) -> Vec<Goal> {
+    let med = |p: &str, m: &str| paths.get(p).and_then(|x| x.get(m)).map(|s| s.median);
+    let ratio = |m: &str| Some(med("ktctl", m)? / med("port-forward", m)?);
+    let check = |goal: &'static str, value: Option<f64>, ok: fn(f64) -> bool| Goal {
+        goal,
+        value,
+        met: value.map(ok),
+    };
+    vec![
+        check(
+            "small-request p50 <= 1.1x kubectl port-forward's",
+            ratio("latency_keepalive_p50_ms"),
+            |v| v <= 1.1,
+        ),
+        check(
+            "bulk throughput (1 stream) >= 1x kubectl port-forward's",
+            ratio("bulk_1_stream_mib_s"),
+            |v| v >= 1.0,
+        ),
+        check(
+            "fairness: small-request p99 under 4 bulk streams <= 2x idle p99",
+            med("ktctl", "fairness_p99_under_bulk_ms")
+                .zip(med("ktctl", "latency_keepalive_p99_ms"))
+                .map(|(a, b)| a / b),
+            |v| v <= 2.0,
+        ),
+        check(
+            "new connections/s >= 5x kubectl port-forward's",
+            ratio("new_connections_per_s"),
+            |v| v >= 5.0,
+        ),
+        check(
+            "ktctl RSS <= 60 MiB at 1,000 connections (MiB)",
+            med("ktctl", "rss_ktctl_idle_1000_mib"),
+            |v| v <= 60.0,
+        ),
+        check(
+            "hooks cost <= 2% of other traffic's connect() rate (with/without)",
+            med("ktctl", "hooks_connect_rate_ratio"),
+            |v| v >= 0.98,
+        ),
+    ]
 }
 
 /// Metric names, units and whether bigger is better.
@@ -668,7 +721,9 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
     }
+    let goals = goals(&paths);
     let report = Report {
+        goals,
         date: jiff_now(),
         machine: machine_description(),
         quick: args.quick,
@@ -756,6 +811,20 @@ fn markdown(r: &Report) -> String {
             ratio("raw")
         );
     }
+    s += "\n| goal | this run | |\n|---|---|---|\n";
+    for g in &r.goals {
+        let v = g
+            .value
+            .map(|v| format!("{v:.2}"))
+            .unwrap_or_else(|| "–".into());
+        let verdict = match g.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        s += &format!("| {} | {v} | {verdict} |\n", g.goal);
+    }
+    s += "\nGoals against kt-connect (p50 <= 0.5x, bulk >= 3x) need kt-connect, which is not measured:\n";
     for (p, why) in &r.unavailable {
         s += &format!("\n**{p}**: not measured. {why}\n");
     }

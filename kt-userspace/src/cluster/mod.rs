@@ -347,6 +347,7 @@ pub const CONNECT_PERMISSIONS: &[Permission] = &[
     perm("create", "", "pods"),
     perm("get", "", "pods"),
     perm("delete", "", "pods"),
+    perm("get", "", "pods/portforward"),
     perm("create", "", "pods/portforward"),
     perm("create", "", "secrets"),
     perm("delete", "", "secrets"),

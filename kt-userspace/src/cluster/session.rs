@@ -188,8 +188,12 @@ impl Session {
         Ok(out)
     }
 
-    /// Renews the Lease every third of the grace period until the task is aborted.
-    pub fn spawn_renewer(&self) -> tokio::task::JoinHandle<()> {
+    /// Renews the Lease every third of the grace period until the task is aborted; cancels
+    /// `lost` if the Lease is gone (the cluster ended the session).
+    pub fn spawn_renewer(
+        &self,
+        lost: tokio_util::sync::CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), &self.namespace);
         let name = self.lease.clone();
         let every = (self.grace / 3).max(Duration::from_secs(1));
@@ -208,6 +212,11 @@ impl Session {
                         failing = false;
                     }
                     Ok(_) => {}
+                    Err(kube::Error::Api(st)) if st.code == 404 => {
+                        tracing::error!(lease = %name, "the session's lease is gone: the cluster ended this session");
+                        lost.cancel();
+                        return;
+                    }
                     Err(e) => {
                         if !failing {
                             tracing::warn!(lease = %name, error = %e, "cannot renew the session lease; the shadow ends the session if this lasts");

@@ -43,11 +43,8 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
     crate::preflight::check()?;
     let shadow_opts = shadow_options(global)?;
     let attach_to = cgroup::target(args.cgroup.as_deref())?;
-    let _lock = if args.cmd.is_empty() {
-        Some(NetnsLock::acquire()?)
-    } else {
-        None
-    };
+    // sk_lookup is network-namespace wide: two sessions' steering would collide.
+    let _lock = NetnsLock::acquire()?;
 
     let kube = Kube::connect(&Target {
         kubeconfig: global.kubeconfig.clone(),
@@ -285,7 +282,8 @@ fn forward(pid: Option<i32>, sig: i32) {
     }
 }
 
-/// One machine-wide connect per network namespace: a second one's aliases would collide.
+/// One connect per network namespace (with or without `-- CMD`): the alias space and the
+/// sk_lookup steering are the namespace's, so a second session's would collide.
 struct NetnsLock {
     _file: File,
 }
@@ -312,7 +310,7 @@ impl NetnsLock {
         if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
             return Err(EnvError::new(format!(
-                "another ktctl connect is running on this machine (pid {}); stop it first, or use `ktctl connect -- CMD` for a second session",
+                "another ktctl connect is running in this network namespace (pid {}); stop it first",
                 holder.trim()
             ))
             .into());

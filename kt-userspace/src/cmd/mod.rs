@@ -40,7 +40,8 @@ pub(crate) async fn with_shadow<T>(
     let result = async {
         let pki =
             SessionPki::generate(&session.id, 30).map_err(|e| Error::Runtime(e.to_string()))?;
-        let _renewer = AbortOnDrop(session.spawn_renewer());
+        let lost = tokio_util::sync::CancellationToken::new();
+        let _renewer = AbortOnDrop(session.spawn_renewer(lost.clone()));
         tracing::info!(
             "Deploying shadow pod kt-connect-shadow-{} in namespace {}",
             session.id,
@@ -67,7 +68,12 @@ pub(crate) async fn with_shadow<T>(
             session: session.id.clone(),
         };
         let tunnel = Tunnel::start(target, pf_timeout).await?;
-        let r = body(&session, &tunnel).await;
+        let r = tokio::select! {
+            r = body(&session, &tunnel) => r,
+            () = lost.cancelled() => Err(Error::Runtime(
+                "the session ended in the cluster (its lease was deleted): ktctl was unreachable for longer than --grace, or the session was cleaned up".into(),
+            )),
+        };
         // Before the objects go, so that the shadow's deletion is not taken for a dropped tunnel.
         tunnel.close();
         r
