@@ -31,7 +31,11 @@ pub const SERVER_NAME: &str = "shadow.ktctl.invalid";
 /// How long an opener waits for the first frame of a stream.
 pub const FRAME_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most streams open at once on one connection.
-pub const MAX_STREAMS: usize = 16_384;
+pub const MAX_STREAMS: usize = 8_192;
+/// Window credit shared by all streams beyond yamux's 256 KiB each: bounds how far busy
+/// streams' windows auto-tune, so bulk transfers cannot fill the buffers below the multiplexer
+/// (queues, the port-forward, sockets) that small requests must pass through.
+pub const WINDOW_GROWTH: usize = 4 << 20;
 
 /// A multiplexed stream, as a tokio byte stream.
 pub type MuxStream = Compat<yamux::Stream>;
@@ -133,11 +137,12 @@ pub struct Mux {
     closed: CancellationToken,
 }
 
-/// The yamux settings: many streams, no connection-wide receive cap (each stream's window
-/// still grows only as its reader keeps up, so one bulk stream cannot starve the others).
+/// The yamux settings: many streams, each with its own 256 KiB window (per-stream flow
+/// control: a stream whose reader stalls stops its sender), and a small shared budget for
+/// windows to grow into.
 pub fn yamux_config() -> yamux::Config {
     let mut c = yamux::Config::default();
-    c.set_max_connection_receive_window(None);
+    c.set_max_connection_receive_window(Some(MAX_STREAMS * yamux::DEFAULT_CREDIT as usize + WINDOW_GROWTH));
     c.set_max_num_streams(MAX_STREAMS);
     c.set_split_send_size(16 * 1024);
     c

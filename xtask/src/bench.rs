@@ -70,7 +70,20 @@ pub fn tool(t: Tool) -> Result<()> {
                 .map(|_| {
                     std::thread::spawn(move || {
                         for _ in 0..per {
-                            let _ = TcpStream::connect(addr);
+                            // Close with RST: no TIME_WAIT, so the port range never runs out.
+                            if let Ok(s) = TcpStream::connect(addr) {
+                                let off = libc::linger { l_onoff: 1, l_linger: 0 };
+                                // SAFETY: setsockopt on our own socket with a valid struct.
+                                unsafe {
+                                    libc::setsockopt(
+                                        std::os::fd::AsRawFd::as_raw_fd(&s),
+                                        libc::SOL_SOCKET,
+                                        libc::SO_LINGER,
+                                        (&off as *const libc::linger).cast(),
+                                        std::mem::size_of::<libc::linger>() as u32,
+                                    )
+                                };
+                            }
                         }
                     })
                 })
@@ -404,6 +417,15 @@ impl Drop for Group {
     }
 }
 
+/// Runs a shell line in the laptop when dropped (undoes a setting).
+struct Restore(Testbed, String);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = sh(&self.0, &self.1);
+    }
+}
+
 /// A process started in the laptop, killed when dropped.
 struct Bg(Child);
 
@@ -564,6 +586,11 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     let (pod, ip) = fixtures(&tb, sizes.bulk_mib)?;
     let xtask = std::env::current_exe()?;
+    // Thousands of short connections a second from one client: let TIME_WAIT ports be reused
+    // (in the testbed's laptop only), or the port range, not the path, sets the rate.
+    let tw = sh(&tb, "cat /proc/sys/net/ipv4/tcp_tw_reuse")?.trim().to_string();
+    sh(&tb, "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse")?;
+    let _restore_tw = Restore(tb.clone(), format!("echo {tw} > /proc/sys/net/ipv4/tcp_tw_reuse"));
     let mut raw: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
     let mut unavailable = BTreeMap::new();
     unavailable.insert("kt-connect".to_string(), kt_connect_unavailable());
