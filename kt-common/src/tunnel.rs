@@ -125,6 +125,41 @@ pub async fn read_data<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Bytes>>
     }
 }
 
+/// Copies `r` to `w` until EOF, then shuts `w` down; returns the bytes copied. The buffer
+/// grows from uninitialised capacity (tokio's copy zeroes a fresh one per call, which at
+/// thousands of connections a second shows up in profiles).
+pub async fn pump<R, W>(r: &mut R, w: &mut W, cap: usize) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin + ?Sized,
+    W: AsyncWrite + Unpin + ?Sized,
+{
+    let mut buf = BytesMut::with_capacity(cap);
+    let mut total = 0u64;
+    loop {
+        buf.clear();
+        if r.read_buf(&mut buf).await? == 0 {
+            break;
+        }
+        w.write_all(&buf).await?;
+        w.flush().await?;
+        total += buf.len() as u64;
+    }
+    w.shutdown().await?;
+    Ok(total)
+}
+
+/// Copies both ways between two streams until both directions end (each side's EOF is passed
+/// on as a shutdown); returns when the last direction finishes.
+pub async fn splice<A, B>(a: A, b: B, cap: usize)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut ar, mut aw) = tokio::io::split(a);
+    let (mut br, mut bw) = tokio::io::split(b);
+    let _ = tokio::join!(pump(&mut ar, &mut bw, cap), pump(&mut br, &mut aw, cap));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Multiplexer
 
@@ -142,9 +177,11 @@ pub struct Mux {
 /// windows to grow into.
 pub fn yamux_config() -> yamux::Config {
     let mut c = yamux::Config::default();
-    c.set_max_connection_receive_window(Some(MAX_STREAMS * yamux::DEFAULT_CREDIT as usize + WINDOW_GROWTH));
+    c.set_max_connection_receive_window(Some(
+        MAX_STREAMS * yamux::DEFAULT_CREDIT as usize + WINDOW_GROWTH,
+    ));
     c.set_max_num_streams(MAX_STREAMS);
-    c.set_split_send_size(16 * 1024);
+    c.set_split_send_size(64 * 1024);
     c
 }
 
@@ -248,9 +285,13 @@ struct Decoupled<T> {
 
 impl<T: AsyncRead + AsyncWrite + Send + 'static> Decoupled<T> {
     fn new(io: T) -> Decoupled<T> {
-        let (rd, mut wr) = tokio::io::split(io);
+        let (rd, wr) = tokio::io::split(io);
         let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
         tokio::spawn(async move {
+            // yamux writes each frame's 12-byte header and its body separately: gather them
+            // into TLS records of full size and few system calls, flushing when the queue is
+            // momentarily empty.
+            let mut wr = tokio::io::BufWriter::with_capacity(256 * 1024, wr);
             let mut batch = Vec::with_capacity(64);
             while rx.recv_many(&mut batch, 64).await > 0 {
                 for b in batch.drain(..) {
@@ -765,8 +806,7 @@ pub async fn serve_diagnostic(open: &Open, mut s: MuxStream) -> Option<MuxStream
         Open::Echo => {
             if write_frame(&mut s, &Frame::Reply(None)).await.is_ok() {
                 let (mut r, mut w) = tokio::io::split(s);
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-                let _ = w.shutdown().await;
+                let _ = pump(&mut r, &mut w, 16 * 1024).await;
             }
             None
         }

@@ -215,16 +215,10 @@ async fn serve_inbound(mut inbound: tokio::sync::mpsc::Receiver<MuxStream>) {
 async fn inbound_to_local(mut s: MuxStream, port: u16, peer: SocketAddr) {
     let local = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
     match tokio::net::TcpStream::connect(local).await {
-        Ok(mut conn) => {
+        Ok(conn) => {
             let _ = conn.set_nodelay(true);
             if write_frame(&mut s, &Frame::Reply(None)).await.is_ok() {
-                let _ = tokio::io::copy_bidirectional_with_sizes(
-                    &mut conn,
-                    &mut s,
-                    64 * 1024,
-                    64 * 1024,
-                )
-                .await;
+                tunnel::splice(conn, s, 64 * 1024).await;
             }
         }
         Err(e) => {

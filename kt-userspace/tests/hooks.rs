@@ -35,33 +35,37 @@ impl Sandbox {
         fs::File::open(format!("/run/netns/{}", self.netns)).expect("netns file")
     }
 
-    /// Runs a python3 client inside the namespace and the cgroup; returns its stdout.
-    fn client(&self, script: &str) -> String {
+    /// A python3 client that starts inside the namespace and the cgroup.
+    fn python(&self, script: &str) -> Command {
         let ns = self.netns_file();
         let procs = fs::OpenOptions::new()
             .write(true)
             .open(self.cgroup.join("cgroup.procs"))
             .expect("cgroup.procs");
-        let (nsfd, pfd) = (ns.as_raw_fd(), procs.as_raw_fd());
         let mut cmd = Command::new("python3");
         cmd.arg("-c")
             .arg(script)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         use std::os::unix::process::CommandExt;
-        // SAFETY: setns and write on descriptors opened before the fork.
+        // SAFETY: setns and write on descriptors opened before the fork; the closure owns
+        // them, so they live as long as the command.
         unsafe {
             cmd.pre_exec(move || {
-                if libc::setns(nsfd, libc::CLONE_NEWNET) != 0
-                    || libc::write(pfd, b"0".as_ptr().cast(), 1) != 1
+                if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0
+                    || libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1
                 {
                     return Err(std::io::Error::last_os_error());
                 }
                 Ok(())
             });
         }
-        let out = cmd.output().expect("python3 runs");
-        drop((ns, procs));
+        cmd
+    }
+
+    /// Runs a python3 client inside the namespace and the cgroup; returns its stdout.
+    fn client(&self, script: &str) -> String {
+        let out = self.python(script).output().expect("python3 runs");
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert!(
             out.status.success(),
@@ -337,30 +341,11 @@ try:
 except OSError as e:
     print(json.dumps({"error": e.errno}))
 "#;
-    let ns = sb.netns_file();
-    let procs = fs::OpenOptions::new()
-        .write(true)
-        .open(sb.cgroup.join("cgroup.procs"))
-        .expect("cgroup.procs");
-    let (nsfd, pfd) = (ns.as_raw_fd(), procs.as_raw_fd());
-    let mut cmd = Command::new("python3");
-    cmd.arg("-c")
-        .arg(script)
+    let mut child = sb
+        .python(script)
         .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setns and write on descriptors opened before the fork.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(nsfd, libc::CLONE_NEWNET) != 0
-                || libc::write(pfd, b"0".as_ptr().cast(), 1) != 1
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().expect("python3");
+        .spawn()
+        .expect("python3");
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stdout, &mut line).expect("pid line");

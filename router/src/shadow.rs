@@ -205,8 +205,7 @@ async fn tcp(mut s: MuxStream, dst: SocketAddr) {
     if write_frame(&mut s, &Frame::Reply(None)).await.is_err() {
         return;
     }
-    let mut conn = conn;
-    let _ = tokio::io::copy_bidirectional_with_sizes(&mut s, &mut conn, 64 * 1024, 64 * 1024).await;
+    tunnel::splice(s, conn, 64 * 1024).await;
 }
 
 async fn udp(mut s: MuxStream, dst: SocketAddr) {
@@ -334,11 +333,8 @@ async fn expose(mux: Mux, mut s: MuxStream, port: u16) {
                 let mux = mux.clone();
                 tokio::spawn(async move {
                     let _ = conn.set_nodelay(true);
-                    let mut conn = conn;
                     match mux.request(Open::Inbound { port, peer }).await {
-                        Ok(mut st) => {
-                            let _ = tokio::io::copy_bidirectional_with_sizes(&mut conn, &mut st, 64 * 1024, 64 * 1024).await;
-                        }
+                        Ok(st) => tunnel::splice(conn, st, 64 * 1024).await,
                         Err(e) => tracing::warn!(%peer, port, error = %e, "the developer's side refused an inbound connection"),
                     }
                 });

@@ -5,7 +5,6 @@ use std::net::SocketAddr;
 use kt_common::tunnel::{self, write_frame};
 use kt_common::wire::{Frame, Open};
 use socket2::SockRef;
-use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::Instrument;
 
@@ -82,17 +81,14 @@ async fn splice(
     let (mut lr, mut lw) = conn.split();
     let (mut sr, mut sw) = tokio::io::split(stream);
     let up = async {
-        let _ = tokio::io::copy(&mut lr, &mut sw).await;
-        let _ = sw.shutdown().await;
+        let _ = tunnel::pump(&mut lr, &mut sw, 16 * 1024).await;
     };
     let down = async {
         if let Err(e) = tunnel::expect_ok(&mut sr).await {
             tracing::debug!(%dst, error = %e, "the cluster refused the connection");
             return false;
         }
-        let mut buf_reader = tokio::io::BufReader::with_capacity(64 * 1024, &mut sr);
-        let _ = tokio::io::copy_buf(&mut buf_reader, &mut lw).await;
-        let _ = lw.shutdown().await;
+        let _ = tunnel::pump(&mut sr, &mut lw, 64 * 1024).await;
         true
     };
     tokio::pin!(up);

@@ -206,33 +206,19 @@ impl Ktctl {
 
     /// Sends `sig` and waits for the exit code.
     pub fn stop(&mut self, sig: i32, timeout: Duration) -> Option<i32> {
-        let mut child = self.child.take()?;
+        let child = self.child.as_ref()?;
         // SAFETY: kill(2) on the child this harness started.
         unsafe { libc::kill(child.id() as i32, sig) };
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(st)) = child.try_wait() {
-                std::thread::sleep(Duration::from_millis(200));
-                return st.code();
-            }
-            if start.elapsed() > timeout {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "ktctl did not exit within {timeout:?} after signal {sig}:\n{}",
-                    self.output()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait(timeout)
     }
 
-    /// Waits for exit without a signal.
+    /// Waits for exit (killing ktctl and failing after `timeout`); the exit code.
     pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
         let mut child = self.child.take()?;
         let start = Instant::now();
         loop {
             if let Ok(Some(st)) = child.try_wait() {
+                // Let the reader threads take the last lines.
                 std::thread::sleep(Duration::from_millis(200));
                 return st.code();
             }
