@@ -35,7 +35,7 @@ pub const MAX_STREAMS: usize = 8_192;
 /// Window credit shared by all streams beyond yamux's 256 KiB each: bounds how far busy
 /// streams' windows auto-tune, so bulk transfers cannot fill the buffers below the multiplexer
 /// (queues, the port-forward, sockets) that small requests must pass through.
-pub const WINDOW_GROWTH: usize = 4 << 20;
+pub const WINDOW_GROWTH: usize = 1 << 20;
 
 /// A multiplexed stream, as a tokio byte stream.
 pub type MuxStream = Compat<yamux::Stream>;

@@ -57,7 +57,7 @@ impl Tunnel {
                 Err(e) => return Err(e),
             }
         };
-        let session = first.0.0.clone();
+        let session = first.0.clone();
         tracing::info!(
             "Port forward to pod {}:{} established; tunnel up (TLS 1.3, {})",
             target.pod,
@@ -113,10 +113,7 @@ impl Tunnel {
     }
 }
 
-type Connected = (
-    (ClientSession, tokio::sync::mpsc::Receiver<MuxStream>),
-    kube::api::Portforwarder,
-);
+type Connected = (ClientSession, tokio::sync::mpsc::Receiver<MuxStream>);
 
 /// Errors that waiting will not cure: the agent refused us, or RBAC forbids the port-forward.
 fn is_fatal(e: &crate::error::Error) -> bool {
@@ -128,35 +125,22 @@ fn is_fatal(e: &crate::error::Error) -> bool {
 }
 
 async fn connect_once(t: &Target) -> Result<Connected, crate::error::Error> {
-    let pf_err = |reason: String| ClusterError::PortForward {
-        pod: t.pod.clone(),
-        reason,
-    };
-    let mut pf = t
-        .pods
-        .portforward(&t.pod, &[t.port])
-        .await
-        .map_err(|e| pf_err(e.to_string()))?;
-    let stream = pf
-        .take_stream(t.port)
-        .ok_or_else(|| pf_err("no stream for the port".into()))?;
+    let stream = crate::cluster::portforward::open(&t.pods, &t.pod, t.port).await?;
     let client = format!(
         "ktctl {} ({})",
         env!("CARGO_PKG_VERSION"),
         std::process::id()
     );
-    let s = ClientSession::connect(stream, &t.tls, &t.session, &client, KEEPALIVE).await?;
-    Ok((s, pf))
+    Ok(ClientSession::connect(stream, &t.tls, &t.session, &client, KEEPALIVE).await?)
 }
 
 async fn keep_up(target: Target, first: Connected, tx: watch::Sender<Option<ClientSession>>) {
-    let ((mut session, mut inbound), mut pf) = first;
+    let (mut session, mut inbound) = first;
     let mut reconnects = 0u64;
     loop {
         let serving = tokio::spawn(serve_inbound(inbound));
         session.mux.closed().await;
         serving.abort();
-        pf.abort();
         let _ = tx.send(None);
         tracing::warn!("tunnel lost; reconnecting");
         let lost = Instant::now();
@@ -172,7 +156,7 @@ async fn keep_up(target: Target, first: Connected, tx: watch::Sender<Option<Clie
             }
         };
         reconnects += 1;
-        ((session, inbound), pf) = next;
+        (session, inbound) = next;
         tracing::info!(reconnects, after = ?lost.elapsed(), "tunnel re-established");
         let _ = tx.send(Some(session.clone()));
     }

@@ -129,6 +129,17 @@ impl Testbed {
             );
             return Ok(());
         }
+        // Whatever an earlier testbed left (daemons that died with a reboot or a crash, their
+        // namespaces, cgroups and pods) goes first: every machine is made afresh, so each node
+        // gets its routes to all the others.
+        let stale = leftovers();
+        if have != 0 || !stale.is_empty() {
+            eprintln!(
+                "testbed: clearing what an earlier testbed left ({} item(s))",
+                stale.len().max(have as usize)
+            );
+            self.down()?;
+        }
         let started = Instant::now();
         fs::create_dir_all(l.state())?;
         fs::write(&stamp_file, &stamp)?;

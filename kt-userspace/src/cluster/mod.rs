@@ -1,6 +1,8 @@
 //! Everything ktctl asks of the Kubernetes API: the client, permissions, the cluster's CIDRs,
-//! sessions ([`session`]) and the shadow pod ([`shadow`]).
+//! sessions ([`session`]), the shadow pod ([`shadow`]) and the port-forward
+//! to it ([`portforward`]).
 
+pub mod portforward;
 pub mod session;
 pub mod shadow;
 

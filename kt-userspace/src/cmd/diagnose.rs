@@ -116,10 +116,15 @@ pub async fn run(global: &Global, args: &DiagnoseArgs) -> Result<u8> {
     )
     .await?;
     println!("Tunnel (port-forward, TLS 1.3, yamux)");
-    for (k, v) in report {
-        line(&k, &v);
+    for (k, v) in &report {
+        line(k, v);
     }
-    Ok(if machine_ok { 0 } else { 2 })
+    let problem = report.iter().any(|(_, v)| v.starts_with("PROBLEM"));
+    Ok(match (machine_ok, problem) {
+        (false, _) => 2,
+        (true, true) => 1,
+        (true, false) => 0,
+    })
 }
 
 async fn measure(tunnel: &Tunnel, args: &DiagnoseArgs) -> Result<Vec<(String, String)>> {
