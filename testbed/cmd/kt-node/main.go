@@ -113,6 +113,8 @@ func run(args []string) error {
 	}
 	broadcaster := record.NewBroadcaster()
 	broadcaster.StartRecordingToSink(&typedcorev1.EventSinkImpl{Interface: client.CoreV1().Events("")})
+	// Pods' events in this node's log too: they outlive `down` for post-mortems.
+	broadcaster.StartStructuredLogging(0)
 	recorder := broadcaster.NewRecorder(scheme.Scheme, corev1.EventSource{Component: "kubelet", Host: *name})
 
 	cert, err := tls.LoadX509KeyPair(*certFile, *keyFile)

@@ -63,10 +63,32 @@ pub fn laptop_sh(line: &str) -> Output {
     run_in(Machine::Laptop, &["sh", "-c", line])
 }
 
-/// kubectl in the laptop, insisting on success.
+/// kubectl in the laptop, insisting on success. A failed `wait` shows what it waited for:
+/// `kubectl describe` of the objects (conditions, container states, events).
 pub fn kubectl(args: &[&str]) -> String {
     let mut all = vec!["kubectl"];
     all.extend_from_slice(args);
+    if args.first() == Some(&"wait") {
+        let o = run_in(Machine::Laptop, &all);
+        if !o.status.success() {
+            let objects: Vec<&str> = args[1..]
+                .iter()
+                .copied()
+                .filter(|a| !a.starts_with('-'))
+                .collect();
+            let mut describe = vec!["kubectl", "describe"];
+            describe.extend(objects);
+            let d = run_in(Machine::Laptop, &describe);
+            panic!(
+                "{all:?} failed ({}): {}\n{}\n{}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr).trim(),
+                text(&d),
+                String::from_utf8_lossy(&d.stderr).trim()
+            );
+        }
+        return text(&o);
+    }
     laptop_ok(&all)
 }
 
