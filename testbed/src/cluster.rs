@@ -136,7 +136,7 @@ impl Testbed {
         if have != 0 || !stale.is_empty() {
             eprintln!(
                 "testbed: clearing what an earlier testbed left ({} item(s))",
-                stale.len().max(have as usize)
+                stale.len()
             );
             self.down()?;
         }

@@ -140,14 +140,7 @@ fn connect_reaches_services_by_name_and_ip_carries_udp_and_bulk_and_survives_a_c
     let _tb = testbed();
     fixtures();
     let cluster_ip = kubectl(&["get", "svc", "nginx", "-o", "jsonpath={.spec.clusterIP}"]);
-    let pod_ip = kubectl(&[
-        "get",
-        "pod",
-        "-l",
-        "app=nginx",
-        "-o",
-        "jsonpath={.items[0].status.podIP}",
-    ]);
+    let pod_ip = nginx_pod_ip();
     let mut k = Ktctl::connect(&[]);
 
     for url in [
@@ -278,12 +271,8 @@ fn connect_with_a_command_reaches_the_cluster_for_that_command_only() {
     k.wait_for("All looks good", Duration::from_secs(120));
     k.wait_for(PAGE, Duration::from_secs(20));
     // Meanwhile a process outside CMD's cgroup has no way in.
-    let outside = run_in(
-        Machine::Laptop,
-        &["curl", "-sS", "-m", "3", &format!("http://{cluster_ip}")],
-    );
     assert!(
-        !outside.status.success(),
+        !laptop_reaches(&format!("http://{cluster_ip}")),
         "a process outside the command reached the ClusterIP"
     );
     assert_eq!(
@@ -474,14 +463,7 @@ fn the_namespaced_role_in_deploy_is_enough_for_connect() {
         k.output()
     );
     assert_eq!(curl("http://nginx"), PAGE);
-    let pod_ip = kubectl(&[
-        "get",
-        "pod",
-        "-l",
-        "app=nginx",
-        "-o",
-        "jsonpath={.items[0].status.podIP}",
-    ]);
+    let pod_ip = nginx_pod_ip();
     assert_eq!(curl(&format!("http://{pod_ip}")), PAGE);
     // Other namespaces are out of the watch; their names resolve through the cluster's DNS.
     assert_eq!(curl("http://web.e2e-other.svc.cluster.local"), OTHER_PAGE);

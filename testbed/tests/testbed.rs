@@ -8,6 +8,13 @@ use std::time::Duration;
 use common::*;
 use kt_testbed::{Machine, Testbed, UpOptions};
 
+/// `kubectl exec POD -c CONTAINER -- CMD` in the laptop, as it went.
+fn in_container(pod: &str, container: &str, cmd: &[&str]) -> std::process::Output {
+    let mut args = vec!["kubectl", "exec", pod, "-c", container, "--"];
+    args.extend_from_slice(cmd);
+    run_in(Machine::Laptop, &args)
+}
+
 fn in_pod(pod: &str, cmd: &[&str]) -> String {
     let mut args = vec!["exec", pod, "--"];
     args.extend_from_slice(cmd);
@@ -272,79 +279,51 @@ EOF"#,
         String::from_utf8_lossy(&caps.stderr)
     );
     kubectl(&["wait", "--for=condition=Ready", "pod/caps", "--timeout=60s"]);
-    let plain = run_in(
-        Machine::Laptop,
+    let plain = in_container(
+        "caps",
+        "plain",
         &[
-            "kubectl", "exec", "caps", "-c", "plain", "--", "ip", "link", "add", "kt-a0", "type",
-            "veth", "peer", "name", "kt-b0",
+            "ip", "link", "add", "kt-a0", "type", "veth", "peer", "name", "kt-b0",
         ],
     );
     assert!(
         !plain.status.success(),
         "a container without NET_ADMIN added a link"
     );
-    kubectl(&[
-        "exec", "caps", "-c", "netadmin", "--", "ip", "link", "add", "kt-a1", "type", "veth",
-        "peer", "name", "kt-b1",
-    ]);
-    kubectl(&[
-        "exec",
-        "caps",
-        "-c",
+    let ok = |container: &str, cmd: &[&str]| {
+        let mut args = vec!["exec", "caps", "-c", container, "--"];
+        args.extend_from_slice(cmd);
+        kubectl(&args)
+    };
+    ok(
+        "netadmin",
+        &[
+            "ip", "link", "add", "kt-a1", "type", "veth", "peer", "name", "kt-b1",
+        ],
+    );
+    ok(
         "plain",
-        "--",
-        "sh",
-        "-c",
-        "echo shared-by-containers > /shared/f",
-    ]);
+        &["sh", "-c", "echo shared-by-containers > /shared/f"],
+    );
     assert_eq!(
-        kubectl(&["exec", "caps", "-c", "netadmin", "--", "cat", "/shared/f"]),
+        ok("netadmin", &["cat", "/shared/f"]),
         "shared-by-containers"
     );
     // Each container has a root of its own: a file written elsewhere stays private.
-    kubectl(&[
-        "exec",
-        "caps",
-        "-c",
-        "plain",
-        "--",
-        "sh",
-        "-c",
-        "echo mine > /root/private",
-    ]);
+    ok("plain", &["sh", "-c", "echo mine > /root/private"]);
     assert!(
-        !run_in(
-            Machine::Laptop,
-            &[
-                "kubectl",
-                "exec",
-                "caps",
-                "-c",
-                "netadmin",
-                "--",
-                "cat",
-                "/root/private"
-            ]
-        )
-        .status
-        .success()
+        !in_container("caps", "netadmin", &["cat", "/root/private"])
+            .status
+            .success()
     );
 
     // No back door: the laptop has no route to cluster addresses.
-    let o = run_in(
-        Machine::Laptop,
-        &["curl", "-sS", "-m", "3", &format!("http://{cluster_ip}")],
-    );
     assert!(
-        !o.status.success(),
+        !laptop_reaches(&format!("http://{cluster_ip}")),
         "the laptop reached the ClusterIP without ktctl"
     );
-    let o = run_in(
-        Machine::Laptop,
-        &["curl", "-sS", "-m", "3", &format!("http://{pod_ip}")],
-    );
     assert!(
-        !o.status.success(),
+        !laptop_reaches(&format!("http://{pod_ip}")),
         "the laptop reached a pod IP without ktctl"
     );
     // ...but its own resolver answers.

@@ -92,6 +92,25 @@ pub fn kubectl(args: &[&str]) -> String {
     laptop_ok(&all)
 }
 
+/// Whether a curl from the laptop (3 s at most) to `url` gets an answer.
+pub fn laptop_reaches(url: &str) -> bool {
+    run_in(Machine::Laptop, &["curl", "-sS", "-m", "3", url])
+        .status
+        .success()
+}
+
+/// The IP of the seed walkthrough's nginx pod.
+pub fn nginx_pod_ip() -> String {
+    kubectl(&[
+        "get",
+        "pod",
+        "-l",
+        "app=nginx",
+        "-o",
+        "jsonpath={.items[0].status.podIP}",
+    ])
+}
+
 /// Polls until `f` is true or panics after `timeout` with `what`.
 pub fn eventually(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let start = Instant::now();
