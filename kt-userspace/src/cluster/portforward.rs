@@ -77,6 +77,10 @@ pub struct PortForward<S> {
     done: Option<Result<(), (io::ErrorKind, String)>>,
 }
 
+fn protocol_error(what: String) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("port-forward: {what}"))
+}
+
 impl<S> PortForward<S> {
     pub fn new(ws: S, port: u16) -> PortForward<S> {
         PortForward {
@@ -88,16 +92,7 @@ impl<S> PortForward<S> {
             done: None,
         }
     }
-}
 
-fn protocol_error(what: String) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("port-forward: {what}"))
-}
-
-impl<S> PortForward<S>
-where
-    S: Stream<Item = Result<Message, WsError>> + Unpin,
-{
     /// Takes one message; `Ok(true)` when it brought data into `pending`.
     fn on_message(&mut self, msg: Message) -> io::Result<bool> {
         let mut bytes = match msg {
