@@ -19,6 +19,9 @@ type podRuntime struct {
 	p   *Provider
 	dir string // <state>/pods/<uid>
 
+	// pubMu orders status publications: see changed.
+	pubMu sync.Mutex
+
 	mu          sync.Mutex
 	pod         *corev1.Pod
 	startTime   time.Time
@@ -64,8 +67,16 @@ func (rt *podRuntime) event(kind, reason, format string, args ...any) {
 
 func (rt *podRuntime) hostNetwork() bool { return rt.pod.Spec.HostNetwork }
 
-// changed publishes the current status to the API server.
-func (rt *podRuntime) changed() { rt.p.publish(rt.snapshot()) }
+// changed publishes the current status to the API server. The snapshot is taken and handed
+// over under one lock, so publications arrive in the order their snapshots were taken: the
+// pod's runner and its probes publish from different goroutines, and an older snapshot
+// delivered last (say, "started, not ready" after "ready") would stay the pod's status in the
+// API for good, as nothing changes afterwards to correct it.
+func (rt *podRuntime) changed() {
+	rt.pubMu.Lock()
+	defer rt.pubMu.Unlock()
+	rt.p.publish(rt.snapshot())
+}
 
 // run drives the pod from creation to running; it returns when the pod is running or failed
 // (containers then supervise themselves) or when the pod is deleted.

@@ -85,6 +85,7 @@ fn cache_key(src: &Path, bin: GoBinary) -> Result<String> {
             .with_context(|| format!("reading {}", src.join(dir).display()))?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| p.extension().is_some_and(|x| x == "go"))
+            .filter(|p| !p.to_string_lossy().ends_with("_test.go"))
             .collect();
         found.sort();
         files.extend(found);
@@ -156,6 +157,23 @@ pub fn download_modules(layout: &Layout) -> Result<()> {
         .context("running `go mod download`")?;
     if !status.success() {
         bail!("go mod download failed ({status})");
+    }
+    Ok(())
+}
+
+/// `go vet` over the testbed's Go code and `go test` of the node agent (for `cargo xtask ci`).
+pub fn test(layout: &Layout) -> Result<()> {
+    for args in [&["vet", "./..."][..], &["test", "./node/"][..]] {
+        let status = Command::new("go")
+            .current_dir(layout.testbed_src())
+            .args(args)
+            .env("GOTOOLCHAIN", "local")
+            .env("CGO_ENABLED", "0")
+            .status()
+            .with_context(|| format!("running `go {}`", args.join(" ")))?;
+        if !status.success() {
+            bail!("go {} failed ({status})", args.join(" "));
+        }
     }
     Ok(())
 }

@@ -93,6 +93,9 @@ pub fn run(lint: bool) -> Result<()> {
             "--test-threads=1",
         ])
     });
+    s.run("go vet, go test (the testbed's node agent)", || {
+        kt_testbed::gobuild::test(&Testbed::default().layout)
+    });
     s.run("fuzz the frame decoder (30 s)", fuzz);
     s.run("image (OCI archive, checked by skopeo)", || {
         crate::image::build_and_check().map(|_| ())

@@ -54,7 +54,7 @@ enum Cmd {
     #[command(hide = true)]
     BenchTool {
         #[command(subcommand)]
-        tool: bench::Tool,
+        tool: bench::tool::Tool,
     },
     /// The testbed: a real Kubernetes control plane, pods as processes in network namespaces
     Testbed {
@@ -107,7 +107,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("{}", path.display());
         }
         Cmd::Bench(args) => bench::run(args)?,
-        Cmd::BenchTool { tool } => bench::tool(tool)?,
+        Cmd::BenchTool { tool } => bench::tool::run(tool)?,
         Cmd::Testbed { cmd } => {
             let tb = Testbed::default();
             match cmd {

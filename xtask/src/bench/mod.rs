@@ -1,0 +1,656 @@
+//! `cargo xtask bench`: every path to the same nginx pod measured side by side in one run on
+//! the testbed, with ratios to the baselines of that run. Numbers are reported, never asserted.
+//!
+//! Paths: `raw` (the laptop given a temporary route to the pod network: the testbed's limit),
+//! `port-forward` (kubectl port-forward to the pod), `kt-connect` (alibaba/kt-connect's
+//! `ktctl connect`, when a binary of it is given; else the report says why not), `ktctl`
+//! (ktctl connect, to the pod IP).
+//!
+//! Layout: this file runs the paths; [`report`] makes the table, goals and plot; [`ktconnect`]
+//! runs kt-connect without letting it touch this machine; [`tool`] holds the small clients
+//! the benchmark runs inside the testbed.
+
+mod ktconnect;
+mod report;
+pub mod tool;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kt_testbed::{Machine, Testbed, UpOptions, machine};
+
+use report::Report;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct Args {
+    /// A reduced set (shorter runs, smaller files, one repeat): a smoke run for CI
+    #[arg(long)]
+    pub quick: bool,
+    /// Repeats of each measurement (min/median/max are reported)
+    #[arg(long, default_value_t = 3)]
+    pub repeats: usize,
+    /// Write the table into README.md's Performance section
+    #[arg(long)]
+    pub readme: bool,
+    /// kt-connect's ktctl binary (v0.3.7) to measure beside ktctl; without it the report says
+    /// why kt-connect is not measured
+    #[arg(long, env = "KT_CONNECT_BIN")]
+    pub kt_connect: Option<PathBuf>,
+}
+
+impl Args {
+    pub fn quick() -> Args {
+        Args {
+            quick: true,
+            repeats: 1,
+            readme: false,
+            kt_connect: std::env::var_os("KT_CONNECT_BIN").map(PathBuf::from),
+        }
+    }
+}
+
+/// Raw values of one path: metric -> one value per repeat.
+type Values = BTreeMap<String, Vec<f64>>;
+
+fn push(values: &mut Values, metric: &str, v: Option<f64>) {
+    if let Some(v) = v {
+        values.entry(metric.to_string()).or_default().push(v);
+    }
+}
+
+pub(crate) fn laptop(tb: &Testbed, args: &[&str]) -> Result<String> {
+    let o = machine::output(&tb.layout, Machine::Laptop, args)?;
+    if !o.status.success() {
+        bail!("{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    }
+    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn sh(tb: &Testbed, line: &str) -> Result<String> {
+    laptop(tb, &["sh", "-c", line])
+}
+
+/// Parses wrk's --latency distribution: the value at `pct` ("50%") in milliseconds.
+fn wrk_percentile(out: &str, pct: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.trim_start().starts_with(pct))?;
+    let v = line.split_whitespace().nth(1)?;
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn wrk_rate(out: &str) -> Option<f64> {
+    out.lines()
+        .find(|l| l.starts_with("Requests/sec:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+struct Sizes {
+    secs: u32,
+    bulk_mib: u32,
+    idle_conns: usize,
+    conn_rate_n: usize,
+}
+
+fn measure_path(tb: &Testbed, base: &str, s: &Sizes, results: &mut Values) -> Result<()> {
+    let d = format!("{}s", s.secs);
+    let mut push = |k: &str, v: Option<f64>| push(results, k, v);
+    let ka = sh(tb, &format!("wrk -t1 -c1 -d{d} --latency {base}/1k"))?;
+    push("latency_keepalive_p50_ms", wrk_percentile(&ka, "50%"));
+    push("latency_keepalive_p99_ms", wrk_percentile(&ka, "99%"));
+    let nc = sh(
+        tb,
+        &format!("wrk -t1 -c1 -d{d} --latency -H 'Connection: close' {base}/1k"),
+    )?;
+    push("latency_newconn_p50_ms", wrk_percentile(&nc, "50%"));
+    push("latency_newconn_p99_ms", wrk_percentile(&nc, "99%"));
+    let one = sh(
+        tb,
+        &format!("curl -sS -o /dev/null -m 300 -w '%{{speed_download}}' {base}/bulk"),
+    )?;
+    push(
+        "bulk_1_stream_mib_s",
+        one.trim().parse::<f64>().ok().map(|b| b / 1048576.0),
+    );
+    let start = Instant::now();
+    sh(
+        tb,
+        &format!("seq 8 | xargs -P 8 -I{{}} curl -sS -o /dev/null -m 600 {base}/bulk"),
+    )?;
+    push(
+        "bulk_8_streams_mib_s",
+        Some(8.0 * f64::from(s.bulk_mib) / start.elapsed().as_secs_f64()),
+    );
+    // Four bulk downloads in a loop (a process group of ours, ended by its id) while small
+    // requests are timed.
+    let bulk = Group::start(
+        tb,
+        &format!(
+            "for i in 1 2 3 4; do (while :; do curl -sS -o /dev/null -m 600 {base}/bulk || exit; done) & done; wait"
+        ),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let fair = sh(tb, &format!("wrk -t1 -c1 -d{d} --latency {base}/1k"));
+    drop(bulk);
+    push("fairness_p99_under_bulk_ms", wrk_percentile(&fair?, "99%"));
+    let conns = sh(
+        tb,
+        &format!("wrk -t2 -c16 -d{d} -H 'Connection: close' {base}/1k"),
+    )?;
+    push("new_connections_per_s", wrk_rate(&conns));
+    Ok(())
+}
+
+/// Creates the benchmark's nginx with a 1 KiB page and a bulk file.
+fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String)> {
+    let have = machine::output(
+        &tb.layout,
+        Machine::Laptop,
+        &["kubectl", "get", "deploy/bench-nginx"],
+    )?
+    .status
+    .success();
+    if !have {
+        laptop(
+            tb,
+            &[
+                "kubectl",
+                "create",
+                "deployment",
+                "bench-nginx",
+                "--image=nginx:alpine",
+                "--port=80",
+            ],
+        )?;
+    }
+    laptop(
+        tb,
+        &[
+            "kubectl",
+            "rollout",
+            "status",
+            "deploy/bench-nginx",
+            "--timeout=90s",
+        ],
+    )?;
+    let pod = laptop(
+        tb,
+        &[
+            "kubectl",
+            "get",
+            "pod",
+            "-l",
+            "app=bench-nginx",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+    )?
+    .trim()
+    .to_string();
+    let ip = laptop(
+        tb,
+        &[
+            "kubectl",
+            "get",
+            "pod",
+            &pod,
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+    )?
+    .trim()
+    .to_string();
+    laptop(
+        tb,
+        &[
+            "kubectl",
+            "exec",
+            &pod,
+            "--",
+            "sh",
+            "-c",
+            &format!(
+                "head -c 1024 /dev/zero | tr '\\0' k > /usr/share/nginx/html/1k; head -c {}M /dev/urandom > /usr/share/nginx/html/bulk",
+                bulk_mib
+            ),
+        ],
+    )?;
+    Ok((pod, ip))
+}
+
+/// A shell line run in the laptop as a process group of its own; the whole group is killed
+/// (by its id) when dropped.
+struct Group(Child);
+
+impl Group {
+    fn start(tb: &Testbed, line: &str) -> Result<Group> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = machine::command(&tb.layout, Machine::Laptop, "sh")?;
+        cmd.args(["-c", line])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0);
+        Ok(Group(cmd.spawn().context("starting a background group")?))
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on the process group this process created.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+/// Runs a shell line in the laptop when dropped (undoes a setting).
+struct Restore(Testbed, String);
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        let _ = sh(&self.0, &self.1);
+    }
+}
+
+/// A process started in the laptop, killed when dropped.
+pub(crate) struct Bg(pub(crate) Child);
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on a child this process started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub(crate) fn bg(
+    tb: &Testbed,
+    program: &std::path::Path,
+    args: &[&str],
+    ready: &str,
+    timeout: Duration,
+) -> Result<(Bg, Duration)> {
+    let start = Instant::now();
+    let mut cmd = machine::command(&tb.layout, Machine::Laptop, program)?;
+    cmd.args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for s in [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for l in BufReader::new(s).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+    }
+    let child = Bg(child);
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) if l.contains(ready) => return Ok((child, start.elapsed())),
+            Ok(_) => {}
+            Err(_) if start.elapsed() > timeout => bail!(
+                "{} did not print {ready:?} in {timeout:?}",
+                program.display()
+            ),
+            Err(_) => {}
+        }
+    }
+}
+
+/// A field of /proc/PID/status in MiB (VmRSS: now, VmHWM: the peak).
+fn status_mib(pid: u32, field: &str) -> Option<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: f64 = s
+        .lines()
+        .find(|l| l.starts_with(field))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()?;
+    Some(kb / 1024.0)
+}
+
+/// The peak RSS of a pod: the sum over every process of its containers (one for kt-router;
+/// sshd's listener and session processes for kt-connect's shadow).
+fn pod_hwm_mib(tb: &Testbed, selector: &str) -> Option<f64> {
+    let pod = laptop(
+        tb,
+        &[
+            "kubectl",
+            "get",
+            "pod",
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={.items[0].metadata.uid} {.items[0].spec.nodeName}",
+        ],
+    )
+    .ok()?;
+    let mut it = pod.split_whitespace();
+    let (uid, node) = (it.next()?, it.next()?);
+    let dir = machine::cgroup(Machine::parse(node)?)
+        .ok()?
+        .join("pods")
+        .join(uid);
+    let mut total = 0.0;
+    for container in std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()) {
+        let Ok(procs) = std::fs::read_to_string(container.path().join("cgroup.procs")) else {
+            continue;
+        };
+        total += procs
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter_map(|pid| status_mib(pid, "VmHWM:"))
+            .sum::<f64>();
+    }
+    (total > 0.0).then_some(total)
+}
+
+/// What the benchmark needs in every repeat.
+struct Bench {
+    tb: Testbed,
+    sizes: Sizes,
+    /// The nginx pod's name and IP.
+    pod: String,
+    ip: String,
+    /// This program, for the `bench-tool` helpers.
+    xtask: PathBuf,
+}
+
+impl Bench {
+    /// The laptop reaches the pod network by a temporary route, removed right after.
+    fn raw(&self, values: &mut Values) -> Result<()> {
+        let route = format!(
+            "ip route add {} via {} dev eth0 onlink",
+            kt_testbed::layout::POD_CIDR,
+            kt_testbed::layout::api_server_ip()
+        );
+        sh(&self.tb, &route)?;
+        let _route = Restore(
+            self.tb.clone(),
+            format!("ip route del {}", kt_testbed::layout::POD_CIDR),
+        );
+        measure_path(
+            &self.tb,
+            &format!("http://{}", self.ip),
+            &self.sizes,
+            values,
+        )
+    }
+
+    fn port_forward(&self, values: &mut Values) -> Result<()> {
+        let kubectl = self.tb.layout.bin().join("kubectl");
+        let (_pf, _) = bg(
+            &self.tb,
+            &kubectl,
+            &["port-forward", &format!("pod/{}", self.pod), "18090:80"],
+            "Forwarding from",
+            Duration::from_secs(30),
+        )?;
+        measure_path(&self.tb, "http://127.0.0.1:18090", &self.sizes, values)
+    }
+
+    /// connect() rate to a loopback server from the laptop (best of three runs).
+    fn connect_rate(&self) -> Result<f64> {
+        let mut best = 0f64;
+        for _ in 0..3 {
+            let out = laptop(
+                &self.tb,
+                &[
+                    self.xtask.to_str().context("non-UTF-8 path")?,
+                    "bench-tool",
+                    "connect-rate",
+                    "127.0.0.1:18099",
+                    &self.sizes.conn_rate_n.to_string(),
+                    "2",
+                ],
+            )?;
+            best = best.max(out.trim().parse()?);
+        }
+        Ok(best)
+    }
+
+    /// ktctl connect to the pod IP; also what its hooks cost other traffic: the loopback
+    /// connect() rate without ktctl, then while its hooks are attached.
+    fn ktctl(&self, ktctl: &std::path::Path, values: &mut Values) -> Result<()> {
+        let (_listener, _) = bg(
+            &self.tb,
+            &self.xtask,
+            &["bench-tool", "listen", "127.0.0.1:18099"],
+            "listening",
+            Duration::from_secs(10),
+        )?;
+        let without = self.connect_rate()?;
+        let start = Instant::now();
+        let (k, _) = bg(
+            &self.tb,
+            ktctl,
+            &["connect"],
+            "All looks good",
+            Duration::from_secs(120),
+        )?;
+        self.client(k.0.id(), "kt.dev/role=shadow-connect", start, values)?;
+        let with = self.connect_rate()?;
+        push(values, "hooks_connect_rate_ratio", Some(with / without));
+        Ok(())
+    }
+
+    fn kt_connect(&self, k: &ktconnect::KtConnect, values: &mut Values) -> Result<()> {
+        let start = Instant::now();
+        let (running, _) = ktconnect::start(&self.tb, k)?;
+        self.client(running.pid(), ktconnect::SHADOW_SELECTOR, start, values)
+    }
+
+    /// The measurements of a client that makes the pod IP reachable (ktctl, kt-connect),
+    /// started at `start`: time to the first request carried (the shadow's start included),
+    /// memory with idle connections, during the load, and of its shadow.
+    fn client(&self, pid: u32, shadow: &str, start: Instant, values: &mut Values) -> Result<()> {
+        let url = format!("http://{}/1k", self.ip);
+        while machine::output(
+            &self.tb.layout,
+            Machine::Laptop,
+            &["curl", "-s", "-o", "/dev/null", "-m", "2", &url],
+        )?
+        .status
+        .code()
+            != Some(0)
+        {
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!("no request was carried within 60 s of the start");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        push(
+            values,
+            "time_to_ready_s",
+            Some(start.elapsed().as_secs_f64()),
+        );
+        let (hold, _) = bg(
+            &self.tb,
+            &self.xtask,
+            &[
+                "bench-tool",
+                "hold",
+                &format!("{}:80", self.ip),
+                &self.sizes.idle_conns.to_string(),
+            ],
+            "ready",
+            Duration::from_secs(60),
+        )?;
+        push(
+            values,
+            "rss_client_idle_1000_mib",
+            status_mib(pid, "VmRSS:"),
+        );
+        drop(hold);
+        measure_path(
+            &self.tb,
+            &format!("http://{}", self.ip),
+            &self.sizes,
+            values,
+        )?;
+        push(values, "rss_client_bulk_mib", status_mib(pid, "VmHWM:"));
+        push(values, "rss_shadow_mib", pod_hwm_mib(&self.tb, shadow));
+        Ok(())
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let sizes = if args.quick {
+        Sizes {
+            secs: 2,
+            bulk_mib: 32,
+            idle_conns: 1000,
+            conn_rate_n: 4000,
+        }
+    } else {
+        Sizes {
+            secs: 8,
+            bulk_mib: 256,
+            idle_conns: 1000,
+            conn_rate_n: 20000,
+        }
+    };
+    let repeats = if args.quick { 1 } else { args.repeats.max(1) };
+    // The quick run is a smoke test of the harness: it reuses the debug build CI already made.
+    let bin_dir = crate::build::binaries(!args.quick)?;
+    let tb = Testbed::default();
+    tb.up(UpOptions {
+        nodes: tb.nodes().max(1),
+    })?;
+    let (pod, ip) = fixtures(&tb, sizes.bulk_mib)?;
+    // Thousands of short connections a second from one client: let TIME_WAIT ports be reused
+    // (in the testbed's laptop only), or the port range, not the path, sets the rate.
+    let tw = sh(&tb, "cat /proc/sys/net/ipv4/tcp_tw_reuse")?
+        .trim()
+        .to_string();
+    sh(&tb, "echo 1 > /proc/sys/net/ipv4/tcp_tw_reuse")?;
+    let _restore_tw = Restore(
+        tb.clone(),
+        format!("echo {tw} > /proc/sys/net/ipv4/tcp_tw_reuse"),
+    );
+    let bench = Bench {
+        tb: tb.clone(),
+        sizes,
+        pod,
+        ip,
+        xtask: std::env::current_exe()?,
+    };
+    let mut raw: BTreeMap<String, Values> = BTreeMap::new();
+    let mut clients = BTreeMap::new();
+    let mut unavailable = BTreeMap::new();
+    clients.insert(
+        "ktctl".to_string(),
+        format!(
+            "ktctl {} ({} build), `ktctl connect`",
+            env!("CARGO_PKG_VERSION"),
+            if args.quick { "debug" } else { "release" }
+        ),
+    );
+    let mut kt_connect = match ktconnect::locate(args.kt_connect.as_deref()) {
+        Ok(k) => {
+            clients.insert(
+                "kt-connect".to_string(),
+                format!(
+                    "kt-connect {} (`ktctl connect --mode tun2socks`), shadow image {} as the testbed runs it (sshd and CoreDNS of this machine)",
+                    k.version,
+                    ktconnect::SHADOW_IMAGE
+                ),
+            );
+            Some(k)
+        }
+        Err(why) => {
+            unavailable.insert("kt-connect".to_string(), why);
+            None
+        }
+    };
+    let ktctl = bin_dir.join("ktctl");
+    for r in 0..repeats {
+        eprintln!("bench: repeat {}/{repeats}: raw", r + 1);
+        bench.raw(raw.entry("raw".into()).or_default())?;
+        eprintln!("bench: repeat {}/{repeats}: kubectl port-forward", r + 1);
+        bench.port_forward(raw.entry("port-forward".into()).or_default())?;
+        eprintln!("bench: repeat {}/{repeats}: ktctl", r + 1);
+        bench.ktctl(&ktctl, raw.entry("ktctl".into()).or_default())?;
+        if let Some(k) = &kt_connect {
+            eprintln!("bench: repeat {}/{repeats}: kt-connect", r + 1);
+            let mut values = Values::new();
+            match bench.kt_connect(k, &mut values) {
+                Ok(()) => {
+                    let all = raw.entry("kt-connect".into()).or_default();
+                    for (m, v) in values {
+                        all.entry(m).or_default().extend(v);
+                    }
+                }
+                // kt-connect failing is a result about kt-connect, not a failed benchmark.
+                Err(e) => {
+                    eprintln!("bench: kt-connect failed: {e:#}");
+                    unavailable.insert(
+                        "kt-connect".to_string(),
+                        format!("it failed in repeat {}: {e:#}", r + 1),
+                    );
+                    raw.remove("kt-connect");
+                    kt_connect = None;
+                }
+            }
+        }
+    }
+    let report = Report::new(raw, clients, unavailable, args.quick, repeats);
+    let dir = tb.layout.target.join("bench");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
+    let md = report::markdown(&report);
+    let svg = report::svg(&report);
+    std::fs::write(dir.join("report.md"), &md)?;
+    std::fs::write(dir.join("report.svg"), &svg)?;
+    println!("{md}");
+    eprintln!("bench: {} (json, md, svg)", dir.display());
+    if args.readme && !args.quick {
+        report::update_readme(&md, &svg)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK: &str = "Running 2s test @ http://10.244.1.5/1k\n  1 threads and 1 connections\n  Latency Distribution\n     50%  180.00us\n     75%  210.00us\n     90%    1.20ms\n     99%    2.50ms\n  5000 requests in 2.00s, 6.00MB read\nRequests/sec:   2500.50\nTransfer/sec:      3.00MB\n";
+
+    #[test]
+    fn wrk_output_parses() {
+        assert_eq!(wrk_percentile(WRK, "50%"), Some(0.18));
+        assert_eq!(wrk_percentile(WRK, "99%"), Some(2.5));
+        assert_eq!(wrk_percentile(WRK, "42%"), None);
+        assert_eq!(wrk_rate(WRK), Some(2500.5));
+    }
+}

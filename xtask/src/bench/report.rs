@@ -1,0 +1,463 @@
+//! The benchmark's report: statistics over repeats, ratios to the baselines of the same run,
+//! the goals of the benchmark issue, and the markdown, JSON and SVG outputs.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Result, bail};
+use serde::Serialize;
+
+/// The paths, in the order of the table's columns: name in the JSON, heading, bar colour.
+pub const PATHS: &[(&str, &str, &str)] = &[
+    ("raw", "raw", "#888888"),
+    ("port-forward", "kubectl port-forward", "#d08c2c"),
+    ("kt-connect", "kt-connect", "#c0392b"),
+    ("ktctl", "ktctl", "#2c7fb8"),
+];
+
+/// The baselines ktctl is compared with, as (path, heading).
+const BASELINES: &[(&str, &str)] = &[
+    ("port-forward", "port-forward"),
+    ("kt-connect", "kt-connect"),
+    ("raw", "raw"),
+];
+
+/// Metric names and units.
+pub const METRICS: &[(&str, &str)] = &[
+    ("latency_keepalive_p50_ms", "ms"),
+    ("latency_keepalive_p99_ms", "ms"),
+    ("latency_newconn_p50_ms", "ms"),
+    ("latency_newconn_p99_ms", "ms"),
+    ("bulk_1_stream_mib_s", "MiB/s"),
+    ("bulk_8_streams_mib_s", "MiB/s"),
+    ("fairness_p99_under_bulk_ms", "ms"),
+    ("new_connections_per_s", "conn/s"),
+    ("time_to_ready_s", "s"),
+    ("rss_client_idle_1000_mib", "MiB"),
+    ("rss_client_bulk_mib", "MiB"),
+    ("rss_shadow_mib", "MiB"),
+    ("hooks_connect_rate_ratio", "x"),
+];
+
+#[derive(Serialize, Default, Clone, Debug, PartialEq)]
+pub struct Stat {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+/// Min, median and max of the finite values; `None` when there are none.
+pub fn stat(mut v: Vec<f64>) -> Option<Stat> {
+    v.retain(|x| x.is_finite());
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    Some(Stat {
+        min: v[0],
+        median: v[v.len() / 2],
+        max: v[v.len() - 1],
+    })
+}
+
+/// One path's results: metric name -> stats.
+pub type PathResults = BTreeMap<String, Stat>;
+
+/// A goal from the benchmark issue, read against this run.
+#[derive(Serialize, Debug)]
+pub struct Goal {
+    pub goal: &'static str,
+    pub value: Option<f64>,
+    pub met: Option<bool>,
+}
+
+#[derive(Serialize)]
+pub struct Report {
+    pub date: String,
+    pub machine: String,
+    pub quick: bool,
+    pub repeats: usize,
+    /// What each measured client was (version, mode).
+    pub clients: BTreeMap<String, String>,
+    pub paths: BTreeMap<String, PathResults>,
+    /// Paths that were not measured, with the reason.
+    pub unavailable: BTreeMap<String, String>,
+    pub ratios: BTreeMap<String, f64>,
+    pub goals: Vec<Goal>,
+}
+
+impl Report {
+    /// Builds the report from every repeat's raw values (path -> metric -> values).
+    pub fn new(
+        raw: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
+        clients: BTreeMap<String, String>,
+        unavailable: BTreeMap<String, String>,
+        quick: bool,
+        repeats: usize,
+    ) -> Report {
+        let paths: BTreeMap<String, PathResults> = raw
+            .into_iter()
+            .map(|(p, ms)| {
+                (
+                    p,
+                    ms.into_iter()
+                        .filter_map(|(k, v)| stat(v).map(|s| (k, s)))
+                        .collect(),
+                )
+            })
+            .collect();
+        let mut ratios = BTreeMap::new();
+        for (m, _) in METRICS {
+            for (base, _) in BASELINES {
+                if let (Some(k), Some(b)) = (median(&paths, "ktctl", m), median(&paths, base, m))
+                    && b != 0.0
+                {
+                    ratios.insert(format!("ktctl/{base} {m}"), k / b);
+                }
+            }
+        }
+        Report {
+            goals: goals(&paths),
+            date: now(),
+            machine: machine_description(),
+            quick,
+            repeats,
+            clients,
+            paths,
+            unavailable,
+            ratios,
+        }
+    }
+}
+
+fn median(paths: &BTreeMap<String, PathResults>, path: &str, metric: &str) -> Option<f64> {
+    paths.get(path)?.get(metric).map(|s| s.median)
+}
+
+/// Small-request p99 under four bulk streams over the idle p99, of one path.
+fn fairness(paths: &BTreeMap<String, PathResults>, path: &str) -> Option<f64> {
+    Some(
+        median(paths, path, "fairness_p99_under_bulk_ms")?
+            / median(paths, path, "latency_keepalive_p99_ms")?,
+    )
+}
+
+pub fn goals(paths: &BTreeMap<String, PathResults>) -> Vec<Goal> {
+    let ratio = |m: &str, base: &str| Some(median(paths, "ktctl", m)? / median(paths, base, m)?);
+    let check = |goal: &'static str, value: Option<f64>, ok: fn(f64) -> bool| Goal {
+        goal,
+        value,
+        met: value.map(ok),
+    };
+    vec![
+        check(
+            "small-request p50 <= 1.1x kubectl port-forward's",
+            ratio("latency_keepalive_p50_ms", "port-forward"),
+            |v| v <= 1.1,
+        ),
+        check(
+            "small-request p50 <= 0.5x kt-connect's",
+            ratio("latency_keepalive_p50_ms", "kt-connect"),
+            |v| v <= 0.5,
+        ),
+        check(
+            "bulk throughput (1 stream) >= 1x kubectl port-forward's",
+            ratio("bulk_1_stream_mib_s", "port-forward"),
+            |v| v >= 1.0,
+        ),
+        check(
+            "bulk throughput (1 stream) >= 3x kt-connect's",
+            ratio("bulk_1_stream_mib_s", "kt-connect"),
+            |v| v >= 3.0,
+        ),
+        check(
+            "fairness: small-request p99 under 4 bulk streams <= 2x idle p99",
+            fairness(paths, "ktctl"),
+            |v| v <= 2.0,
+        ),
+        check(
+            "new connections/s >= 5x kubectl port-forward's",
+            ratio("new_connections_per_s", "port-forward"),
+            |v| v >= 5.0,
+        ),
+        check(
+            "ktctl RSS <= 60 MiB at 1,000 connections (MiB)",
+            median(paths, "ktctl", "rss_client_idle_1000_mib"),
+            |v| v <= 60.0,
+        ),
+        check(
+            "hooks cost <= 2% of other traffic's connect() rate (with/without)",
+            median(paths, "ktctl", "hooks_connect_rate_ratio"),
+            |v| v >= 0.98,
+        ),
+    ]
+}
+
+fn now() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine_description() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cpu}, {cores} cores, Linux {}", kernel.trim())
+}
+
+fn fmt(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else if v >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+pub fn markdown(r: &Report) -> String {
+    let mut s = format!(
+        "Measured {} on {} ({}; median of {} run(s), min–max in brackets).\n\n",
+        r.date,
+        r.machine,
+        if r.quick { "quick run" } else { "full run" },
+        r.repeats
+    );
+    s += "| metric |";
+    for (_, heading, _) in PATHS {
+        s += &format!(" {heading} |");
+    }
+    for (_, heading) in BASELINES {
+        s += &format!(" ktctl / {heading} |");
+    }
+    s += "\n|---|";
+    s += &"---|".repeat(PATHS.len() + BASELINES.len());
+    s += "\n";
+    for (m, unit) in METRICS {
+        s += &format!("| {m} ({unit}) |");
+        for (p, _, _) in PATHS {
+            let cell = r
+                .paths
+                .get(*p)
+                .and_then(|x| x.get(*m))
+                .map(|st| format!("{} [{}–{}]", fmt(st.median), fmt(st.min), fmt(st.max)))
+                .unwrap_or_else(|| "–".into());
+            s += &format!(" {cell} |");
+        }
+        for (b, _) in BASELINES {
+            let cell = r
+                .ratios
+                .get(&format!("ktctl/{b} {m}"))
+                .map(|v| format!("{v:.2}×"))
+                .unwrap_or_else(|| "–".into());
+            s += &format!(" {cell} |");
+        }
+        s += "\n";
+    }
+    s += "\n| goal | this run | |\n|---|---|---|\n";
+    for g in &r.goals {
+        let v = g
+            .value
+            .map(|v| format!("{v:.2}"))
+            .unwrap_or_else(|| "–".into());
+        let verdict = match g.met {
+            Some(true) => "met",
+            Some(false) => "**missed**",
+            None => "not measured",
+        };
+        s += &format!("| {} | {v} | {verdict} |\n", g.goal);
+    }
+    let others: Vec<String> = PATHS
+        .iter()
+        .filter(|(p, _, _)| *p != "ktctl")
+        .filter_map(|(p, heading, _)| Some(format!("{heading} {:.1}×", fairness(&r.paths, p)?)))
+        .collect();
+    if !others.is_empty() {
+        s += &format!(
+            "\nThe same fairness ratio (p99 under bulk / idle p99) of the other paths in this run: {}.\n",
+            others.join(", ")
+        );
+    }
+    if !r.clients.is_empty() {
+        s += "\n";
+        for (p, what) in &r.clients {
+            s += &format!("- {p}: {what}\n");
+        }
+    }
+    for (p, why) in &r.unavailable {
+        s += &format!("\n**{p}**: not measured. {why}\n");
+    }
+    s
+}
+
+/// Bars of the medians of the main metrics, one group per metric, one bar per path.
+pub fn svg(r: &Report) -> String {
+    let metrics = [
+        (
+            "latency_keepalive_p50_ms",
+            "small request p50 (ms, lower is better)",
+        ),
+        (
+            "latency_newconn_p50_ms",
+            "new connection + request p50 (ms, lower is better)",
+        ),
+        (
+            "fairness_p99_under_bulk_ms",
+            "small request p99 under bulk (ms, lower is better)",
+        ),
+        (
+            "bulk_1_stream_mib_s",
+            "bulk, 1 stream (MiB/s, higher is better)",
+        ),
+        (
+            "bulk_8_streams_mib_s",
+            "bulk, 8 streams (MiB/s, higher is better)",
+        ),
+        (
+            "new_connections_per_s",
+            "new connections/s (higher is better)",
+        ),
+    ];
+    let group_h = 20.0 + 15.0 * PATHS.len() as f64;
+    let (w, h) = (760.0, 60.0 + group_h * metrics.len() as f64);
+    let mut s = format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/><text x="10" y="20" font-size="14">ktctl bench: {} ({})</text>"#,
+        r.date, r.machine
+    );
+    for (i, (_, heading, c)) in PATHS.iter().enumerate() {
+        s += &format!(
+            r#"<rect x="{}" y="32" width="12" height="12" fill="{c}"/><text x="{}" y="43">{heading}</text>"#,
+            10 + i * 170,
+            26 + i * 170
+        );
+    }
+    for (gi, (m, title)) in metrics.iter().enumerate() {
+        let y0 = 60.0 + gi as f64 * group_h;
+        s += &format!(r#"<text x="10" y="{}">{title}</text>"#, y0 + 12.0);
+        let value = |p: &str| r.paths.get(p).and_then(|x| x.get(*m)).map(|st| st.median);
+        let max = PATHS
+            .iter()
+            .filter_map(|(p, _, _)| value(p))
+            .fold(0.0f64, f64::max);
+        for (pi, (p, heading, c)) in PATHS.iter().enumerate() {
+            let y = y0 + 18.0 + pi as f64 * 15.0;
+            match value(p) {
+                Some(v) => {
+                    let bw = if max > 0.0 { 480.0 * v / max } else { 0.0 };
+                    s += &format!(
+                        r#"<rect x="200" y="{y}" width="{bw:.1}" height="12" fill="{c}"/><text x="{:.1}" y="{:.1}">{}</text>"#,
+                        205.0 + bw,
+                        y + 10.0,
+                        fmt(v)
+                    );
+                }
+                None => {
+                    s += &format!(
+                        r##"<text x="205" y="{:.1}" fill="#999999">{heading}: not measured</text>"##,
+                        y + 10.0
+                    );
+                }
+            }
+        }
+    }
+    s + "</svg>\n"
+}
+
+/// Writes the table between the README's bench markers and the plot to docs/bench.svg.
+pub fn update_readme(md: &str, svg: &str) -> Result<()> {
+    let ws = crate::build::workspace();
+    let path = ws.join("README.md");
+    let text = std::fs::read_to_string(&path)?;
+    let (start, end) = ("<!-- bench:start -->", "<!-- bench:end -->");
+    let (Some(a), Some(b)) = (text.find(start), text.find(end)) else {
+        bail!("README.md has no {start}/{end} markers")
+    };
+    let new = format!(
+        "{}{start}\n{md}\n![benchmark](docs/bench.svg)\n{}",
+        &text[..a],
+        &text[b..]
+    );
+    std::fs::write(&path, new)?;
+    std::fs::create_dir_all(ws.join("docs"))?;
+    std::fs::write(ws.join("docs/bench.svg"), svg)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(entries: &[(&str, &str, f64)]) -> BTreeMap<String, BTreeMap<String, Vec<f64>>> {
+        let mut raw: BTreeMap<String, BTreeMap<String, Vec<f64>>> = BTreeMap::new();
+        for (p, m, v) in entries {
+            raw.entry(p.to_string())
+                .or_default()
+                .entry(m.to_string())
+                .or_default()
+                .push(*v);
+        }
+        raw
+    }
+
+    #[test]
+    fn stats_are_min_median_max() {
+        let s = stat(vec![3.0, 1.0, 2.0]).unwrap();
+        assert_eq!((s.min, s.median, s.max), (1.0, 2.0, 3.0));
+        assert!(stat(vec![]).is_none());
+        assert!(stat(vec![f64::NAN]).is_none());
+    }
+
+    #[test]
+    fn ratios_and_goals_compare_medians_of_the_same_run() {
+        let raw = results(&[
+            ("ktctl", "latency_keepalive_p50_ms", 0.4),
+            ("ktctl", "latency_keepalive_p50_ms", 0.5),
+            ("ktctl", "latency_keepalive_p50_ms", 9.0),
+            ("port-forward", "latency_keepalive_p50_ms", 0.5),
+            ("kt-connect", "latency_keepalive_p50_ms", 0.8),
+            ("ktctl", "bulk_1_stream_mib_s", 150.0),
+            ("kt-connect", "bulk_1_stream_mib_s", 60.0),
+        ]);
+        let r = Report::new(raw, BTreeMap::new(), BTreeMap::new(), false, 3);
+        assert_eq!(
+            r.ratios.get("ktctl/port-forward latency_keepalive_p50_ms"),
+            Some(&1.0)
+        );
+        let goal = |name: &str| r.goals.iter().find(|g| g.goal == name).unwrap();
+        let p50 = goal("small-request p50 <= 0.5x kt-connect's");
+        assert_eq!((p50.value, p50.met), (Some(0.625), Some(false)));
+        let bulk = goal("bulk throughput (1 stream) >= 3x kt-connect's");
+        assert_eq!((bulk.value, bulk.met), (Some(2.5), Some(false)));
+        let fair = goal("fairness: small-request p99 under 4 bulk streams <= 2x idle p99");
+        assert_eq!((fair.value, fair.met), (None, None));
+    }
+
+    #[test]
+    fn an_unmeasured_path_shows_as_such_with_its_reason() {
+        let raw = results(&[("ktctl", "new_connections_per_s", 3000.0)]);
+        let mut why = BTreeMap::new();
+        why.insert("kt-connect".to_string(), "no binary given".to_string());
+        let r = Report::new(raw, BTreeMap::new(), why, true, 1);
+        let md = markdown(&r);
+        assert!(
+            md.contains("**kt-connect**: not measured. no binary given"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| new_connections_per_s (conn/s) | – | – | – | 3000 [3000–3000] |"),
+            "{md}"
+        );
+        assert!(svg(&r).contains("kt-connect: not measured"));
+    }
+}

@@ -1,0 +1,98 @@
+//! Measuring helpers the benchmark runs inside the testbed's laptop (`cargo xtask bench-tool`).
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::time::Instant;
+
+use anyhow::Result;
+
+/// Helpers run inside the laptop by the benchmark (hidden from `--help`).
+#[derive(clap::Subcommand, Debug)]
+pub enum Tool {
+    /// Accept and close connections on ADDR
+    Listen { addr: SocketAddr },
+    /// Open and close N connections to ADDR from T threads; print connections per second
+    ConnectRate {
+        addr: SocketAddr,
+        n: usize,
+        threads: usize,
+    },
+    /// Open N idle connections to ADDR, print "ready", hold them until stdin closes
+    Hold { addr: SocketAddr, n: usize },
+}
+
+pub fn run(t: Tool) -> Result<()> {
+    match t {
+        Tool::Listen { addr } => {
+            // A deep backlog: SYNs dropped on a full queue wait a second to retry, which would
+            // measure the listener instead of connect().
+            let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            s.set_reuse_address(true)?;
+            s.bind(&addr.into())?;
+            s.listen(4096)?;
+            let l: TcpListener = s.into();
+            println!("listening");
+            std::io::stdout().flush()?;
+            let threads: Vec<_> = (0..2)
+                .map(|_| {
+                    let l = l.try_clone().expect("listener clone");
+                    std::thread::spawn(move || {
+                        for c in l.incoming() {
+                            drop(c);
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                let _ = t.join();
+            }
+        }
+        Tool::ConnectRate { addr, n, threads } => {
+            let start = Instant::now();
+            let per = n / threads;
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    std::thread::spawn(move || {
+                        for _ in 0..per {
+                            // Close with RST: no TIME_WAIT, so the port range never runs out.
+                            if let Ok(s) = TcpStream::connect(addr) {
+                                let off = libc::linger {
+                                    l_onoff: 1,
+                                    l_linger: 0,
+                                };
+                                // SAFETY: setsockopt on our own socket with a valid struct.
+                                unsafe {
+                                    libc::setsockopt(
+                                        std::os::fd::AsRawFd::as_raw_fd(&s),
+                                        libc::SOL_SOCKET,
+                                        libc::SO_LINGER,
+                                        (&off as *const libc::linger).cast(),
+                                        std::mem::size_of::<libc::linger>() as u32,
+                                    )
+                                };
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                let _ = h.join();
+            }
+            println!(
+                "{:.1}",
+                (per * threads) as f64 / start.elapsed().as_secs_f64()
+            );
+        }
+        Tool::Hold { addr, n } => {
+            let mut conns = Vec::with_capacity(n);
+            for _ in 0..n {
+                conns.push(TcpStream::connect(addr)?);
+            }
+            println!("ready");
+            std::io::stdout().flush()?;
+            let mut buf = Vec::new();
+            let _ = std::io::stdin().read_to_end(&mut buf);
+        }
+    }
+    Ok(())
+}
