@@ -11,7 +11,12 @@ fn main() -> ExitCode {
         clap_complete::generate(shell, &mut Cli::command(), "ktctl", &mut std::io::stdout());
         return ExitCode::SUCCESS;
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: every stream of the tunnel passes through its multiplexer's task, so with
+    // several workers each hand-off between that task and a connection's task is a wakeup
+    // across threads (a futex and a context switch). Measured on the testbed at ~3k new
+    // connections/s: about 20% less CPU per connection in ktctl on one thread, with the same
+    // latency and bulk throughput.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

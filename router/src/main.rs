@@ -35,7 +35,12 @@ fn main() -> ExitCode {
         .flatten_event(true)
         .with_current_span(false)
         .init();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
+    // One thread: every stream of the tunnel passes through its multiplexer's task, so with
+    // several workers each hand-off between that task and a connection's task is a wakeup
+    // across threads (a futex and a context switch). Measured on the testbed at ~3k new
+    // connections/s: about 20% less CPU per connection in the shadow on one thread, with the same
+    // latency and bulk throughput.
+    let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
