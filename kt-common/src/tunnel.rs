@@ -201,13 +201,14 @@ impl Mux {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let conn = yamux::Connection::new(Decoupled::new(io).compat(), yamux_config(), mode);
+        let (io, flusher) = transport(io);
+        let conn = yamux::Connection::new(io.compat(), yamux_config(), mode);
         let (open_tx, open_rx) = mpsc::channel(256);
         let (in_tx, in_rx) = mpsc::channel(1024);
         let closed = CancellationToken::new();
         let token = closed.clone();
         tokio::spawn(async move {
-            let r = drive(conn, open_rx, in_tx, token.clone()).await;
+            let r = drive(conn, flusher, open_rx, in_tx, token.clone()).await;
             if let Err(e) = r {
                 tracing::debug!(error = %e, "tunnel connection ended");
             }
@@ -280,45 +281,101 @@ pub fn reply_kind(code: wire::ErrorCode) -> io::ErrorKind {
     }
 }
 
-/// The transport as yamux sees it: reads come straight from the socket, writes go to a queue
-/// that a task of their own drains into the socket.
+/// The transport as yamux sees it: reads come straight from the socket; writes are appended to
+/// an outbox and never refused. The connection's driver task writes the outbox to the socket
+/// after each of its turns ([`Flusher`]), so the frames of one turn (yamux writes each frame's
+/// 12-byte header and its body separately) leave together, in full TLS records and few system
+/// calls, with no task or channel in between.
 ///
-/// yamux stops reading while a frame it owes the peer (a Pong) cannot be written; when both
-/// ends' socket buffers are full of data, both would stop reading and wait for each other
-/// forever. With writes that never block, reading never stops. The queue stays bounded because
-/// yamux sends stream data only within the windows the peer grants as it reads.
-struct Decoupled<T> {
+/// Why writes are never refused: yamux stops reading while a frame it owes the peer (a Pong)
+/// cannot be written; when both ends' socket buffers are full of data, both would stop
+/// reading and wait for each other forever. With writes that never block, reading never
+/// stops. The outbox stays bounded because yamux sends stream data only within the windows
+/// the peer grants as it reads.
+struct Transport<T> {
     rd: tokio::io::ReadHalf<T>,
-    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    outbox: Arc<Mutex<Outbox>>,
 }
 
-impl<T: AsyncRead + AsyncWrite + Send + 'static> Decoupled<T> {
-    fn new(io: T) -> Decoupled<T> {
-        let (rd, wr) = tokio::io::split(io);
-        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
-        tokio::spawn(async move {
-            // yamux writes each frame's 12-byte header and its body separately: gather them
-            // into TLS records of full size and few system calls, flushing when the queue is
-            // momentarily empty.
-            let mut wr = tokio::io::BufWriter::with_capacity(256 * 1024, wr);
-            let mut batch = Vec::with_capacity(64);
-            while rx.recv_many(&mut batch, 64).await > 0 {
-                for b in batch.drain(..) {
-                    if wr.write_all(&b).await.is_err() {
-                        return;
+#[derive(Default)]
+struct Outbox {
+    buf: BytesMut,
+    /// yamux closed its side: shut the socket down once the outbox is written.
+    shutdown: bool,
+}
+
+/// The write half of the transport, driven by the connection's driver task.
+struct Flusher<T> {
+    wr: tokio::io::WriteHalf<T>,
+    outbox: Arc<Mutex<Outbox>>,
+    /// Bytes taken from the outbox and not yet accepted by the socket (swapped with the
+    /// outbox's buffer, so neither is copied or reallocated in the steady state).
+    sending: BytesMut,
+    unflushed: bool,
+    shut: bool,
+}
+
+fn transport<T: AsyncRead + AsyncWrite>(io: T) -> (Transport<T>, Flusher<T>) {
+    let (rd, wr) = tokio::io::split(io);
+    let outbox = Arc::new(Mutex::new(Outbox::default()));
+    (
+        Transport {
+            rd,
+            outbox: outbox.clone(),
+        },
+        Flusher {
+            wr,
+            outbox,
+            sending: BytesMut::new(),
+            unflushed: false,
+            shut: false,
+        },
+    )
+}
+
+/// Outbox size at which the driver writes before its turn ends.
+const FLUSH_AT: usize = 256 * 1024;
+
+impl<T: AsyncRead + AsyncWrite> Flusher<T> {
+    /// Bytes waiting in the outbox.
+    fn backlog(&self) -> usize {
+        self.outbox.lock().expect("outbox lock").buf.len()
+    }
+
+    /// Writes everything in the outbox; `Pending` (with the waker registered) while the socket
+    /// is full.
+    fn poll_send(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
+        loop {
+            if self.sending.is_empty() {
+                let mut out = self.outbox.lock().expect("outbox lock");
+                if out.buf.is_empty() {
+                    let shutdown = out.shutdown;
+                    drop(out);
+                    if self.unflushed {
+                        std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_flush(cx))?;
+                        self.unflushed = false;
                     }
+                    if shutdown && !self.shut {
+                        std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_shutdown(cx))?;
+                        self.shut = true;
+                    }
+                    return Poll::Ready(Ok(()));
                 }
-                if rx.is_empty() && wr.flush().await.is_err() {
-                    return;
-                }
+                self.sending.clear();
+                std::mem::swap(&mut self.sending, &mut out.buf);
             }
-            let _ = wr.shutdown().await;
-        });
-        Decoupled { rd, tx: Some(tx) }
+            let n =
+                std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_write(cx, &self.sending))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            bytes::Buf::advance(&mut self.sending, n);
+            self.unflushed = true;
+        }
     }
 }
 
-impl<T: AsyncRead> AsyncRead for Decoupled<T> {
+impl<T: AsyncRead> AsyncRead for Transport<T> {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
@@ -328,20 +385,21 @@ impl<T: AsyncRead> AsyncRead for Decoupled<T> {
     }
 }
 
-impl<T> AsyncWrite for Decoupled<T> {
+impl<T> AsyncWrite for Transport<T> {
     fn poll_write(
         self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let closed = || io::Error::new(io::ErrorKind::BrokenPipe, "tunnel writer ended");
-        match &self.tx {
-            Some(tx) => match tx.send(Bytes::copy_from_slice(buf)) {
-                Ok(()) => Poll::Ready(Ok(buf.len())),
-                Err(_) => Poll::Ready(Err(closed())),
-            },
-            None => Poll::Ready(Err(closed())),
+        let mut out = self.outbox.lock().expect("outbox lock");
+        if out.shutdown {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "tunnel writer closed",
+            )));
         }
+        out.buf.extend_from_slice(buf);
+        Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(
         self: std::pin::Pin<&mut Self>,
@@ -350,22 +408,24 @@ impl<T> AsyncWrite for Decoupled<T> {
         Poll::Ready(Ok(()))
     }
     fn poll_shutdown(
-        mut self: std::pin::Pin<&mut Self>,
+        self: std::pin::Pin<&mut Self>,
         _: &mut std::task::Context<'_>,
     ) -> Poll<io::Result<()>> {
-        self.tx = None;
+        self.outbox.lock().expect("outbox lock").shutdown = true;
         Poll::Ready(Ok(()))
     }
 }
 
-async fn drive<T>(
+async fn drive<T, W>(
     mut conn: yamux::Connection<T>,
+    mut flusher: Flusher<W>,
     mut open_rx: mpsc::Receiver<OpenRequest>,
     in_tx: mpsc::Sender<MuxStream>,
     token: CancellationToken,
 ) -> Result<(), yamux::ConnectionError>
 where
     T: futures::AsyncRead + futures::AsyncWrite + Unpin,
+    W: AsyncRead + AsyncWrite,
 {
     let mut pending: Option<OpenRequest> = None;
     let mut requests_done = false;
@@ -375,6 +435,12 @@ where
         loop {
             if cancelled.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Ok(()));
+            }
+            // A long turn (a burst of frames) sends as it goes rather than all at its end.
+            if flusher.backlog() >= FLUSH_AT
+                && let Poll::Ready(Err(e)) = flusher.poll_send(cx)
+            {
+                return Poll::Ready(Err(yamux::ConnectionError::Io(e)));
             }
             if pending.is_none() && !requests_done {
                 match open_rx.poll_recv(cx) {
@@ -403,7 +469,13 @@ where
                 }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
-                Poll::Pending => return Poll::Pending,
+                // The turn is over: what yamux wrote during it goes out now, together.
+                Poll::Pending => {
+                    return match flusher.poll_send(cx) {
+                        Poll::Ready(Err(e)) => Poll::Ready(Err(yamux::ConnectionError::Io(e))),
+                        _ => Poll::Pending,
+                    };
+                }
             }
         }
     })
@@ -412,7 +484,18 @@ where
         let _ = req.send(Err(yamux::ConnectionError::Closed));
     }
     // Let queued frames (FIN, GoAway) reach the peer when we close on purpose.
-    let _ = tokio::time::timeout(Duration::from_secs(1), poll_fn(|cx| conn.poll_close(cx))).await;
+    let mut closed = false;
+    let close = poll_fn(|cx| {
+        if !closed && conn.poll_close(cx).is_ready() {
+            closed = true;
+        }
+        match flusher.poll_send(cx) {
+            Poll::Ready(Err(_)) => Poll::Ready(()),
+            Poll::Ready(Ok(())) if closed => Poll::Ready(()),
+            _ => Poll::Pending,
+        }
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
     result
 }
 
@@ -883,5 +966,124 @@ mod pump_tests {
         writer.await.unwrap();
         assert_eq!(n, data.len() as u64);
         assert_eq!(reader.await.unwrap(), data);
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::Context;
+
+    /// What the fake socket saw; shared with the test.
+    #[derive(Default)]
+    struct Seen {
+        writes: Vec<Vec<u8>>,
+        full: bool,
+        flushes: usize,
+        shut: bool,
+    }
+
+    /// A socket that records each write it is given and can be made to refuse writes.
+    #[derive(Clone, Default)]
+    struct Socket(Arc<Mutex<Seen>>);
+
+    impl Socket {
+        fn seen(&self) -> std::sync::MutexGuard<'_, Seen> {
+            self.0.lock().unwrap()
+        }
+    }
+
+    impl AsyncRead for Socket {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for Socket {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            let mut seen = self.seen();
+            if seen.full {
+                return Poll::Pending;
+            }
+            seen.writes.push(buf.to_vec());
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.seen().flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            self.seen().shut = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    fn cx() -> Context<'static> {
+        Context::from_waker(std::task::Waker::noop())
+    }
+
+    fn write(t: &mut Transport<Socket>, bytes: &[u8]) {
+        assert!(matches!(
+            Pin::new(t).poll_write(&mut cx(), bytes),
+            Poll::Ready(Ok(n)) if n == bytes.len()
+        ));
+    }
+
+    #[test]
+    fn the_frames_of_one_turn_leave_in_one_write_and_one_flush() {
+        let socket = Socket::default();
+        let (mut t, mut f) = transport(socket.clone());
+        for part in [&b"header12byte"[..], b"body", b"header12byte", b"more body"] {
+            write(&mut t, part);
+        }
+        assert!(matches!(f.poll_send(&mut cx()), Poll::Ready(Ok(()))));
+        let seen = socket.seen();
+        assert_eq!(
+            seen.writes,
+            vec![b"header12bytebodyheader12bytemore body".to_vec()]
+        );
+        assert_eq!(seen.flushes, 1);
+        assert!(!seen.shut);
+    }
+
+    #[test]
+    fn writes_are_never_refused_while_the_socket_is_full_and_leave_in_order_after() {
+        let socket = Socket::default();
+        socket.seen().full = true;
+        let (mut t, mut f) = transport(socket.clone());
+        write(&mut t, b"one ");
+        assert!(f.poll_send(&mut cx()).is_pending());
+        // yamux goes on writing (a Pong, say) while the socket is full, then closes.
+        write(&mut t, b"two ");
+        write(&mut t, b"three");
+        assert_eq!(f.backlog(), 9);
+        assert!(f.poll_send(&mut cx()).is_pending());
+        assert!(matches!(
+            Pin::new(&mut t).poll_shutdown(&mut cx()),
+            Poll::Ready(Ok(()))
+        ));
+        assert!(matches!(
+            Pin::new(&mut t).poll_write(&mut cx(), b"late"),
+            Poll::Ready(Err(_))
+        ));
+        assert!(
+            !socket.seen().shut,
+            "shut down before the outbox was written"
+        );
+        // The socket drains: everything leaves, oldest first, then the shutdown.
+        socket.seen().full = false;
+        assert!(matches!(f.poll_send(&mut cx()), Poll::Ready(Ok(()))));
+        let seen = socket.seen();
+        assert_eq!(seen.writes.concat(), b"one two three".to_vec());
+        assert!(seen.shut);
     }
 }

@@ -111,6 +111,127 @@ fn a_dead_one_node_testbed_is_replaced_whole_by_a_two_node_up() {
     assert_eq!(tb.nodes(), 2);
 }
 
+/// A folder removed when dropped.
+struct TempDir(std::path::PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The benchmark runs kt-connect against its shadow image as the testbed maps it: root logs in
+/// over SSH with the key from the ConfigMap (as kt-connect's ktctl deploys it), a SOCKS proxy
+/// over that SSH connection reaches the cluster (kt-connect's tun2socks path), and the shadow's
+/// DNS on port 53 (TCP, kt-connect's localDNS mode) answers cluster names.
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+fn kt_connects_shadow_image_serves_ssh_socks_and_dns_as_kt_connect_uses_them() {
+    let _tb = testbed();
+    seed_nginx();
+    let dir = TempDir(std::env::temp_dir().join(format!("kt-e2e-ssh-{}", std::process::id())));
+    std::fs::create_dir_all(&dir.0).expect("temp dir");
+    let key = dir.0.join("id_rsa");
+    let key_s = key.to_str().expect("utf-8 path");
+    let keygen = std::process::Command::new("ssh-keygen")
+        .args(["-q", "-t", "rsa", "-b", "2048", "-N", "", "-f", key_s])
+        .status()
+        .expect("ssh-keygen");
+    assert!(keygen.success());
+    let public = std::fs::read_to_string(dir.0.join("id_rsa.pub")).expect("public key");
+    for kind in ["pod", "configmap"] {
+        let _ = run_in(
+            Machine::Laptop,
+            &[
+                "kubectl",
+                "delete",
+                kind,
+                "ktc-shadow",
+                "--ignore-not-found",
+            ],
+        );
+    }
+    kubectl(&[
+        "create",
+        "configmap",
+        "ktc-shadow",
+        &format!("--from-literal=authorized={}", public.trim()),
+    ]);
+    let pod = laptop_sh(
+        r#"kubectl apply -f - <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata: {name: ktc-shadow, labels: {kt-role: shadow-connect}}
+spec:
+  containers:
+  - name: standalone
+    image: registry.cn-hangzhou.aliyuncs.com/rdc-incubator/kt-connect-shadow:v0.3.7
+    env: [{name: KT_DNS_PROTOCOL, value: tcp}]
+    volumeMounts: [{name: ssh-public-key, mountPath: /root/authorized}]
+  volumes:
+  - name: ssh-public-key
+    configMap: {name: ktc-shadow, items: [{key: authorized, path: authorized_keys}]}
+EOF"#,
+    );
+    assert!(
+        pod.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pod.stderr)
+    );
+    kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "pod/ktc-shadow",
+        "--timeout=60s",
+    ]);
+    let nginx_ip = nginx_pod_ip();
+    let svc_ip = kubectl(&["get", "svc", "nginx", "-o", "jsonpath={.spec.clusterIP}"]);
+    // One shell in the laptop: port-forwards to 22 and 53, an SSH SOCKS proxy through the
+    // first, curl through the proxy, a DNS query over TCP through the second.
+    let ssh = format!(
+        "ssh -i {key_s} -p 12222 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o ConnectTimeout=5"
+    );
+    let dns_query = r#"
+import socket, struct, sys
+name, want = sys.argv[1], sys.argv[2]
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.create_connection(("127.0.0.1", 15353), timeout=5)
+s.sendall(struct.pack(">H", len(q)) + q)
+n = struct.unpack(">H", s.recv(2, socket.MSG_WAITALL))[0]
+r = s.recv(n, socket.MSG_WAITALL)
+rcode, answers = r[3] & 15, struct.unpack(">H", r[6:8])[0]
+print(rcode, answers, socket.inet_ntoa(r[-4:]))
+"#;
+    let line = format!(
+        r#"set -u
+kubectl port-forward pod/ktc-shadow 12222:22 15353:53 >/dev/null 2>&1 & pf=$!
+trap 'kill $pf ${{socks:-}} 2>/dev/null' EXIT
+for i in $(seq 50); do {ssh} root@127.0.0.1 true 2>/dev/null && break; sleep 0.2; done
+echo "login=$({ssh} root@127.0.0.1 'id -un')"
+{ssh} -N -D 127.0.0.1:11080 root@127.0.0.1 & socks=$!
+for i in $(seq 50); do curl -s -m 2 --socks5-hostname 127.0.0.1:11080 http://{nginx_ip}/ >/dev/null && break; sleep 0.2; done
+echo "page=$(curl -sS -m 5 --socks5-hostname 127.0.0.1:11080 http://{nginx_ip}/)"
+echo "dns=$(python3 -c '{dns_query}' nginx.default.svc.cluster.local {svc_ip})"
+"#
+    );
+    let out = laptop_sh(&line);
+    let got = text(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(got.contains("login=root"), "ssh login: {got}\n{stderr}");
+    assert!(
+        got.contains(&format!("page={PAGE}")),
+        "SOCKS over SSH to the nginx pod: {got}\n{stderr}"
+    );
+    assert!(
+        got.contains(&format!("dns=0 1 {svc_ip}")),
+        "the shadow's DNS over TCP: {got}\n{stderr}"
+    );
+    for kind in ["pod", "configmap"] {
+        kubectl(&["delete", kind, "ktc-shadow", "--wait=false"]);
+    }
+}
+
 #[test]
 #[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
 fn seed_walkthrough_cluster_half_across_two_nodes_then_a_clean_down() {

@@ -89,8 +89,8 @@ pub struct Running {
 }
 
 impl Running {
-    pub fn pid(&self) -> u32 {
-        self.proc.as_ref().map_or(0, |p| p.0.id())
+    pub fn proc(&self) -> &Bg {
+        self.proc.as_ref().expect("running until dropped")
     }
 }
 
@@ -137,7 +137,7 @@ impl Drop for Home {
 }
 
 /// Starts `ktctl connect` of kt-connect in the laptop and waits for its banner.
-pub fn start(tb: &Testbed, k: &KtConnect) -> Result<(Running, Duration)> {
+pub fn start(tb: &Testbed, k: &KtConnect, node_selector: &str) -> Result<(Running, Duration)> {
     let home = Home(tb.layout.target.join("bench/kt-connect-home"));
     let _ = std::fs::remove_dir_all(&home.0);
     std::fs::create_dir_all(&home.0).with_context(|| format!("creating {}", home.0.display()))?;
@@ -171,6 +171,8 @@ exec "$@""#;
             "tun2socks",
             "--image",
             SHADOW_IMAGE,
+            "--nodeSelector",
+            node_selector,
         ],
         "All looks good",
         Duration::from_secs(120),

@@ -14,10 +14,11 @@ mod ktconnect;
 mod report;
 pub mod tool;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -154,8 +155,9 @@ fn measure_path(tb: &Testbed, base: &str, s: &Sizes, results: &mut Values) -> Re
     Ok(())
 }
 
-/// Creates the benchmark's nginx with a 1 KiB page and a bulk file.
-fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String)> {
+/// Creates the benchmark's nginx with a 1 KiB page and a bulk file; returns its pod's name,
+/// IP and node.
+fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String, String)> {
     let have = machine::output(
         &tb.layout,
         Machine::Laptop,
@@ -208,11 +210,14 @@ fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String)> {
             "pod",
             &pod,
             "-o",
-            "jsonpath={.status.podIP}",
+            "jsonpath={.status.podIP} {.spec.nodeName}",
         ],
-    )?
-    .trim()
-    .to_string();
+    )?;
+    let (ip, node) = ip
+        .trim()
+        .split_once(' ')
+        .context("the nginx pod has no IP or node")?;
+    let (ip, node) = (ip.to_string(), node.to_string());
     laptop(
         tb,
         &[
@@ -228,7 +233,7 @@ fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String)> {
             ),
         ],
     )?;
-    Ok((pod, ip))
+    Ok((pod, ip, node))
 }
 
 /// A shell line run in the laptop as a process group of its own; the whole group is killed
@@ -265,25 +270,49 @@ impl Drop for Restore {
     }
 }
 
-/// A process started in the laptop, killed when dropped.
-pub(crate) struct Bg(pub(crate) Child);
+/// A process started in the laptop, stopped (SIGINT, then SIGKILL) when dropped; keeps the
+/// last lines of its output for error messages.
+pub(crate) struct Bg {
+    child: Child,
+    output: Arc<Mutex<VecDeque<String>>>,
+}
+
+/// Lines of a background process's output kept for its error messages.
+const OUTPUT_LINES: usize = 40;
+
+impl Bg {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The last lines it printed.
+    pub(crate) fn output(&self) -> String {
+        let lines = self.output.lock().expect("output lock");
+        lines.iter().cloned().collect::<Vec<_>>().join("\n")
+    }
+}
 
 impl Drop for Bg {
     fn drop(&mut self) {
         // SAFETY: kill(2) on a child this process started.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
         let until = Instant::now() + Duration::from_secs(20);
         while Instant::now() < until {
-            if let Ok(Some(_)) = self.0.try_wait() {
+            if let Ok(Some(_)) = self.child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        eprintln!(
+            "bench: pid {} did not end within 20 s of SIGINT; killing it",
+            self.child.id()
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
+/// Starts `program` in the laptop and waits until a line of its output contains `ready`.
 pub(crate) fn bg(
     tb: &Testbed,
     program: &std::path::Path,
@@ -301,29 +330,43 @@ pub(crate) fn bg(
         .spawn()
         .with_context(|| format!("starting {}", program.display()))?;
     let (tx, rx) = std::sync::mpsc::channel();
+    let output = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_LINES)));
     for s in [
         Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
         Box::new(child.stderr.take().expect("stderr")),
     ] {
-        let tx = tx.clone();
+        let (tx, output) = (tx.clone(), output.clone());
         std::thread::spawn(move || {
             for l in BufReader::new(s).lines().map_while(Result::ok) {
+                {
+                    let mut o = output.lock().expect("output lock");
+                    if o.len() == OUTPUT_LINES {
+                        o.pop_front();
+                    }
+                    o.push_back(l.clone());
+                }
                 let _ = tx.send(l);
             }
         });
     }
-    let child = Bg(child);
+    let child = Bg { child, output };
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(l) if l.contains(ready) => return Ok((child, start.elapsed())),
             Ok(_) => {}
             Err(_) if start.elapsed() > timeout => bail!(
-                "{} did not print {ready:?} in {timeout:?}",
-                program.display()
+                "{} did not print {ready:?} in {timeout:?}; its output:\n{}",
+                program.display(),
+                child.output()
             ),
             Err(_) => {}
         }
     }
+}
+
+/// Runs `f`; a failure gets the last lines of `proc`'s output.
+fn with_output<T>(proc: &Bg, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    f().map_err(|e| e.context(format!("its output ended with:\n{}", proc.output())))
 }
 
 /// A field of /proc/PID/status in MiB (VmRSS: now, VmHWM: the peak).
@@ -382,6 +425,9 @@ struct Bench {
     /// The nginx pod's name and IP.
     pod: String,
     ip: String,
+    /// The nginx pod's node: the shadows go there too (as port-forward goes to that node's
+    /// kubelet), so that where the scheduler puts them adds no cross-node hop to some runs.
+    node: String,
     /// This program, for the `bench-tool` helpers.
     xtask: PathBuf,
 }
@@ -419,10 +465,10 @@ impl Bench {
         measure_path(&self.tb, "http://127.0.0.1:18090", &self.sizes, values)
     }
 
-    /// connect() rate to a loopback server from the laptop (best of three runs).
+    /// connect() rate to a loopback server from the laptop (best of five runs).
     fn connect_rate(&self) -> Result<f64> {
         let mut best = 0f64;
-        for _ in 0..3 {
+        for _ in 0..5 {
             let out = laptop(
                 &self.tb,
                 &[
@@ -440,7 +486,8 @@ impl Bench {
     }
 
     /// ktctl connect to the pod IP; also what its hooks cost other traffic: the loopback
-    /// connect() rate without ktctl, then while its hooks are attached.
+    /// connect() rate just before ktctl starts, and again as soon as it carries a request
+    /// (before the load, which would leave the machine in another state).
     fn ktctl(&self, ktctl: &std::path::Path, values: &mut Values) -> Result<()> {
         let (_listener, _) = bg(
             &self.tb,
@@ -454,26 +501,34 @@ impl Bench {
         let (k, _) = bg(
             &self.tb,
             ktctl,
-            &["connect"],
+            &["connect", "--nodeSelector", &self.node_selector()],
             "All looks good",
             Duration::from_secs(120),
         )?;
-        self.client(k.0.id(), "kt.dev/role=shadow-connect", start, values)?;
-        let with = self.connect_rate()?;
-        push(values, "hooks_connect_rate_ratio", Some(with / without));
-        Ok(())
+        with_output(&k, || {
+            self.ready(start, values)?;
+            let with = self.connect_rate()?;
+            push(values, "hooks_connect_rate_ratio", Some(with / without));
+            self.client(k.pid(), "kt.dev/role=shadow-connect", values)
+        })
     }
 
     fn kt_connect(&self, k: &ktconnect::KtConnect, values: &mut Values) -> Result<()> {
         let start = Instant::now();
-        let (running, _) = ktconnect::start(&self.tb, k)?;
-        self.client(running.pid(), ktconnect::SHADOW_SELECTOR, start, values)
+        let (running, _) = ktconnect::start(&self.tb, k, &self.node_selector())?;
+        with_output(running.proc(), || {
+            self.ready(start, values)?;
+            self.client(running.proc().pid(), ktconnect::SHADOW_SELECTOR, values)
+        })
     }
 
-    /// The measurements of a client that makes the pod IP reachable (ktctl, kt-connect),
-    /// started at `start`: time to the first request carried (the shadow's start included),
-    /// memory with idle connections, during the load, and of its shadow.
-    fn client(&self, pid: u32, shadow: &str, start: Instant, values: &mut Values) -> Result<()> {
+    fn node_selector(&self) -> String {
+        format!("kubernetes.io/hostname={}", self.node)
+    }
+
+    /// Waits for the first request a client (ktctl, kt-connect) started at `start` carries to
+    /// the pod IP: its time to ready, the shadow's start included.
+    fn ready(&self, start: Instant, values: &mut Values) -> Result<()> {
         let url = format!("http://{}/1k", self.ip);
         while machine::output(
             &self.tb.layout,
@@ -494,6 +549,12 @@ impl Bench {
             "time_to_ready_s",
             Some(start.elapsed().as_secs_f64()),
         );
+        Ok(())
+    }
+
+    /// The measurements of a ready client: memory with idle connections, the load, memory
+    /// after it, and its shadow's.
+    fn client(&self, pid: u32, shadow: &str, values: &mut Values) -> Result<()> {
         let (hold, _) = bg(
             &self.tb,
             &self.xtask,
@@ -547,7 +608,7 @@ pub fn run(args: Args) -> Result<()> {
     tb.up(UpOptions {
         nodes: tb.nodes().max(1),
     })?;
-    let (pod, ip) = fixtures(&tb, sizes.bulk_mib)?;
+    let (pod, ip, node) = fixtures(&tb, sizes.bulk_mib)?;
     // Thousands of short connections a second from one client: let TIME_WAIT ports be reused
     // (in the testbed's laptop only), or the port range, not the path, sets the rate.
     let tw = sh(&tb, "cat /proc/sys/net/ipv4/tcp_tw_reuse")?
@@ -563,6 +624,7 @@ pub fn run(args: Args) -> Result<()> {
         sizes,
         pod,
         ip,
+        node,
         xtask: std::env::current_exe()?,
     };
     let mut raw: BTreeMap<String, Values> = BTreeMap::new();
@@ -571,12 +633,13 @@ pub fn run(args: Args) -> Result<()> {
     clients.insert(
         "ktctl".to_string(),
         format!(
-            "ktctl {} ({} build), `ktctl connect`",
+            "ktctl {} ({} build), `ktctl connect`; both shadows run on the nginx pod's node (`--nodeSelector`)",
             env!("CARGO_PKG_VERSION"),
             if args.quick { "debug" } else { "release" }
         ),
     );
-    let mut kt_connect = match ktconnect::locate(args.kt_connect.as_deref()) {
+    let mut kt_connect_failures = vec![];
+    let kt_connect = match ktconnect::locate(args.kt_connect.as_deref()) {
         Ok(k) => {
             clients.insert(
                 "kt-connect".to_string(),
@@ -611,20 +674,31 @@ pub fn run(args: Args) -> Result<()> {
                         all.entry(m).or_default().extend(v);
                     }
                 }
-                // kt-connect failing is a result about kt-connect, not a failed benchmark.
+                // kt-connect failing is a result about kt-connect, not a failed benchmark:
+                // the report says so, with kt-connect's own last words.
                 Err(e) => {
-                    eprintln!("bench: kt-connect failed: {e:#}");
-                    unavailable.insert(
-                        "kt-connect".to_string(),
-                        format!("it failed in repeat {}: {e:#}", r + 1),
-                    );
-                    raw.remove("kt-connect");
-                    kt_connect = None;
+                    eprintln!("bench: kt-connect failed in repeat {}: {e:#}", r + 1);
+                    kt_connect_failures.push(format!("repeat {}: {e:#}", r + 1));
                 }
             }
         }
     }
-    let report = Report::new(raw, clients, unavailable, args.quick, repeats);
+    let mut notes = vec![];
+    if !kt_connect_failures.is_empty() {
+        let what = format!(
+            "kt-connect failed in {} of {repeats} repeat(s):\n```\n{}\n```",
+            kt_connect_failures.len(),
+            kt_connect_failures.join("\n")
+        );
+        if raw.contains_key("kt-connect") {
+            notes.push(format!(
+                "{what}\nIts numbers are those of the other repeats."
+            ));
+        } else {
+            unavailable.insert("kt-connect".to_string(), what);
+        }
+    }
+    let report = Report::new(raw, clients, unavailable, notes, args.quick, repeats);
     let dir = tb.layout.target.join("bench");
     std::fs::create_dir_all(&dir)?;
     std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;

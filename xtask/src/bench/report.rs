@@ -81,6 +81,8 @@ pub struct Report {
     pub paths: BTreeMap<String, PathResults>,
     /// Paths that were not measured, with the reason.
     pub unavailable: BTreeMap<String, String>,
+    /// What else happened in the run (a path that failed in some repeats).
+    pub notes: Vec<String>,
     pub ratios: BTreeMap<String, f64>,
     pub goals: Vec<Goal>,
 }
@@ -91,6 +93,7 @@ impl Report {
         raw: BTreeMap<String, BTreeMap<String, Vec<f64>>>,
         clients: BTreeMap<String, String>,
         unavailable: BTreeMap<String, String>,
+        notes: Vec<String>,
         quick: bool,
         repeats: usize,
     ) -> Report {
@@ -124,6 +127,7 @@ impl Report {
             clients,
             paths,
             unavailable,
+            notes,
             ratios,
         }
     }
@@ -295,6 +299,9 @@ pub fn markdown(r: &Report) -> String {
             s += &format!("- {p}: {what}\n");
         }
     }
+    for note in &r.notes {
+        s += &format!("\n{note}\n");
+    }
     for (p, why) in &r.unavailable {
         s += &format!("\n**{p}**: not measured. {why}\n");
     }
@@ -429,7 +436,7 @@ mod tests {
             ("ktctl", "bulk_1_stream_mib_s", 150.0),
             ("kt-connect", "bulk_1_stream_mib_s", 60.0),
         ]);
-        let r = Report::new(raw, BTreeMap::new(), BTreeMap::new(), false, 3);
+        let r = Report::new(raw, BTreeMap::new(), BTreeMap::new(), vec![], false, 3);
         assert_eq!(
             r.ratios.get("ktctl/port-forward latency_keepalive_p50_ms"),
             Some(&1.0)
@@ -448,7 +455,7 @@ mod tests {
         let raw = results(&[("ktctl", "new_connections_per_s", 3000.0)]);
         let mut why = BTreeMap::new();
         why.insert("kt-connect".to_string(), "no binary given".to_string());
-        let r = Report::new(raw, BTreeMap::new(), why, true, 1);
+        let r = Report::new(raw, BTreeMap::new(), why, vec![], true, 1);
         let md = markdown(&r);
         assert!(
             md.contains("**kt-connect**: not measured. no binary given"),
