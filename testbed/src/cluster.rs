@@ -652,24 +652,32 @@ impl Testbed {
         for d in &daemons {
             d.stop(l, Duration::from_secs(5));
         }
+        // Every step runs even when an earlier one failed, so that one stuck item does not
+        // leave the rest of the testbed behind; the failures are reported together.
+        let mut errors: Vec<String> = vec![];
+        let mut step = |r: Result<()>| {
+            if let Err(e) = r {
+                errors.push(format!("{e:#}"));
+            }
+        };
         // Pods' processes (and anything a test ran in a machine) live in the machines' cgroups.
         if let Ok(root) = cgroup2_root() {
             for name in machine_cgroups(&root) {
-                kill_cgroup_tree(&root.join(&name))?;
+                step(kill_cgroup_tree(&root.join(&name)));
             }
         }
         for ns in list_netns(POD_NS_PREFIX) {
-            ip(&["netns", "del", &ns])?;
+            step(ip(&["netns", "del", &ns]));
         }
         for n in 1..=MAX_NODES {
             let name = Machine::Node(n).name();
             if netns_path(&name).exists() {
-                ip(&["netns", "del", &name])?;
+                step(ip(&["netns", "del", &name]));
             }
         }
         for ns in [Machine::Laptop.name(), FABRIC_NS.to_string()] {
             if netns_path(&ns).exists() {
-                ip(&["netns", "del", &ns])?;
+                step(ip(&["netns", "del", &ns]));
             }
         }
         let _ = fs::remove_dir_all(Layout::netns_etc(Machine::Laptop));
@@ -679,8 +687,12 @@ impl Testbed {
         }
         let _ = fs::remove_dir_all(l.state().join("etcd"));
         let left = leftovers();
-        if !left.is_empty() {
-            bail!("testbed down left these behind:\n  {}", left.join("\n  "));
+        if !left.is_empty() || !errors.is_empty() {
+            bail!(
+                "testbed down failed:\n  {}\nand left these behind:\n  {}",
+                errors.join("\n  "),
+                left.join("\n  ")
+            );
         }
         eprintln!("testbed: down");
         Ok(())
@@ -742,10 +754,22 @@ fn remove_cgroup_tree(dir: &Path) -> Result<()> {
             }
         }
     }
-    // A cgroup folder is removed with rmdir even though it lists files.
-    fs::remove_dir(dir)
-        .or_else(|e| if dir.exists() { Err(e) } else { Ok(()) })
-        .with_context(|| format!("removing cgroup {}", dir.display()))
+    // A cgroup folder is removed with rmdir even though it lists files. It stays busy for a
+    // moment after its last process has left cgroup.procs (the kernel is still tearing the
+    // killed tasks down), so EBUSY is retried for a while.
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        match fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(_) if !dir.exists() => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < until => {
+                sleep(Duration::from_millis(50));
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing cgroup {}", dir.display()));
+            }
+        }
+    }
 }
 
 /// What a testbed could leave on the machine: processes in its cgroups, its cgroups, its
