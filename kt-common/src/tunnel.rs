@@ -297,20 +297,64 @@ struct Transport<T> {
     outbox: Arc<Mutex<Outbox>>,
 }
 
+/// Bytes yamux wrote and the socket has not taken yet, in chunks of [`CHUNK`]: memory follows
+/// the data (no buffer doubling as it grows), and drained chunks are reused.
 #[derive(Default)]
 struct Outbox {
-    buf: BytesMut,
+    chunks: std::collections::VecDeque<BytesMut>,
+    spare: Vec<BytesMut>,
+    len: usize,
     /// yamux closed its side: shut the socket down once the outbox is written.
     shutdown: bool,
+}
+
+/// The outbox's chunk size.
+const CHUNK: usize = 64 * 1024;
+/// Drained chunks kept for reuse.
+const SPARE_CHUNKS: usize = 8;
+
+impl Outbox {
+    fn push(&mut self, mut buf: &[u8]) {
+        self.len += buf.len();
+        while !buf.is_empty() {
+            let room = self.chunks.back().map_or(0, |c| c.capacity() - c.len());
+            if room == 0 {
+                let chunk = self
+                    .spare
+                    .pop()
+                    .unwrap_or_else(|| BytesMut::with_capacity(CHUNK));
+                self.chunks.push_back(chunk);
+                continue;
+            }
+            let n = room.min(buf.len());
+            let last = self.chunks.back_mut().expect("a chunk with room");
+            last.extend_from_slice(&buf[..n]);
+            buf = &buf[n..];
+        }
+    }
+
+    /// The socket took `n` bytes of the first chunk.
+    fn consumed(&mut self, n: usize) {
+        self.len -= n;
+        let first = self.chunks.front_mut().expect("a chunk was written");
+        bytes::Buf::advance(first, n);
+        if first.is_empty() {
+            let mut chunk = self.chunks.pop_front().expect("the first chunk");
+            if self.spare.len() < SPARE_CHUNKS {
+                chunk.clear();
+                // `clear` after `advance` leaves the front of the allocation unused; ask
+                // for it back (free when nothing else refers to the allocation).
+                chunk.reserve(CHUNK);
+                self.spare.push(chunk);
+            }
+        }
+    }
 }
 
 /// The write half of the transport, driven by the connection's driver task.
 struct Flusher<T> {
     wr: tokio::io::WriteHalf<T>,
     outbox: Arc<Mutex<Outbox>>,
-    /// Bytes taken from the outbox and not yet accepted by the socket (swapped with the
-    /// outbox's buffer, so neither is copied or reallocated in the steady state).
-    sending: BytesMut,
     unflushed: bool,
     shut: bool,
 }
@@ -326,7 +370,6 @@ fn transport<T: AsyncRead + AsyncWrite>(io: T) -> (Transport<T>, Flusher<T>) {
         Flusher {
             wr,
             outbox,
-            sending: BytesMut::new(),
             unflushed: false,
             shut: false,
         },
@@ -339,39 +382,33 @@ const FLUSH_AT: usize = 256 * 1024;
 impl<T: AsyncRead + AsyncWrite> Flusher<T> {
     /// Bytes waiting in the outbox.
     fn backlog(&self) -> usize {
-        self.outbox.lock().expect("outbox lock").buf.len()
+        self.outbox.lock().expect("outbox lock").len
     }
 
     /// Writes everything in the outbox; `Pending` (with the waker registered) while the socket
-    /// is full.
+    /// is full. (The lock is uncontended: the transport is written only by yamux, in this same
+    /// task.)
     fn poll_send(&mut self, cx: &mut std::task::Context<'_>) -> Poll<io::Result<()>> {
-        loop {
-            if self.sending.is_empty() {
-                let mut out = self.outbox.lock().expect("outbox lock");
-                if out.buf.is_empty() {
-                    let shutdown = out.shutdown;
-                    drop(out);
-                    if self.unflushed {
-                        std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_flush(cx))?;
-                        self.unflushed = false;
-                    }
-                    if shutdown && !self.shut {
-                        std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_shutdown(cx))?;
-                        self.shut = true;
-                    }
-                    return Poll::Ready(Ok(()));
-                }
-                self.sending.clear();
-                std::mem::swap(&mut self.sending, &mut out.buf);
-            }
-            let n =
-                std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_write(cx, &self.sending))?;
+        let mut out = self.outbox.lock().expect("outbox lock");
+        while let Some(first) = out.chunks.front().filter(|c| !c.is_empty()) {
+            let n = std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_write(cx, first))?;
             if n == 0 {
                 return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
             }
-            bytes::Buf::advance(&mut self.sending, n);
+            out.consumed(n);
             self.unflushed = true;
         }
+        let shutdown = out.shutdown;
+        drop(out);
+        if self.unflushed {
+            std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_flush(cx))?;
+            self.unflushed = false;
+        }
+        if shutdown && !self.shut {
+            std::task::ready!(std::pin::Pin::new(&mut self.wr).poll_shutdown(cx))?;
+            self.shut = true;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -398,7 +435,7 @@ impl<T> AsyncWrite for Transport<T> {
                 "tunnel writer closed",
             )));
         }
-        out.buf.extend_from_slice(buf);
+        out.push(buf);
         Poll::Ready(Ok(buf.len()))
     }
     fn poll_flush(
@@ -980,6 +1017,8 @@ mod transport_tests {
     struct Seen {
         writes: Vec<Vec<u8>>,
         full: bool,
+        /// The most a write takes (0: all).
+        max_write: usize,
         flushes: usize,
         shut: bool,
     }
@@ -1014,8 +1053,12 @@ mod transport_tests {
             if seen.full {
                 return Poll::Pending;
             }
-            seen.writes.push(buf.to_vec());
-            Poll::Ready(Ok(buf.len()))
+            let n = match seen.max_write {
+                0 => buf.len(),
+                m => m.min(buf.len()),
+            };
+            seen.writes.push(buf[..n].to_vec());
+            Poll::Ready(Ok(n))
         }
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
             self.seen().flushes += 1;
@@ -1056,6 +1099,27 @@ mod transport_tests {
     }
 
     #[test]
+    fn big_and_partial_writes_keep_their_order_in_a_few_reused_chunks() {
+        let socket = Socket::default();
+        socket.seen().max_write = 10_000;
+        let (mut t, mut f) = transport(socket.clone());
+        let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        for turn in data.chunks(200_000) {
+            for piece in turn.chunks(12_345) {
+                write(&mut t, piece);
+            }
+            assert!(matches!(f.poll_send(&mut cx()), Poll::Ready(Ok(()))));
+            let out = f.outbox.lock().unwrap();
+            assert_eq!(out.len, 0);
+            assert!(out.chunks.iter().all(|c| c.is_empty()));
+            assert!(out.spare.len() <= SPARE_CHUNKS);
+        }
+        let seen = socket.seen();
+        assert!(seen.writes.iter().all(|w| w.len() <= 10_000));
+        assert_eq!(seen.writes.concat(), data);
+    }
+
+    #[test]
     fn writes_are_never_refused_while_the_socket_is_full_and_leave_in_order_after() {
         let socket = Socket::default();
         socket.seen().full = true;
@@ -1065,7 +1129,7 @@ mod transport_tests {
         // yamux goes on writing (a Pong, say) while the socket is full, then closes.
         write(&mut t, b"two ");
         write(&mut t, b"three");
-        assert_eq!(f.backlog(), 9);
+        assert_eq!(f.backlog(), 13);
         assert!(f.poll_send(&mut cx()).is_pending());
         assert!(matches!(
             Pin::new(&mut t).poll_shutdown(&mut cx()),
