@@ -465,9 +465,10 @@ impl Bench {
         measure_path(&self.tb, "http://127.0.0.1:18090", &self.sizes, values)
     }
 
-    /// connect() rate to a loopback server from the laptop (best of five runs).
-    fn connect_rate(&self) -> Result<f64> {
-        let mut best = 0f64;
+    /// connect() to a loopback server from the laptop: the best rate and the least CPU time per
+    /// connection of five runs.
+    fn connect_rate(&self) -> Result<(f64, f64)> {
+        let (mut rate, mut cpu) = (0f64, f64::INFINITY);
         for _ in 0..5 {
             let out = laptop(
                 &self.tb,
@@ -480,14 +481,21 @@ impl Bench {
                     "2",
                 ],
             )?;
-            best = best.max(out.trim().parse()?);
+            let mut it = out.split_whitespace().map(str::parse::<f64>);
+            let (Some(Ok(r)), Some(Ok(c))) = (it.next(), it.next()) else {
+                bail!("connect-rate printed {out:?}");
+            };
+            rate = rate.max(r);
+            cpu = cpu.min(c);
         }
-        Ok(best)
+        Ok((rate, cpu))
     }
 
-    /// ktctl connect to the pod IP; also what its hooks cost other traffic: the loopback
-    /// connect() rate just before ktctl starts, and again as soon as it carries a request
-    /// (before the load, which would leave the machine in another state).
+    /// ktctl connect to the pod IP; also what its hooks cost other traffic: loopback connect()s
+    /// just before ktctl starts, and again as soon as it carries a request (before the load,
+    /// which would leave the machine in another state). Two ratios: of the rates, and of the
+    /// connecting process's CPU time per connection (without / with; the same cost without
+    /// the scheduling noise of a shared machine, which moves the rate by more than 2%).
     fn ktctl(&self, ktctl: &std::path::Path, values: &mut Values) -> Result<()> {
         let (_listener, _) = bg(
             &self.tb,
@@ -508,7 +516,8 @@ impl Bench {
         with_output(&k, || {
             self.ready(start, values)?;
             let with = self.connect_rate()?;
-            push(values, "hooks_connect_rate_ratio", Some(with / without));
+            push(values, "hooks_connect_rate_ratio", Some(with.0 / without.0));
+            push(values, "hooks_connect_cpu_ratio", Some(without.1 / with.1));
             self.client(k.pid(), "kt.dev/role=shadow-connect", values)
         })
     }
