@@ -188,36 +188,15 @@ fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String, String)> {
             "--timeout=90s",
         ],
     )?;
-    let pod = laptop(
+    let found = first_pod(
         tb,
-        &[
-            "kubectl",
-            "get",
-            "pod",
-            "-l",
-            "app=bench-nginx",
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ],
-    )?
-    .trim()
-    .to_string();
-    let ip = laptop(
-        tb,
-        &[
-            "kubectl",
-            "get",
-            "pod",
-            &pod,
-            "-o",
-            "jsonpath={.status.podIP} {.spec.nodeName}",
-        ],
+        "app=bench-nginx",
+        "{.metadata.name} {.status.podIP} {.spec.nodeName}",
     )?;
-    let (ip, node) = ip
-        .trim()
-        .split_once(' ')
-        .context("the nginx pod has no IP or node")?;
-    let (ip, node) = (ip.to_string(), node.to_string());
+    let [pod, ip, node] = found.split_whitespace().collect::<Vec<_>>()[..] else {
+        bail!("the nginx pod has no name, IP or node yet: {found:?}");
+    };
+    let (pod, ip, node) = (pod.to_string(), ip.to_string(), node.to_string());
     laptop(
         tb,
         &[
@@ -382,22 +361,21 @@ fn status_mib(pid: u32, field: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Fields (a jsonpath within one pod) of the first pod `selector` selects.
+fn first_pod(tb: &Testbed, selector: &str, fields: &str) -> Result<String> {
+    let jsonpath = format!("jsonpath={{range .items[0:1]}}{fields}{{end}}");
+    Ok(laptop(
+        tb,
+        &["kubectl", "get", "pod", "-l", selector, "-o", &jsonpath],
+    )?
+    .trim()
+    .to_string())
+}
+
 /// The peak RSS of a pod: the sum over every process of its containers (one for kt-router;
 /// sshd's listener and session processes for kt-connect's shadow).
 fn pod_hwm_mib(tb: &Testbed, selector: &str) -> Option<f64> {
-    let pod = laptop(
-        tb,
-        &[
-            "kubectl",
-            "get",
-            "pod",
-            "-l",
-            selector,
-            "-o",
-            "jsonpath={.items[0].metadata.uid} {.items[0].spec.nodeName}",
-        ],
-    )
-    .ok()?;
+    let pod = first_pod(tb, selector, "{.metadata.uid} {.spec.nodeName}").ok()?;
     let mut it = pod.split_whitespace();
     let (uid, node) = (it.next()?, it.next()?);
     let dir = machine::cgroup(Machine::parse(node)?)
