@@ -5,6 +5,7 @@ use ktctl::cli::{Cli, Command};
 use ktctl::error::Error;
 
 fn main() -> ExitCode {
+    kt_common::tunnel::keep_freed_heap();
     let cli = Cli::parse();
     ktctl::logging::init(cli.global.verbose.max(u8::from(cli.global.debug)));
     if let Command::Completion { shell } = cli.command {

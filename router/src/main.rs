@@ -26,6 +26,7 @@ enum Role {
 }
 
 fn main() -> ExitCode {
+    kt_common::tunnel::keep_freed_heap();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("KT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
