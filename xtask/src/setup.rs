@@ -19,6 +19,7 @@ const DEBIAN_PACKAGES: &[&str] = &[
     "socat",          // test clients
     "bpftool",        // inspecting attached programs in tests
     "wrk",            // benchmark load
+    "linux-perf",     // benchmark profiles
     "util-linux",     // nsenter, unshare
     "procps",         // sysctl, ps
     "skopeo",         // checks the OCI image archive

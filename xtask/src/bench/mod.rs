@@ -11,6 +11,7 @@
 //! the benchmark runs inside the testbed.
 
 mod ktconnect;
+mod profile;
 mod report;
 pub mod tool;
 
@@ -24,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kt_testbed::{Machine, Testbed, UpOptions, machine};
 
+use profile::{Profile, Workload};
 use report::Report;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -41,6 +43,17 @@ pub struct Args {
     /// why kt-connect is not measured
     #[arg(long, env = "KT_CONNECT_BIN")]
     pub kt_connect: Option<PathBuf>,
+    /// Which workloads to profile with perf (flame graphs beside the report): those of the
+    /// goals ktctl missed, all, or none. The quick run profiles one, to keep the path working
+    #[arg(long, value_enum, default_value_t = Profiles::Missed)]
+    pub profile: Profiles,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profiles {
+    Missed,
+    All,
+    None,
 }
 
 impl Args {
@@ -50,6 +63,7 @@ impl Args {
             repeats: 1,
             readme: false,
             kt_connect: std::env::var_os("KT_CONNECT_BIN").map(PathBuf::from),
+            profile: Profiles::Missed,
         }
     }
 }
@@ -372,9 +386,8 @@ fn first_pod(tb: &Testbed, selector: &str, fields: &str) -> Result<String> {
     .to_string())
 }
 
-/// The peak RSS of a pod: the sum over every process of its containers (one for kt-router;
-/// sshd's listener and session processes for kt-connect's shadow).
-fn pod_hwm_mib(tb: &Testbed, selector: &str) -> Option<f64> {
+/// The processes of the first pod `selector` selects (of all its containers).
+fn pod_pids(tb: &Testbed, selector: &str) -> Option<Vec<u32>> {
     let pod = first_pod(tb, selector, "{.metadata.uid} {.spec.nodeName}").ok()?;
     let mut it = pod.split_whitespace();
     let (uid, node) = (it.next()?, it.next()?);
@@ -382,18 +395,40 @@ fn pod_hwm_mib(tb: &Testbed, selector: &str) -> Option<f64> {
         .ok()?
         .join("pods")
         .join(uid);
-    let mut total = 0.0;
+    let mut pids = vec![];
     for container in std::fs::read_dir(dir).ok()?.filter_map(|e| e.ok()) {
-        let Ok(procs) = std::fs::read_to_string(container.path().join("cgroup.procs")) else {
-            continue;
-        };
-        total += procs
-            .split_whitespace()
-            .filter_map(|p| p.parse().ok())
-            .filter_map(|pid| status_mib(pid, "VmHWM:"))
-            .sum::<f64>();
+        if let Ok(procs) = std::fs::read_to_string(container.path().join("cgroup.procs")) {
+            pids.extend(
+                procs
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
     }
+    (!pids.is_empty()).then_some(pids)
+}
+
+/// The peak RSS of a pod: the sum over every process of its containers (one for kt-router;
+/// sshd's listener and session processes for kt-connect's shadow).
+fn pod_hwm_mib(tb: &Testbed, selector: &str) -> Option<f64> {
+    let total: f64 = pod_pids(tb, selector)?
+        .into_iter()
+        .filter_map(|pid| status_mib(pid, "VmHWM:"))
+        .sum();
     (total > 0.0).then_some(total)
+}
+
+/// The label of ktctl connect's shadow pod.
+const SHADOW: &str = "kt.dev/role=shadow-connect";
+
+/// How many pods `selector` selects.
+fn pod_count(tb: &Testbed, selector: &str) -> Result<usize> {
+    Ok(
+        laptop(tb, &["kubectl", "get", "pod", "-l", selector, "-o", "name"])?
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .count(),
+    )
 }
 
 /// What the benchmark needs in every repeat.
@@ -496,7 +531,147 @@ impl Bench {
             let with = self.connect_rate()?;
             push(values, "hooks_connect_rate_ratio", Some(with.0 / without.0));
             push(values, "hooks_connect_cpu_ratio", Some(without.1 / with.1));
-            self.client(k.pid(), "kt.dev/role=shadow-connect", values)
+            self.client(k.pid(), SHADOW, values)
+        })
+    }
+
+    /// Profiles of ktctl and its shadow under `wanted` workloads (with the goals each explains),
+    /// through a ktctl connect of their own; flame graphs and folded stacks go into `dir`.
+    fn profiles(
+        &self,
+        ktctl: &std::path::Path,
+        wanted: BTreeMap<Workload, Vec<String>>,
+        dir: &std::path::Path,
+    ) -> Vec<Profile> {
+        let failed = |w: Workload, goals: &[String], why: String| Profile {
+            workload: w,
+            goals: goals.to_vec(),
+            cores: vec![],
+            hottest: vec![],
+            bpf_percent: 0.0,
+            flamegraph: None,
+            error: Some(why),
+        };
+        let all_failed = |why: String| {
+            wanted
+                .iter()
+                .map(|(w, goals)| failed(*w, goals, why.clone()))
+                .collect()
+        };
+        if wanted.is_empty() {
+            return vec![];
+        }
+        if let Err(why) = profile::available() {
+            return all_failed(why);
+        }
+        let run = || -> Result<Vec<Profile>> {
+            let (_listener, _) = bg(
+                &self.tb,
+                &self.xtask,
+                &["bench-tool", "listen", "127.0.0.1:18099"],
+                "listening",
+                Duration::from_secs(10),
+            )?;
+            // The shadow of an earlier repeat may still be terminating: wait until only the
+            // new one is there.
+            let start = Instant::now();
+            let (k, _) = bg(
+                &self.tb,
+                ktctl,
+                &["connect", "--nodeSelector", &self.node_selector()],
+                "All looks good",
+                Duration::from_secs(120),
+            )?;
+            with_output(&k, || {
+                self.ready(start, &mut Values::new())?;
+                let shadow = loop {
+                    let names = pod_count(&self.tb, SHADOW)?;
+                    if names == 1 {
+                        break pod_pids(&self.tb, SHADOW).unwrap_or_default();
+                    }
+                    if start.elapsed() > Duration::from_secs(90) {
+                        bail!("{names} pods match {SHADOW} 90 s after ktctl started");
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                };
+                let mut pids = vec![k.pid()];
+                pids.extend(shadow);
+                Ok(wanted
+                    .iter()
+                    .map(|(w, goals)| {
+                        eprintln!("bench: profiling the {} workload", w.name());
+                        self.profile(*w, goals, &pids, dir)
+                            .unwrap_or_else(|e| failed(*w, goals, format!("{e:#}")))
+                    })
+                    .collect())
+            })
+        };
+        run().unwrap_or_else(|e| all_failed(format!("{e:#}")))
+    }
+
+    /// One workload's profile (its failure is the profile's error, not the benchmark's).
+    fn profile(
+        &self,
+        w: Workload,
+        goals: &[String],
+        pids: &[u32],
+        dir: &std::path::Path,
+    ) -> Result<Profile> {
+        let data = dir.join(format!("profile-{}.data", w.name()));
+        let data_arg = data.to_str().context("non-UTF-8 path")?;
+        let before;
+        let started;
+        match w.load(&format!("http://{}", self.ip)) {
+            Some(load) => {
+                let _load = Group::start(&self.tb, &load)?;
+                std::thread::sleep(Duration::from_secs(1));
+                (before, started) = (profile::cpu_times(), Instant::now());
+                let args = profile::record_args(data_arg, pids, self.sizes.secs, &[]);
+                laptop(
+                    &self.tb,
+                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                )?;
+            }
+            None => {
+                let n = self.sizes.conn_rate_n.to_string();
+                let tool = [
+                    self.xtask.to_str().context("non-UTF-8 path")?,
+                    "bench-tool",
+                    "connect-rate",
+                    "127.0.0.1:18099",
+                    &n,
+                    "2",
+                ];
+                (before, started) = (profile::cpu_times(), Instant::now());
+                let args = profile::record_args(data_arg, &[], 0, &tool);
+                laptop(
+                    &self.tb,
+                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
+                )?;
+            }
+        }
+        let cores = profile::cores_by_process(&before, &profile::cpu_times(), started.elapsed());
+        let folded = profile::fold(&data);
+        let _ = std::fs::remove_file(&data);
+        let folded = folded?;
+        let name = format!("profile-{}", w.name());
+        std::fs::write(dir.join(format!("{name}.folded")), &folded)?;
+        let title = match w {
+            Workload::Hooks => "connect() to loopback with ktctl's hooks attached".to_string(),
+            _ => format!("ktctl and its shadow: {} workload", w.name()),
+        };
+        std::fs::write(
+            dir.join(format!("{name}.svg")),
+            profile::flamegraph(&folded, &title)?,
+        )?;
+        Ok(Profile {
+            workload: w,
+            goals: goals.to_vec(),
+            cores,
+            hottest: profile::hottest(&folded, 10),
+            bpf_percent: profile::bpf_percent(&folded),
+            flamegraph: Some(format!("{name}.svg")),
+            error: None,
         })
     }
 
@@ -685,9 +860,28 @@ pub fn run(args: Args) -> Result<()> {
             unavailable.insert("kt-connect".to_string(), what);
         }
     }
-    let report = Report::new(raw, clients, unavailable, notes, args.quick, repeats);
+    let mut report = Report::new(raw, clients, unavailable, notes, args.quick, repeats);
     let dir = tb.layout.target.join("bench");
     std::fs::create_dir_all(&dir)?;
+    let mut wanted: BTreeMap<Workload, Vec<String>> = BTreeMap::new();
+    for g in &report.goals {
+        if let Some(w) = g.workload
+            && (args.profile == Profiles::All || g.met == Some(false))
+        {
+            wanted.entry(w).or_default().push(g.goal.to_string());
+        }
+    }
+    if args.profile == Profiles::None {
+        wanted.clear();
+    } else if args.quick {
+        // A smoke run: one workload, so that profiling keeps working.
+        let first = wanted.pop_first();
+        wanted = BTreeMap::from([first.unwrap_or((
+            Workload::Latency,
+            vec!["none missed: the quick run profiles one workload".to_string()],
+        ))]);
+    }
+    report.profiles = bench.profiles(&ktctl, wanted, &dir);
     std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report)?)?;
     let md = report::markdown(&report);
     let svg = report::svg(&report);

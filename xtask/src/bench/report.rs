@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use anyhow::{Result, bail};
 use serde::Serialize;
 
+use super::profile::{self, Profile, Workload};
+
 /// The paths, in the order of the table's columns: name in the JSON, heading, bar colour.
 pub const PATHS: &[(&str, &str, &str)] = &[
     ("raw", "raw", "#888888"),
@@ -69,6 +71,8 @@ pub struct Goal {
     pub goal: &'static str,
     pub value: Option<f64>,
     pub met: Option<bool>,
+    /// The workload whose profile explains a miss (none for memory).
+    pub workload: Option<Workload>,
 }
 
 #[derive(Serialize)]
@@ -86,6 +90,8 @@ pub struct Report {
     pub notes: Vec<String>,
     pub ratios: BTreeMap<String, f64>,
     pub goals: Vec<Goal>,
+    /// Where the time went in the workloads of missed goals.
+    pub profiles: Vec<Profile>,
 }
 
 impl Report {
@@ -130,6 +136,7 @@ impl Report {
             unavailable,
             notes,
             ratios,
+            profiles: vec![],
         }
     }
 }
@@ -148,51 +155,60 @@ fn fairness(paths: &BTreeMap<String, PathResults>, path: &str) -> Option<f64> {
 
 pub fn goals(paths: &BTreeMap<String, PathResults>) -> Vec<Goal> {
     let ratio = |m: &str, base: &str| Some(median(paths, "ktctl", m)? / median(paths, base, m)?);
-    let check = |goal: &'static str, value: Option<f64>, ok: fn(f64) -> bool| Goal {
+    let check = |goal: &'static str, value: Option<f64>, ok: fn(f64) -> bool, w| Goal {
         goal,
         value,
         met: value.map(ok),
+        workload: w,
     };
     vec![
         check(
             "small-request p50 <= 1.1x kubectl port-forward's",
             ratio("latency_keepalive_p50_ms", "port-forward"),
             |v| v <= 1.1,
+            Some(Workload::Latency),
         ),
         check(
             "small-request p50 <= 0.5x kt-connect's",
             ratio("latency_keepalive_p50_ms", "kt-connect"),
             |v| v <= 0.5,
+            Some(Workload::Latency),
         ),
         check(
             "bulk throughput (1 stream) >= 1x kubectl port-forward's",
             ratio("bulk_1_stream_mib_s", "port-forward"),
             |v| v >= 1.0,
+            Some(Workload::Bulk),
         ),
         check(
             "bulk throughput (1 stream) >= 3x kt-connect's",
             ratio("bulk_1_stream_mib_s", "kt-connect"),
             |v| v >= 3.0,
+            Some(Workload::Bulk),
         ),
         check(
             "fairness: small-request p99 under 4 bulk streams <= 2x idle p99",
             fairness(paths, "ktctl"),
             |v| v <= 2.0,
+            Some(Workload::Fairness),
         ),
         check(
             "new connections/s >= 5x kubectl port-forward's",
             ratio("new_connections_per_s", "port-forward"),
             |v| v >= 5.0,
+            Some(Workload::NewConnections),
         ),
         check(
             "ktctl RSS <= 60 MiB at 1,000 connections (MiB)",
             median(paths, "ktctl", "rss_client_idle_1000_mib"),
             |v| v <= 60.0,
+            None,
         ),
         check(
             "hooks cost <= 2% of other traffic's connect(): CPU per connect, without/with",
             median(paths, "ktctl", "hooks_connect_cpu_ratio"),
             |v| v >= 0.98,
+            Some(Workload::Hooks),
         ),
     ]
 }
@@ -306,7 +322,7 @@ pub fn markdown(r: &Report) -> String {
     for (p, why) in &r.unavailable {
         s += &format!("\n**{p}**: not measured. {why}\n");
     }
-    s
+    s + &profile::markdown(&r.profiles)
 }
 
 /// Bars of the medians of the main metrics, one group per metric, one bar per path.
