@@ -342,11 +342,18 @@ pub(crate) fn bg(
             }
         });
     }
+    drop(tx);
     let child = Bg { child, output };
     loop {
         match rx.recv_timeout(Duration::from_millis(200)) {
             Ok(l) if l.contains(ready) => return Ok((child, start.elapsed())),
             Ok(_) => {}
+            // Both output pipes closed: it has ended.
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!(
+                "{} ended before printing {ready:?}; its output:\n{}",
+                program.display(),
+                child.output()
+            ),
             Err(_) if start.elapsed() > timeout => bail!(
                 "{} did not print {ready:?} in {timeout:?}; its output:\n{}",
                 program.display(),
@@ -418,6 +425,9 @@ fn pod_hwm_mib(tb: &Testbed, selector: &str) -> Option<f64> {
     (total > 0.0).then_some(total)
 }
 
+/// A hooks profile makes this many times a connect-rate run's connections (enough samples).
+const HOOKS_PROFILE_RUNS: usize = 5;
+
 /// The label of ktctl connect's shadow pod.
 const SHADOW: &str = "kt.dev/role=shadow-connect";
 
@@ -478,22 +488,53 @@ impl Bench {
         measure_path(&self.tb, "http://127.0.0.1:18090", &self.sizes, values)
     }
 
+    /// `n` connect()s to the loopback listener, from two threads.
+    fn connect_rate_args(&self, n: usize) -> Result<Vec<String>> {
+        let xtask = self.xtask.to_str().context("non-UTF-8 path")?;
+        Ok([xtask, "bench-tool", "connect-rate", "127.0.0.1:18099"]
+            .iter()
+            .map(|a| a.to_string())
+            .chain([n.to_string(), "2".to_string()])
+            .collect())
+    }
+
+    /// `perf record` in the laptop into `data`: of `pids` for the run's duration, or of
+    /// `command` (see [`profile::record_args`]).
+    fn record(&self, data: &std::path::Path, pids: &[u32], command: &[String]) -> Result<()> {
+        let command: Vec<&str> = command.iter().map(String::as_str).collect();
+        let data = data.to_str().context("non-UTF-8 path")?;
+        let args = profile::record_args(data, pids, self.sizes.secs, &command);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = laptop(&self.tb, &args);
+        if out.is_err() {
+            let _ = std::fs::remove_file(data);
+        }
+        out.map(drop)
+    }
+
+    /// The share of a loopback connect()'s CPU time in cgroup BPF programs, with ktctl's
+    /// hooks attached: their cost, read from a profile of many connects (the rate itself
+    /// moves by more than 2% between runs on a shared machine). `None` without perf.
+    fn hooks_bpf_share(&self) -> Result<Option<f64>> {
+        if profile::available().is_err() {
+            return Ok(None);
+        }
+        let dir = self.tb.layout.target.join("bench");
+        std::fs::create_dir_all(&dir)?;
+        let data = dir.join("hooks.data");
+        let tool = self.connect_rate_args(self.sizes.conn_rate_n * HOOKS_PROFILE_RUNS)?;
+        self.record(&data, &[], &tool)?;
+        Ok(Some(profile::bpf_percent(&profile::take_folded(&data)?)))
+    }
+
     /// connect() to a loopback server from the laptop: the best rate and the least CPU time per
     /// connection of five runs.
     fn connect_rate(&self) -> Result<(f64, f64)> {
+        let args = self.connect_rate_args(self.sizes.conn_rate_n)?;
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let (mut rate, mut cpu) = (0f64, f64::INFINITY);
         for _ in 0..5 {
-            let out = laptop(
-                &self.tb,
-                &[
-                    self.xtask.to_str().context("non-UTF-8 path")?,
-                    "bench-tool",
-                    "connect-rate",
-                    "127.0.0.1:18099",
-                    &self.sizes.conn_rate_n.to_string(),
-                    "2",
-                ],
-            )?;
+            let out = laptop(&self.tb, &args)?;
             let mut it = out.split_whitespace().map(str::parse::<f64>);
             let (Some(Ok(r)), Some(Ok(c))) = (it.next(), it.next()) else {
                 bail!("connect-rate printed {out:?}");
@@ -531,6 +572,11 @@ impl Bench {
             let with = self.connect_rate()?;
             push(values, "hooks_connect_rate_ratio", Some(with.0 / without.0));
             push(values, "hooks_connect_cpu_ratio", Some(without.1 / with.1));
+            let share = self.hooks_bpf_share().unwrap_or_else(|e| {
+                eprintln!("bench: no profile of the hooks: {e:#}");
+                None
+            });
+            push(values, "hooks_bpf_cpu_percent", share);
             self.client(k.pid(), SHADOW, values)
         })
     }
@@ -618,42 +664,22 @@ impl Bench {
         dir: &std::path::Path,
     ) -> Result<Profile> {
         let data = dir.join(format!("profile-{}.data", w.name()));
-        let data_arg = data.to_str().context("non-UTF-8 path")?;
-        let before;
-        let started;
+        let (before, started);
         match w.load(&format!("http://{}", self.ip)) {
             Some(load) => {
                 let _load = Group::start(&self.tb, &load)?;
                 std::thread::sleep(Duration::from_secs(1));
                 (before, started) = (profile::cpu_times(), Instant::now());
-                let args = profile::record_args(data_arg, pids, self.sizes.secs, &[]);
-                laptop(
-                    &self.tb,
-                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
-                )?;
+                self.record(&data, pids, &[])?;
             }
             None => {
-                let n = self.sizes.conn_rate_n.to_string();
-                let tool = [
-                    self.xtask.to_str().context("non-UTF-8 path")?,
-                    "bench-tool",
-                    "connect-rate",
-                    "127.0.0.1:18099",
-                    &n,
-                    "2",
-                ];
+                let tool = self.connect_rate_args(self.sizes.conn_rate_n * HOOKS_PROFILE_RUNS)?;
                 (before, started) = (profile::cpu_times(), Instant::now());
-                let args = profile::record_args(data_arg, &[], 0, &tool);
-                laptop(
-                    &self.tb,
-                    &args.iter().map(String::as_str).collect::<Vec<_>>(),
-                )?;
+                self.record(&data, &[], &tool)?;
             }
         }
         let cores = profile::cores_by_process(&before, &profile::cpu_times(), started.elapsed());
-        let folded = profile::fold(&data);
-        let _ = std::fs::remove_file(&data);
-        let folded = folded?;
+        let folded = profile::take_folded(&data)?;
         let name = format!("profile-{}", w.name());
         std::fs::write(dir.join(format!("{name}.folded")), &folded)?;
         let title = match w {

@@ -122,6 +122,13 @@ pub fn fold(data: &Path) -> Result<String> {
     String::from_utf8(folded).context("folded stacks are not UTF-8")
 }
 
+/// [`fold`]s a `perf record` file and removes it (it can be tens of MiB).
+pub fn take_folded(data: &Path) -> Result<String> {
+    let folded = fold(data);
+    let _ = std::fs::remove_file(data);
+    folded
+}
+
 /// A flame graph (SVG) of folded stacks.
 pub fn flamegraph(folded: &str, title: &str) -> Result<Vec<u8>> {
     let mut opt = inferno::flamegraph::Options::default();
@@ -201,7 +208,9 @@ fn function(frames: &[&str]) -> String {
     }
     let kernel: Vec<&str> = frames.iter().map(|f| f.trim_end_matches("_[k]")).collect();
     if let Some(i) = kernel.iter().position(|f| *f == "do_syscall_64") {
-        let call = kernel.get(i + 1).copied().unwrap_or("?");
+        let Some(&call) = kernel.get(i + 1) else {
+            return "kernel: system call entry".to_string();
+        };
         if call.starts_with("exit_to_user_mode") || call.starts_with("syscall_exit") {
             return "kernel: scheduling at a system call's return".to_string();
         }
@@ -223,8 +232,8 @@ fn function(frames: &[&str]) -> String {
     "kernel: other".to_string()
 }
 
-/// The share (percent) of CPU time in stacks that pass through cgroup BPF programs (ktctl's
-/// hooks).
+/// The share (percent) of CPU time in stacks that pass through BPF programs of the kinds
+/// ktctl attaches (cgroup socket-address hooks, socket storage, sk_lookup).
 pub fn bpf_percent(folded: &str) -> f64 {
     let (mut bpf, mut total) = (0u64, 0u64);
     for line in folded.lines() {
@@ -235,7 +244,15 @@ pub fn bpf_percent(folded: &str) -> f64 {
             continue;
         };
         total += count;
-        if stack.contains("__cgroup_bpf_run") || stack.contains(";bpf_prog_") {
+        if [
+            "__cgroup_bpf_run",
+            ";bpf_prog_",
+            "bpf_sk_storage",
+            "bpf_sk_lookup",
+        ]
+        .iter()
+        .any(|f| stack.contains(f))
+        {
             bpf += count;
         }
     }
@@ -483,6 +500,7 @@ kt-router;main;kt_router::serve;ring::aes<Y> 15
             "kernel: interrupts"
         );
         assert_eq!(k("x;ret_from_fork_[k];kthread_[k]"), "kernel: other");
+        assert_eq!(k("x;do_syscall_64_[k]"), "kernel: system call entry");
         assert_eq!(k("x;main;poll_read<T>"), "poll_read");
         let folded = "x;do_syscall_64_[k];__sys_connect_[k];__cgroup_bpf_run_filter_sock_addr_[k] 1\nx;y 3\n";
         assert_eq!(bpf_percent(folded), 25.0);
