@@ -488,6 +488,32 @@ impl Bench {
         measure_path(&self.tb, "http://127.0.0.1:18090", &self.sizes, values)
     }
 
+    /// The loopback server the hooks' cost is measured against.
+    fn listener(&self) -> Result<Bg> {
+        let args = ["bench-tool", "listen", "127.0.0.1:18099"];
+        let (listener, _) = bg(
+            &self.tb,
+            &self.xtask,
+            &args,
+            "listening",
+            Duration::from_secs(10),
+        )?;
+        Ok(listener)
+    }
+
+    /// `ktctl connect`, its shadow on the nginx pod's node, once it says it is ready.
+    fn connect(&self, ktctl: &std::path::Path) -> Result<Bg> {
+        let args = ["connect", "--nodeSelector", &self.node_selector()];
+        let (k, _) = bg(
+            &self.tb,
+            ktctl,
+            &args,
+            "All looks good",
+            Duration::from_secs(120),
+        )?;
+        Ok(k)
+    }
+
     /// `n` connect()s to the loopback listener, from two threads.
     fn connect_rate_args(&self, n: usize) -> Result<Vec<String>> {
         let xtask = self.xtask.to_str().context("non-UTF-8 path")?;
@@ -551,22 +577,10 @@ impl Bench {
     /// connecting process's CPU time per connection (without / with; the same cost without
     /// the scheduling noise of a shared machine, which moves the rate by more than 2%).
     fn ktctl(&self, ktctl: &std::path::Path, values: &mut Values) -> Result<()> {
-        let (_listener, _) = bg(
-            &self.tb,
-            &self.xtask,
-            &["bench-tool", "listen", "127.0.0.1:18099"],
-            "listening",
-            Duration::from_secs(10),
-        )?;
+        let _listener = self.listener()?;
         let without = self.connect_rate()?;
         let start = Instant::now();
-        let (k, _) = bg(
-            &self.tb,
-            ktctl,
-            &["connect", "--nodeSelector", &self.node_selector()],
-            "All looks good",
-            Duration::from_secs(120),
-        )?;
+        let k = self.connect(ktctl)?;
         with_output(&k, || {
             self.ready(start, values)?;
             let with = self.connect_rate()?;
@@ -611,32 +625,20 @@ impl Bench {
             return all_failed(why);
         }
         let run = || -> Result<Vec<Profile>> {
-            let (_listener, _) = bg(
-                &self.tb,
-                &self.xtask,
-                &["bench-tool", "listen", "127.0.0.1:18099"],
-                "listening",
-                Duration::from_secs(10),
-            )?;
-            // The shadow of an earlier repeat may still be terminating: wait until only the
-            // new one is there.
+            let _listener = self.listener()?;
             let start = Instant::now();
-            let (k, _) = bg(
-                &self.tb,
-                ktctl,
-                &["connect", "--nodeSelector", &self.node_selector()],
-                "All looks good",
-                Duration::from_secs(120),
-            )?;
+            let k = self.connect(ktctl)?;
             with_output(&k, || {
                 self.ready(start, &mut Values::new())?;
+                // The shadow of an earlier repeat may still be terminating: wait until only
+                // the new one is there.
                 let shadow = loop {
-                    let names = pod_count(&self.tb, SHADOW)?;
-                    if names == 1 {
+                    let pods = pod_count(&self.tb, SHADOW)?;
+                    if pods == 1 {
                         break pod_pids(&self.tb, SHADOW).unwrap_or_default();
                     }
                     if start.elapsed() > Duration::from_secs(90) {
-                        bail!("{names} pods match {SHADOW} 90 s after ktctl started");
+                        bail!("{pods} pods match {SHADOW} 90 s after ktctl started");
                     }
                     std::thread::sleep(Duration::from_millis(500));
                 };

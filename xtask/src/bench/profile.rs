@@ -141,6 +141,14 @@ pub fn flamegraph(folded: &str, title: &str) -> Result<Vec<u8>> {
     Ok(svg)
 }
 
+/// The (stack, count) pairs of folded stacks; lines that are not one are skipped.
+fn stacks(folded: &str) -> impl Iterator<Item = (&str, u64)> {
+    folded.lines().filter_map(|line| {
+        let (stack, count) = line.rsplit_once(' ')?;
+        Some((stack, count.parse().ok()?))
+    })
+}
+
 /// A function with much CPU time of its own.
 #[derive(Serialize, Debug, PartialEq)]
 pub struct Hot {
@@ -155,13 +163,7 @@ pub struct Hot {
 pub fn hottest(folded: &str, n: usize) -> Vec<Hot> {
     let mut by: HashMap<(String, String, Option<String>), u64> = HashMap::new();
     let mut total = 0u64;
-    for line in folded.lines() {
-        let Some((stack, count)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(count) = count.parse::<u64>() else {
-            continue;
-        };
+    for (stack, count) in stacks(folded) {
         let frames: Vec<&str> = stack.split(';').collect();
         // The process's name, then at least one function.
         let [process, .., _] = frames[..] else {
@@ -236,13 +238,7 @@ fn function(frames: &[&str]) -> String {
 /// ktctl attaches (cgroup socket-address hooks, socket storage, sk_lookup).
 pub fn bpf_percent(folded: &str) -> f64 {
     let (mut bpf, mut total) = (0u64, 0u64);
-    for line in folded.lines() {
-        let Some((stack, count)) = line.rsplit_once(' ') else {
-            continue;
-        };
-        let Ok(count) = count.parse::<u64>() else {
-            continue;
-        };
+    for (stack, count) in stacks(folded) {
         total += count;
         if [
             "__cgroup_bpf_run",
