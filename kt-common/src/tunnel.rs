@@ -172,6 +172,9 @@ where
 // ---------------------------------------------------------------------------------------------
 // Multiplexer
 
+/// Which end of the connection: the client (ktctl) opens odd stream ids, the server even ones.
+pub use yamux::Mode;
+
 type OpenRequest = oneshot::Sender<Result<yamux::Stream, yamux::ConnectionError>>;
 
 /// A handle on one yamux connection: opens streams; cheap to clone.
@@ -202,6 +205,11 @@ pub fn keep_freed_heap() {
 /// The yamux settings: many streams, each with its own 256 KiB window (per-stream flow
 /// control: a stream whose reader stalls stops its sender), and a small shared budget for
 /// windows to grow into.
+///
+/// What a peer can make this end buffer is bounded by the windows: yamux refuses data beyond a
+/// stream's window, so at most [`MAX_STREAMS`] × 256 KiB + [`WINDOW_GROWTH`] wait in streams
+/// whose readers stall. (yamux requires the 256 KiB each stream starts with; a lower bound
+/// would take fewer streams.) What this end sends is bounded by [`MAX_OUTBOX`].
 pub fn yamux_config() -> yamux::Config {
     let mut c = yamux::Config::default();
     c.set_max_connection_receive_window(Some(
@@ -219,7 +227,21 @@ impl Mux {
     where
         T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let (io, flusher) = transport(io);
+        let (mux, inbound, _) = Mux::start_with(io, mode, MAX_OUTBOX);
+        (mux, inbound)
+    }
+
+    /// [`Mux::start`] with the outbox's limit given; also returns the outbox (for tests).
+    fn start_with<T>(
+        io: T,
+        mode: yamux::Mode,
+        max_outbox: usize,
+    ) -> (Mux, mpsc::Receiver<MuxStream>, Arc<Mutex<Outbox>>)
+    where
+        T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (io, flusher) = transport(io, max_outbox);
+        let outbox = flusher.outbox.clone();
         let conn = yamux::Connection::new(io.compat(), yamux_config(), mode);
         let (open_tx, open_rx) = mpsc::channel(256);
         let (in_tx, in_rx) = mpsc::channel(1024);
@@ -232,7 +254,7 @@ impl Mux {
             }
             token.cancel();
         });
-        (Mux { open_tx, closed }, in_rx)
+        (Mux { open_tx, closed }, in_rx, outbox)
     }
 
     /// Opens a stream to the peer.
@@ -305,11 +327,14 @@ pub fn reply_kind(code: wire::ErrorCode) -> io::ErrorKind {
 /// 12-byte header and its body separately) leave together, in full TLS records and few system
 /// calls, with no task or channel in between.
 ///
-/// Why writes are never refused: yamux stops reading while a frame it owes the peer (a Pong)
-/// cannot be written; when both ends' socket buffers are full of data, both would stop
-/// reading and wait for each other forever. With writes that never block, reading never
-/// stops. The outbox stays bounded because yamux sends stream data only within the windows
-/// the peer grants as it reads.
+/// Why writes never wait: yamux stops reading while a frame it owes the peer (a Pong) cannot
+/// be written; when both ends' socket buffers are full of data, both would stop reading and
+/// wait for each other forever. With writes that never block, reading never stops. yamux
+/// sends stream data only within the windows the peer grants as it reads, which keeps the
+/// outbox small while the peer reads (6 MiB at most with 200 saturated echo streams on
+/// loopback). A peer that stops reading grants nothing more, but every stream opened toward
+/// it starts with 256 KiB of credit, so opening streams could queue without end: past
+/// [`MAX_OUTBOX`] a write fails instead, which ends the connection (its streams are reset).
 struct Transport<T> {
     rd: tokio::io::ReadHalf<T>,
     outbox: Arc<Mutex<Outbox>>,
@@ -317,21 +342,39 @@ struct Transport<T> {
 
 /// Bytes yamux wrote and the socket has not taken yet, in chunks of [`CHUNK`]: memory follows
 /// the data (no buffer doubling as it grows), and drained chunks are reused.
-#[derive(Default)]
 struct Outbox {
     chunks: std::collections::VecDeque<BytesMut>,
     spare: Vec<BytesMut>,
     len: usize,
     /// yamux closed its side: shut the socket down once the outbox is written.
     shutdown: bool,
+    /// Most bytes held; a write past it fails.
+    limit: usize,
+    /// A write went past the limit: every write fails from then on.
+    overflowed: bool,
 }
 
 /// The outbox's chunk size.
 const CHUNK: usize = 64 * 1024;
 /// Drained chunks kept for reuse.
 const SPARE_CHUNKS: usize = 8;
+/// Most bytes waiting to be sent to the peer before the connection is ended: the full initial
+/// windows of 256 streams (yamux opens at most 256 that the peer has not acknowledged), ten
+/// times the most measured with a reading peer (see [`Transport`]).
+pub const MAX_OUTBOX: usize = 64 << 20;
 
 impl Outbox {
+    fn new(limit: usize) -> Outbox {
+        Outbox {
+            chunks: Default::default(),
+            spare: Vec::new(),
+            len: 0,
+            shutdown: false,
+            limit,
+            overflowed: false,
+        }
+    }
+
     fn push(&mut self, mut buf: &[u8]) {
         self.len += buf.len();
         while !buf.is_empty() {
@@ -377,9 +420,9 @@ struct Flusher<T> {
     shut: bool,
 }
 
-fn transport<T: AsyncRead + AsyncWrite>(io: T) -> (Transport<T>, Flusher<T>) {
+fn transport<T: AsyncRead + AsyncWrite>(io: T, max_outbox: usize) -> (Transport<T>, Flusher<T>) {
     let (rd, wr) = tokio::io::split(io);
-    let outbox = Arc::new(Mutex::new(Outbox::default()));
+    let outbox = Arc::new(Mutex::new(Outbox::new(max_outbox)));
     (
         Transport {
             rd,
@@ -401,6 +444,11 @@ impl<T: AsyncRead + AsyncWrite> Flusher<T> {
     /// Bytes waiting in the outbox.
     fn backlog(&self) -> usize {
         self.outbox.lock().expect("outbox lock").len
+    }
+
+    /// Whether a write went past the outbox's limit.
+    fn overflowed(&self) -> bool {
+        self.outbox.lock().expect("outbox lock").overflowed
     }
 
     /// Writes everything in the outbox; `Pending` (with the waker registered) while the socket
@@ -452,6 +500,21 @@ impl<T> AsyncWrite for Transport<T> {
                 io::ErrorKind::BrokenPipe,
                 "tunnel writer closed",
             )));
+        }
+        if out.overflowed || out.len + buf.len() > out.limit {
+            if !out.overflowed {
+                out.overflowed = true;
+                tracing::warn!(
+                    queued = out.len,
+                    limit = out.limit,
+                    "the tunnel's peer stopped reading: {} MiB wait to be sent to it; ending the connection",
+                    out.len >> 20
+                );
+            }
+            return Poll::Ready(Err(io::Error::other(format!(
+                "the peer stopped reading (over {} MiB queued toward it)",
+                out.limit >> 20
+            ))));
         }
         out.push(buf);
         Poll::Ready(Ok(buf.len()))
@@ -538,9 +601,13 @@ where
     if let Some(req) = pending {
         let _ = req.send(Err(yamux::ConnectionError::Closed));
     }
-    // Let queued frames (FIN, GoAway) reach the peer when we close on purpose.
+    // Let queued frames (FIN, GoAway) reach the peer when we close on purpose (not when the
+    // peer stopped reading: the memory goes at once).
     let mut closed = false;
     let close = poll_fn(|cx| {
+        if flusher.overflowed() {
+            return Poll::Ready(());
+        }
         if !closed && conn.poll_close(cx).is_ready() {
             closed = true;
         }
@@ -1102,7 +1169,7 @@ mod transport_tests {
     #[test]
     fn the_frames_of_one_turn_leave_in_one_write_and_one_flush() {
         let socket = Socket::default();
-        let (mut t, mut f) = transport(socket.clone());
+        let (mut t, mut f) = transport(socket.clone(), MAX_OUTBOX);
         for part in [&b"header12byte"[..], b"body", b"header12byte", b"more body"] {
             write(&mut t, part);
         }
@@ -1120,7 +1187,7 @@ mod transport_tests {
     fn big_and_partial_writes_keep_their_order_in_a_few_reused_chunks() {
         let socket = Socket::default();
         socket.seen().max_write = 10_000;
-        let (mut t, mut f) = transport(socket.clone());
+        let (mut t, mut f) = transport(socket.clone(), MAX_OUTBOX);
         let data: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
         for turn in data.chunks(200_000) {
             for piece in turn.chunks(12_345) {
@@ -1141,7 +1208,7 @@ mod transport_tests {
     fn writes_are_never_refused_while_the_socket_is_full_and_leave_in_order_after() {
         let socket = Socket::default();
         socket.seen().full = true;
-        let (mut t, mut f) = transport(socket.clone());
+        let (mut t, mut f) = transport(socket.clone(), MAX_OUTBOX);
         write(&mut t, b"one ");
         assert!(f.poll_send(&mut cx()).is_pending());
         // yamux goes on writing (a Pong, say) while the socket is full, then closes.
@@ -1167,5 +1234,54 @@ mod transport_tests {
         let seen = socket.seen();
         assert_eq!(seen.writes.concat(), b"one two three".to_vec());
         assert!(seen.shut);
+    }
+
+    #[test]
+    fn a_write_past_the_limit_fails_and_so_does_every_later_one() {
+        let socket = Socket::default();
+        socket.seen().full = true;
+        let (mut t, mut f) = transport(socket.clone(), 10);
+        write(&mut t, b"0123456789");
+        assert!(matches!(
+            Pin::new(&mut t).poll_write(&mut cx(), b"x"),
+            Poll::Ready(Err(_))
+        ));
+        assert_eq!(f.backlog(), 10, "the refused write was queued");
+        assert!(f.overflowed());
+        // Room again does not revive a connection whose peer stopped reading.
+        socket.seen().full = false;
+        assert!(matches!(f.poll_send(&mut cx()), Poll::Ready(Ok(()))));
+        assert!(matches!(
+            Pin::new(&mut t).poll_write(&mut cx(), b"x"),
+            Poll::Ready(Err(_))
+        ));
+    }
+
+    /// Regression: toward a peer that stopped reading its socket, every new stream's credit
+    /// went into the outbox, which grew without bound.
+    #[tokio::test]
+    async fn a_peer_that_stops_reading_ends_the_connection_instead_of_growing_the_outbox() {
+        let limit = 4 << 20;
+        // The peer's end: held open, never read.
+        let (ours, _theirs) = tokio::io::duplex(64 * 1024);
+        let (mux, _inbound, outbox) = Mux::start_with(ours, Mode::Client, limit);
+        // 64 streams with 256 KiB of credit each could queue 16 MiB.
+        for _ in 0..64 {
+            let mux = mux.clone();
+            tokio::spawn(async move {
+                let Ok(mut s) = mux.open().await else { return };
+                let chunk = vec![7u8; 16 * 1024];
+                while s.write_all(&chunk).await.is_ok() {}
+            });
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(10), mux.closed()).await;
+        let out = outbox.lock().unwrap();
+        assert!(
+            ended.is_ok(),
+            "the connection is still up with {} KiB queued toward a peer that does not read",
+            out.len >> 10
+        );
+        assert!(out.overflowed, "the connection ended for another reason");
+        assert!(out.len <= limit, "{} bytes queued, over the limit", out.len);
     }
 }
