@@ -359,10 +359,16 @@ async fn udp_exchange(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec
     let mut buf = vec![0u8; 65_535];
     for _ in 0..2 {
         sock.send(query).await?;
-        if let Ok(r) = tokio::time::timeout(UPSTREAM_TIMEOUT / 2, sock.recv(&mut buf)).await {
+        let deadline = tokio::time::Instant::now() + UPSTREAM_TIMEOUT / 2;
+        // A reply with another ID or question (late, for an earlier query, or spoofed) is
+        // dropped, and the wait goes on, as a stub resolver's would.
+        while let Ok(r) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await {
             let n = r?;
-            buf.truncate(n);
-            return Ok(buf);
+            if kt_common::dnsmsg::reply_matches(query, &buf[..n]) {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+            tracing::debug!(%upstream, len = n, "dropping a DNS reply that does not match its query");
         }
     }
     Err(std::io::Error::new(
@@ -427,5 +433,37 @@ mod tests {
             vec!["lan".to_string()]
         );
         assert_eq!(host_config(""), (vec![], vec![]));
+    }
+
+    /// Regression: the first datagram from the resolver's address was taken as the answer,
+    /// whatever its ID.
+    #[tokio::test]
+    async fn udp_exchange_drops_a_spoofed_reply_and_returns_the_right_one() {
+        let server = tokio::net::UdpSocket::bind("127.0.0.1:0")
+            .await
+            .expect("bind the resolver");
+        let upstream = server.local_addr().expect("its address");
+        let mut q = Message::query();
+        q.metadata.id = 0x4b54;
+        q.metadata.recursion_desired = true;
+        q.add_query(Query::query(
+            DnsName::from_str("nginx.example.").expect("a name"),
+            RecordType::A,
+        ));
+        let query = q.to_vec().expect("encode");
+        let mut right = query.clone();
+        right[2] |= 0x80;
+        right.extend_from_slice(b"the answer");
+        let mut spoofed = right.clone();
+        spoofed[0] ^= 0xff;
+        let (sent_right, sent_spoofed) = (right.clone(), spoofed.clone());
+        tokio::spawn(async move {
+            let mut buf = [0u8; 512];
+            let (_, client) = server.recv_from(&mut buf).await.expect("the query");
+            server.send_to(&sent_spoofed, client).await.expect("spoof");
+            server.send_to(&sent_right, client).await.expect("answer");
+        });
+        let got = udp_exchange(upstream, &query).await.expect("an answer");
+        assert_eq!(got, right, "the spoofed reply was taken");
     }
 }
