@@ -122,6 +122,14 @@ fn include_contains(routes: &[Route], e: &Ipv4Net) -> bool {
     routes.iter().any(|r| r.net.contains(e))
 }
 
+/// Whether `net` overlaps loopback (127.0.0.0/8): the machine's own services, ktctl's alias
+/// space (127.128.0.0/9) and its DNS servers (127.127.53.0/24). Such addresses cannot be sent
+/// through the cluster.
+pub fn overlaps_loopback(net: &Ipv4Net) -> bool {
+    let loopback = Ipv4Net::new(Ipv4Addr::new(127, 0, 0, 0), 8).expect("8 is a valid prefix");
+    loopback.contains(net) || net.contains(&loopback)
+}
+
 /// The /16 around an address: kt-connect's guess when the cluster does not say its CIDRs.
 pub fn widen16(ip: Ipv4Addr) -> Ipv4Net {
     Ipv4Net::new(ip, 16).expect("16 is a valid prefix").trunc()
@@ -208,6 +216,27 @@ mod tests {
         assert_eq!(p.alias_of(ip("10.96.5.7")), None);
         assert!(p.alias_of(ip("10.96.6.7")).is_some());
         assert_eq!(p.alias_of(ip("172.20.0.1")), None);
+    }
+
+    #[test]
+    fn loopback_and_the_alias_space_are_recognised() {
+        for net in [
+            "127.0.0.1/32",
+            "127.0.0.0/8",
+            "127.128.0.0/16",
+            "127.127.53.1/32",
+            "0.0.0.0/0",
+            "120.0.0.0/5",
+        ] {
+            assert!(overlaps_loopback(&n(net)), "{net}");
+        }
+        for net in ["10.96.0.0/16", "126.255.255.255/32", "128.0.0.0/8"] {
+            assert!(!overlaps_loopback(&n(net)), "{net}");
+        }
+        let alias_space = Ipv4Net::new(Ipv4Addr::from(ALIAS_NET), ALIAS_PREFIX as u8).unwrap();
+        assert!(overlaps_loopback(&alias_space));
+        let dns = Ipv4Addr::from(kt_common::bpf::DNS_ALIAS_NET + 1);
+        assert!(overlaps_loopback(&Ipv4Net::from(dns)));
     }
 
     #[test]

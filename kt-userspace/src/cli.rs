@@ -64,7 +64,8 @@ pub struct Global {
         long = "podCreationTimeout",
         visible_alias = "pod-creation-timeout",
         global = true,
-        default_value_t = 60
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(1..=3_600)
     )]
     pub pod_creation_timeout: u64,
 }
@@ -92,8 +93,8 @@ pub struct ConnectArgs {
         default_value = "cluster.local"
     )]
     pub cluster_domain: String,
-    /// More CIDRs (or IPs) to reach through the cluster, comma separated
-    #[arg(long = "includeIps", visible_alias = "include-ips", value_delimiter = ',', value_parser = parse_net)]
+    /// More CIDRs (or IPs) to reach through the cluster, comma separated (not loopback)
+    #[arg(long = "includeIps", visible_alias = "include-ips", value_delimiter = ',', value_parser = parse_include)]
     pub include_ips: Vec<Ipv4Net>,
     /// CIDRs (or IPs) never to redirect, comma separated
     #[arg(long = "excludeIps", visible_alias = "exclude-ips", value_delimiter = ',', value_parser = parse_net)]
@@ -102,7 +103,8 @@ pub struct ConnectArgs {
     #[arg(
         long = "dnsCacheTtl",
         visible_alias = "dns-cache-ttl",
-        default_value_t = 60
+        default_value_t = 60,
+        value_parser = clap::value_parser!(u64).range(0..=86_400)
     )]
     pub dns_cache_ttl: u64,
     /// Share one shadow among users of the namespace (kt-connect); see the README
@@ -118,7 +120,8 @@ pub struct ConnectArgs {
     #[arg(
         long = "portForwardTimeout",
         visible_alias = "port-forward-timeout",
-        default_value_t = 10
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=600)
     )]
     pub port_forward_timeout: u64,
     /// Seconds the shadow waits for a vanished ktctl before it ends the session
@@ -139,7 +142,7 @@ pub struct DiagnoseArgs {
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub pings: u32,
     /// MiB to send each way for the throughput
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=16_384))]
     pub mib: u64,
     /// The cluster's DNS domain
     #[arg(
@@ -165,6 +168,18 @@ pub fn parse_net(s: &str) -> Result<Ipv4Net, String> {
     Err(format!(
         "{s:?} is neither an IPv4 CIDR (10.0.0.0/16) nor an IPv4 address"
     ))
+}
+
+/// An `--includeIps` entry: a CIDR or address, not loopback (ktctl's own aliases live there,
+/// and the machine's services must stay local).
+pub fn parse_include(s: &str) -> Result<Ipv4Net, String> {
+    let net = parse_net(s)?;
+    if crate::cidr::overlaps_loopback(&net) {
+        return Err(format!(
+            "{net} overlaps loopback (127.0.0.0/8), which stays on this machine and holds ktctl's own aliases; give the cluster's addresses"
+        ));
+    }
+    Ok(net)
 }
 
 #[cfg(test)]
@@ -305,6 +320,85 @@ mod tests {
         ]));
         assert_eq!(a.cmd, vec!["curl", "-s", "http://nginx"]);
         assert_eq!(a.grace, 10);
+    }
+
+    /// Parses `args`, expecting a usage error (exit code 2) that names `flag`.
+    fn refused(args: &[&str], flag: &str) {
+        let e = Cli::try_parse_from(std::iter::once("ktctl").chain(args.iter().copied()))
+            .err()
+            .unwrap_or_else(|| panic!("{args:?} was accepted"));
+        assert_eq!(e.exit_code(), 2, "{args:?}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains(flag),
+            "{args:?}: the error does not name {flag}: {msg}"
+        );
+    }
+
+    #[test]
+    fn include_ips_refuses_loopback_and_the_alias_space() {
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.0/8",
+            "127.128.0.0/16",
+            "127.128.5.9",
+            "127.127.53.1",
+            "0.0.0.0/0",
+            "10.1.0.0/16,127.1.2.3",
+        ] {
+            refused(&["connect", "--includeIps", bad], "--includeIps");
+        }
+        let a = connect(parse(&["connect", "--includeIps", "126.0.0.0/8,128.0.0.1"]));
+        assert_eq!(a.include_ips.len(), 2);
+    }
+
+    /// Regression: out-of-range numbers were accepted and then truncated or overflowed (the
+    /// DNS TTL cast to u32, --mib multiplied into bytes, timeouts of centuries).
+    #[test]
+    fn numeric_flags_are_range_checked() {
+        let huge = "18446744073709551615";
+        for (flag, bad) in [
+            ("--grace", "4"),
+            ("--grace", "86401"),
+            ("--dnsCacheTtl", "86401"),
+            ("--dnsCacheTtl", "4294967296"),
+            ("--dnsCacheTtl", huge),
+            ("--portForwardTimeout", "0"),
+            ("--portForwardTimeout", "601"),
+            ("--portForwardTimeout", huge),
+            ("--podCreationTimeout", "0"),
+            ("--podCreationTimeout", "3601"),
+            ("--podCreationTimeout", huge),
+        ] {
+            refused(&["connect", flag, bad], flag);
+        }
+        for (flag, bad) in [
+            ("--mib", "0"),
+            ("--mib", "16385"),
+            ("--mib", huge),
+            ("--pings", "0"),
+        ] {
+            refused(&["diagnose", flag, bad], flag);
+        }
+        let a = connect(parse(&[
+            "--podCreationTimeout",
+            "3600",
+            "connect",
+            "--grace",
+            "86400",
+            "--dnsCacheTtl",
+            "0",
+            "--portForwardTimeout",
+            "600",
+        ]));
+        assert_eq!(
+            (a.grace, a.dns_cache_ttl, a.port_forward_timeout),
+            (86_400, 0, 600)
+        );
+        match parse(&["diagnose", "--mib", "16384"]).command {
+            Command::Diagnose(d) => assert_eq!(d.mib, 16_384),
+            other => panic!("not diagnose: {other:?}"),
+        }
     }
 
     #[test]
