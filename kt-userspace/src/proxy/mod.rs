@@ -5,10 +5,27 @@
 pub mod tcp;
 pub mod udp;
 
+use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::Arc;
 
+use kt_common::tunnel::{MuxStream, TunnelError};
+
 use crate::cidr::Plan;
+use crate::tunnel::Tunnel;
+
+/// Opens streams through the tunnel: the seam in front of it, which unit tests fake with an
+/// in-memory multiplexer.
+pub trait Streams: Clone + Send + Sync + 'static {
+    /// A new stream, without its Open frame (callers pipeline it with their data).
+    fn open(&self) -> impl Future<Output = Result<MuxStream, TunnelError>> + Send;
+}
+
+impl Streams for Tunnel {
+    fn open(&self) -> impl Future<Output = Result<MuxStream, TunnelError>> + Send {
+        self.stream()
+    }
+}
 
 /// Maps the alias a socket saw back to the cluster address it stands for.
 #[derive(Clone, Debug)]
