@@ -37,14 +37,28 @@ pub const FLAG_REDIRECT: u32 = 1;
 /// `Config.flags`: rewrite DNS to known resolvers.
 pub const FLAG_DNS: u32 = 1 << 1;
 
+/// `SO_MARK` of ktctl's own sockets (its upstream DNS queries): the hooks never rewrite a socket
+/// carrying it. A mark, not the process id, because the kernel's tgid differs from `getpid()`
+/// inside a PID namespace (Cilium marks its proxy's sockets for the same reason). "kt" in the
+/// high half, low 16 bits clear: it matches none of the marks kube-proxy (0x4000, 0x8000),
+/// Cilium (mask 0x0f00) or Tailscale (0x40000/0x80000 under mask 0xff0000) look for.
+pub const KT_SELF_MARK: u32 = 0x6b74_0000;
+
 /// The single entry of the `KT_CONFIG` array.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Config {
-    /// ktctl's own process (thread group) id: its sockets are never rewritten.
-    pub self_tgid: u32,
+    /// Cookie of ktctl's network namespace (`SO_NETNS_COOKIE`): sockets in any other namespace
+    /// (containers on the developer's machine) are never rewritten nor restored.
+    pub netns_cookie: u64,
+    /// cgroup id (the inode of its directory) of `connect -- CMD`'s cgroup: the guard lets only
+    /// tasks in it or below it reach an alias. 0 when no guard is attached.
+    pub cmd_cgroup: u64,
     /// `FLAG_*` bits.
     pub flags: u32,
+    /// Explicit padding to a multiple of 8 bytes (so that the struct has no hidden padding);
+    /// always 0.
+    pub reserved: u32,
 }
 
 /// What a matching cluster CIDR does.
@@ -93,7 +107,7 @@ pub mod counter {
     pub const SENDMSG: u32 = 1;
     /// connect()/sendmsg() rewritten to a resolver alias.
     pub const DNS: u32 = 2;
-    /// ktctl's own socket left alone.
+    /// ktctl's own socket (marked [`KT_SELF_MARK`](super::KT_SELF_MARK)) left alone.
     pub const SELF: u32 = 3;
     /// recvmsg()/getpeername() turned an alias back.
     pub const RESTORE: u32 = 4;
@@ -101,6 +115,8 @@ pub mod counter {
     pub const LOOKUP: u32 = 5;
     /// sk_lookup found no proxy socket.
     pub const LOOKUP_MISS: u32 = 6;
+    /// The guard refused a direct connect()/sendmsg() to an alias from outside CMD's cgroup.
+    pub const DENIED: u32 = 7;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }
@@ -136,9 +152,9 @@ pub fn dns_slot(addr: u32) -> Option<u32> {
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are #[repr(C)] structs of u32 fields, without padding.
+    // SAFETY: #[repr(C)], two u64 then two u32 fields: no padding.
     unsafe impl aya::Pod for super::Config {}
-    // SAFETY: as above.
+    // SAFETY: #[repr(C)] structs of u32 fields, without padding.
     unsafe impl aya::Pod for super::CidrTarget {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::AliasTarget {}
@@ -174,6 +190,12 @@ mod tests {
         assert!(!is_alias(0x7f7f_ffff));
         assert!(!is_alias(0x7f00_0001));
         assert_eq!(ALIAS_SIZE, 1 << 23);
+    }
+
+    #[test]
+    fn config_has_no_hidden_padding() {
+        assert_eq!(core::mem::size_of::<Config>(), 24);
+        assert_eq!(core::mem::align_of::<Config>(), 8);
     }
 
     #[test]

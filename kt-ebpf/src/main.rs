@@ -3,20 +3,35 @@
 //! Laptop side, attached to a cgroup v2 through bpf_links owned by ktctl:
 //! - `kt_connect4`/`kt_connect6` (TCP and connected UDP) and `kt_sendmsg4`/`kt_sendmsg6`
 //!   (unconnected UDP) rewrite a cluster address to its loopback alias and DNS to a known
-//!   resolver to ktctl's DNS server (Linux >= 4.17; sendmsg >= 4.18);
-//! - `kt_recvmsg4`/`kt_recvmsg6` (>= 5.2) and `kt_getpeername4`/`kt_getpeername6` (>= 5.8)
-//!   show the application the original address again.
+//!   resolver to ktctl's DNS server;
+//! - `kt_recvmsg4`/`kt_recvmsg6` and `kt_getpeername4`/`kt_getpeername6` show the application
+//!   the original address again.
 //!
-//! Network-namespace wide: `kt_sk_lookup` (>= 5.9) steers every alias into the proxy's TCP
-//! listener or UDP socket. The `*6` programs handle IPv4-mapped IPv6 addresses (an AF_INET6
-//! socket connecting to ::ffff:10.96.0.1 does not pass through connect4).
+//! They touch only sockets in ktctl's own network namespace (a cgroup holds processes of every
+//! namespace: containers on the developer's machine keep their own routes and resolvers) and
+//! never a socket that ktctl marked as its own ([`KT_SELF_MARK`]).
+//!
+//! With `connect -- CMD` the hooks sit on CMD's cgroup and the `kt_guard_*` programs on its
+//! parent: they refuse (EPERM) a connect()/sendmsg() to an alias from any task outside CMD's
+//! cgroup, since sk_lookup would hand it to the proxy whatever cgroup it came from. A parent's
+//! programs run after the child's, so for CMD's own tasks the guard sees the alias its hooks
+//! have just written, and lets it pass.
+//!
+//! Network-namespace wide: `kt_sk_lookup` steers every alias into the proxy's TCP listener or
+//! UDP socket. The `*6` programs handle IPv4-mapped IPv6 addresses (an AF_INET6 socket
+//! connecting to ::ffff:10.96.0.1 does not pass through connect4).
+//!
+//! Minimum kernels: connect4/6 4.17; sendmsg4/6 4.18; recvmsg4/6 5.2; `bpf_sock_addr.sk` (for
+//! the socket's mark) 5.3; `bpf_get_netns_cookie` and `bpf_get_current_ancestor_cgroup_id` in
+//! sock_addr programs 5.7; getpeername4/6 5.8; sk_lookup 5.9. The loader reads the namespace's
+//! cookie with `SO_NETNS_COOKIE` (5.14), so ktctl needs Linux >= 5.14.
 #![no_std]
 #![no_main]
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
 use aya_ebpf::bindings::{bpf_sock_addr, sk_action};
-use aya_ebpf::helpers::bpf_get_current_pid_tgid;
+use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie};
 use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup};
 use aya_ebpf::maps::lpm_trie::Key;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap};
@@ -24,12 +39,14 @@ use aya_ebpf::programs::{SkLookupContext, SockAddrContext};
 use aya_log_ebpf::debug;
 use kt_common::bpf::{
     AliasTarget, CidrTarget, Config, DNS_ALIAS_NET, DNS_PORT, DNS_SLOTS, FLAG_DNS, FLAG_REDIRECT,
-    MAX_CIDRS, action, counter, dns_slot, from_alias, is_alias, sock, to_alias,
+    KT_SELF_MARK, MAX_CIDRS, action, counter, dns_slot, from_alias, is_alias, sock, to_alias,
 };
 
 const AF_INET: u32 = 2;
 const IPPROTO_TCP: u32 = 6;
 const IPPROTO_UDP: u32 = 17;
+/// Deepest cgroup level the guard looks at (cgroup v2 nests far less in practice).
+const MAX_CGROUP_LEVEL: i32 = 32;
 
 #[map]
 static KT_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
@@ -59,11 +76,32 @@ fn bump(idx: u32) {
     }
 }
 
+/// Whether the socket behind `sa` lives in ktctl's network namespace.
+#[inline(always)]
+fn own_netns(sa: *mut bpf_sock_addr, cfg: &Config) -> bool {
+    // SAFETY: the helper takes the program's context, which `sa` is.
+    unsafe { bpf_get_netns_cookie(sa.cast()) == cfg.netns_cookie }
+}
+
+/// Whether the socket behind `sa` is one of ktctl's own (marked [`KT_SELF_MARK`]).
+#[inline(always)]
+fn own_socket(sa: *mut bpf_sock_addr) -> bool {
+    // SAFETY: ctx field reads; `sk` is never null in sock_addr programs (PTR_TO_SOCKET), and
+    // the verifier checks the read of its `mark`.
+    unsafe {
+        let sk = read_volatile(addr_of!((*sa).__bindgen_anon_1.sk));
+        read_volatile(addr_of!((*sk).mark)) == KT_SELF_MARK
+    }
+}
+
 /// The rewritten destination (network order) of an outgoing `addr:port`, if any.
 #[inline(always)]
-fn rewrite_out(addr_be: u32, port: u16) -> Option<(u32, u32)> {
+fn rewrite_out(sa: *mut bpf_sock_addr, addr_be: u32, port: u16) -> Option<(u32, u32)> {
     let cfg = KT_CONFIG.get(0)?;
-    if (bpf_get_current_pid_tgid() >> 32) as u32 == cfg.self_tgid {
+    if !own_netns(sa, cfg) {
+        return None;
+    }
+    if own_socket(sa) {
         bump(counter::SELF);
         return None;
     }
@@ -84,8 +122,14 @@ fn rewrite_out(addr_be: u32, port: u16) -> Option<(u32, u32)> {
 
 /// The original address (network order) behind an alias, if `addr_be` is one.
 #[inline(always)]
-fn restore_in(addr_be: u32) -> Option<u32> {
+fn restore_in(sa: *mut bpf_sock_addr, addr_be: u32) -> Option<u32> {
     let a = u32::from_be(addr_be);
+    if !is_alias(a) && dns_slot(a).is_none() {
+        return None;
+    }
+    if !own_netns(sa, KT_CONFIG.get(0)?) {
+        return None;
+    }
     if is_alias(a) {
         let t = ALIAS_V4.get(Key::new(32, addr_be))?;
         return Some(from_alias(t, a).to_be());
@@ -106,7 +150,7 @@ fn out4(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: ctx field read.
     let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) };
-    if let Some((new, kind)) = rewrite_out(ip, user_port(sa)) {
+    if let Some((new, kind)) = rewrite_out(sa, ip, user_port(sa)) {
         // SAFETY: user_ip4 is writable in connect4/sendmsg4.
         unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), new) };
         bump(kind);
@@ -125,7 +169,7 @@ fn in4(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: ctx field read.
     let ip = unsafe { read_volatile(addr_of!((*sa).user_ip4)) };
-    if let Some(orig) = restore_in(ip) {
+    if let Some(orig) = restore_in(sa, ip) {
         // SAFETY: user_ip4 is writable in recvmsg4/getpeername4.
         unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), orig) };
         bump(counter::RESTORE);
@@ -155,7 +199,7 @@ fn mapped_v4(sa: *mut bpf_sock_addr) -> Option<u32> {
 fn out6(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     if let Some(ip) = mapped_v4(sa)
-        && let Some((new, kind)) = rewrite_out(ip, user_port(sa))
+        && let Some((new, kind)) = rewrite_out(sa, ip, user_port(sa))
     {
         // SAFETY: user_ip6 is writable in connect6/sendmsg6 (4-byte store).
         unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[3]), new) };
@@ -167,7 +211,7 @@ fn out6(ctx: &SockAddrContext) {
 fn in6(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     if let Some(ip) = mapped_v4(sa)
-        && let Some(orig) = restore_in(ip)
+        && let Some(orig) = restore_in(sa, ip)
     {
         // SAFETY: user_ip6 is writable in recvmsg6/getpeername6.
         unsafe { write_volatile(addr_of_mut!((*sa).user_ip6[3]), orig) };
@@ -221,6 +265,78 @@ pub fn kt_recvmsg6(ctx: SockAddrContext) -> i32 {
 pub fn kt_getpeername6(ctx: SockAddrContext) -> i32 {
     in6(&ctx);
     1
+}
+
+/// Whether the current task is in the cgroup `id` or below it.
+#[inline(always)]
+fn task_under(id: u64) -> bool {
+    let mut level = 0;
+    while level < MAX_CGROUP_LEVEL {
+        // SAFETY: a helper without pointer arguments; 0 past the task's own level.
+        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
+        if ancestor == 0 {
+            return false;
+        }
+        if ancestor == id {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
+/// The guard's verdict on a destination (network order): 0 refuses (EPERM) an alias from a
+/// task outside CMD's cgroup in ktctl's namespace, 1 lets everything else through.
+#[inline(always)]
+fn guard(sa: *mut bpf_sock_addr, addr_be: u32) -> i32 {
+    let a = u32::from_be(addr_be);
+    if !is_alias(a) && dns_slot(a).is_none() {
+        return 1;
+    }
+    let Some(cfg) = KT_CONFIG.get(0) else {
+        return 1;
+    };
+    if !own_netns(sa, cfg) || task_under(cfg.cmd_cgroup) {
+        return 1;
+    }
+    bump(counter::DENIED);
+    0
+}
+
+#[inline(always)]
+fn guard4(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    // SAFETY: ctx field read.
+    guard(sa, unsafe { read_volatile(addr_of!((*sa).user_ip4)) })
+}
+
+#[inline(always)]
+fn guard6(ctx: &SockAddrContext) -> i32 {
+    let sa = ctx.sock_addr;
+    match mapped_v4(sa) {
+        Some(ip) => guard(sa, ip),
+        None => 1,
+    }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn kt_guard_connect4(ctx: SockAddrContext) -> i32 {
+    guard4(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn kt_guard_sendmsg4(ctx: SockAddrContext) -> i32 {
+    guard4(&ctx)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn kt_guard_connect6(ctx: SockAddrContext) -> i32 {
+    guard6(&ctx)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn kt_guard_sendmsg6(ctx: SockAddrContext) -> i32 {
+    guard6(&ctx)
 }
 
 /// Steers packets for an alias into the proxy's sockets; everything else takes the normal

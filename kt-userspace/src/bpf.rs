@@ -1,10 +1,12 @@
 //! Loads kt-ebpf and attaches it: the cgroup sock_addr programs to a cgroup v2, sk_lookup to
-//! this network namespace. Every attachment is a bpf_link owned by this process, so the kernel
-//! detaches them all when ktctl exits, however it exits.
+//! this network namespace, and with `connect -- CMD` the guard to the parent of CMD's cgroup.
+//! Every attachment is a bpf_link owned by this process, so the kernel detaches them all when
+//! ktctl exits, however it exits.
 
 use std::fs::File;
 use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use aya::maps::lpm_trie::Key;
@@ -35,13 +37,21 @@ const CGROUP_PROGRAMS: &[&str] = &[
     "kt_connect6",
 ];
 
+/// The guard's programs, attached to the parent of CMD's cgroup.
+const GUARD_PROGRAMS: &[&str] = &[
+    "kt_guard_connect4",
+    "kt_guard_connect6",
+    "kt_guard_sendmsg4",
+    "kt_guard_sendmsg6",
+];
+
 /// Errors loading or attaching the programs.
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
     #[error("loading the eBPF object: {0}")]
     Object(#[source] aya::EbpfError),
     #[error(
-        "eBPF program {name} failed to load (does this kernel support it? Linux >= 5.9 is needed): {source}"
+        "eBPF program {name} failed to load (does this kernel support it? Linux >= 5.14 is needed): {source}"
     )]
     Load {
         name: &'static str,
@@ -74,8 +84,11 @@ pub struct HookConfig<'a> {
     pub plan: &'a Plan,
     /// Resolvers whose DNS traffic goes to ktctl: index i is slot i + 1 (127.127.53.<i+1>).
     pub resolvers: &'a [Ipv4Addr],
-    /// Sockets of this process are never rewritten.
-    pub self_tgid: u32,
+    /// With `connect -- CMD` (the hooks on CMD's own cgroup): the cgroup given to ktctl, CMD's
+    /// cgroup's parent. A guard there refuses every other task's connect()/sendmsg() to an
+    /// alias, which sk_lookup would otherwise hand to the proxy. `None` when the hooks cover
+    /// the whole cgroup given to ktctl.
+    pub guard: Option<&'a Path>,
 }
 
 /// Attached programs; dropping this detaches everything.
@@ -112,11 +125,14 @@ pub struct Counters {
     pub restored: u64,
     pub steered: u64,
     pub steer_misses: u64,
+    pub denied: u64,
 }
 
 impl Hooks {
     /// Loads the programs, fills the maps, puts the proxy's sockets in the sock map, attaches
-    /// sk_lookup to `netns` and the sock_addr programs to `cgroup`.
+    /// the guard to `cfg.guard` if any, sk_lookup to `netns` and the sock_addr programs to
+    /// `cgroup`. Only sockets in the network namespace of the proxy's `tcp` listener are
+    /// rewritten (that namespace should be `netns`).
     pub fn attach(
         cgroup: &Path,
         netns: &File,
@@ -139,12 +155,20 @@ impl Hooks {
             } else {
                 FLAG_DNS
             };
+        let cmd_cgroup = match cfg.guard {
+            Some(_) => std::fs::metadata(cgroup)
+                .map_err(|e| BpfError::Other(format!("reading cgroup {}: {e}", cgroup.display())))?
+                .ino(),
+            None => 0,
+        };
         config
             .set(
                 0,
                 Config {
-                    self_tgid: cfg.self_tgid,
+                    netns_cookie: netns_cookie(tcp)?,
+                    cmd_cgroup,
                     flags,
+                    reserved: 0,
                 },
                 0,
             )
@@ -238,6 +262,13 @@ impl Hooks {
         )
         .map_err(map_err("KT_COUNTERS"))?;
 
+        // The guard first: from the moment sk_lookup steers, no one outside CMD's cgroup may
+        // reach an alias.
+        let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len() + GUARD_PROGRAMS.len());
+        if let Some(parent) = cfg.guard {
+            attach_cgroup(&mut ebpf, GUARD_PROGRAMS, parent, &mut links)?;
+        }
+
         let lookup: &mut SkLookup = ebpf
             .program_mut("kt_sk_lookup")
             .ok_or_else(|| missing("kt_sk_lookup"))?
@@ -261,31 +292,7 @@ impl Hooks {
             source,
         })?;
 
-        let cg = File::open(cgroup)
-            .map_err(|e| BpfError::Other(format!("opening cgroup {}: {e}", cgroup.display())))?;
-        let mut links = Vec::with_capacity(CGROUP_PROGRAMS.len());
-        for name in CGROUP_PROGRAMS {
-            let prog: &mut CgroupSockAddr = ebpf
-                .program_mut(name)
-                .ok_or_else(|| missing(name))?
-                .try_into()
-                .map_err(|source| BpfError::Load { name, source })?;
-            prog.load()
-                .map_err(|source| BpfError::Load { name, source })?;
-            let target = cgroup.display().to_string();
-            let id = prog
-                .attach(&cg, CgroupAttachMode::Single)
-                .map_err(|source| BpfError::Attach {
-                    name,
-                    target: target.clone(),
-                    source,
-                })?;
-            links.push(prog.take_link(id).map_err(|source| BpfError::Attach {
-                name,
-                target,
-                source,
-            })?);
-        }
+        attach_cgroup(&mut ebpf, CGROUP_PROGRAMS, cgroup, &mut links)?;
         tracing::debug!(cgroup = %cgroup.display(), programs = links.len(), "eBPF hooks attached");
         Ok(Hooks {
             counters,
@@ -313,8 +320,68 @@ impl Hooks {
             restored: get(counter::RESTORE),
             steered: get(counter::LOOKUP),
             steer_misses: get(counter::LOOKUP_MISS),
+            denied: get(counter::DENIED),
         }
     }
+}
+
+/// Loads `names` and attaches them to `cgroup`, appending their links to `links`.
+fn attach_cgroup(
+    ebpf: &mut Ebpf,
+    names: &[&'static str],
+    cgroup: &Path,
+    links: &mut Vec<CgroupSockAddrLink>,
+) -> Result<(), BpfError> {
+    let cg = File::open(cgroup)
+        .map_err(|e| BpfError::Other(format!("opening cgroup {}: {e}", cgroup.display())))?;
+    for &name in names {
+        let prog: &mut CgroupSockAddr = ebpf
+            .program_mut(name)
+            .ok_or_else(|| missing(name))?
+            .try_into()
+            .map_err(|source| BpfError::Load { name, source })?;
+        prog.load()
+            .map_err(|source| BpfError::Load { name, source })?;
+        let target = cgroup.display().to_string();
+        // A bpf_link on a cgroup is always multi-attach: the programs of a cgroup run before
+        // those of its parents, so the guard sees what CMD's hooks wrote.
+        let id = prog
+            .attach(&cg, CgroupAttachMode::Single)
+            .map_err(|source| BpfError::Attach {
+                name,
+                target: target.clone(),
+                source,
+            })?;
+        links.push(prog.take_link(id).map_err(|source| BpfError::Attach {
+            name,
+            target,
+            source,
+        })?);
+    }
+    Ok(())
+}
+
+/// The cookie of the network namespace `sock` lives in (`SO_NETNS_COOKIE`, Linux >= 5.14).
+fn netns_cookie(sock: &impl AsRawFd) -> Result<u64, BpfError> {
+    let mut cookie = 0u64;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the length passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(BpfError::Other(format!(
+            "reading the network namespace's cookie (SO_NETNS_COOKIE needs Linux >= 5.14): {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(cookie)
 }
 
 fn missing(name: &str) -> BpfError {

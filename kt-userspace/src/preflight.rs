@@ -45,13 +45,18 @@ fn missing_caps(caps: u64) -> Vec<&'static str> {
     .collect()
 }
 
-/// Kernel >= 5.9 (sk_lookup links), the capabilities, and cgroup v2.
+/// The oldest kernel `connect` runs on: sk_lookup links (5.9), the network namespace's cookie
+/// in the hooks (5.7) and through SO_NETNS_COOKIE (5.14).
+pub const MIN_KERNEL: (u32, u32) = (5, 14);
+
+/// Kernel >= [`MIN_KERNEL`], the capabilities, and cgroup v2.
 pub fn check() -> Result<(), EnvError> {
     match kernel_version() {
-        Some(v) if v >= (5, 9) => {}
+        Some(v) if v >= MIN_KERNEL => {}
         Some((a, b)) => {
             return Err(EnvError::new(format!(
-                "Linux {a}.{b} is too old: ktctl connect needs Linux 5.9 or newer (cgroup sock_addr hooks and sk_lookup)"
+                "Linux {a}.{b} is too old: ktctl connect needs Linux {}.{} or newer (cgroup sock_addr hooks, sk_lookup, SO_NETNS_COOKIE)",
+                MIN_KERNEL.0, MIN_KERNEL.1
             )));
         }
         None => {

@@ -186,7 +186,7 @@ async fn connected(
     let cgroup_path = child
         .as_ref()
         .map(|c| c.path().to_path_buf())
-        .unwrap_or(attach_to);
+        .unwrap_or_else(|| attach_to.clone());
     let netns =
         File::open("/proc/self/ns/net").map_err(|e| Error::io("opening /proc/self/ns/net", e))?;
     let hooks = Hooks::attach(
@@ -195,7 +195,8 @@ async fn connected(
         &HookConfig {
             plan: &plan,
             resolvers: &resolvers,
-            self_tgid: std::process::id(),
+            // With -- CMD, everyone else under --cgroup is kept away from the aliases.
+            guard: child.as_ref().map(|_| attach_to.as_path()),
         },
         &tcp,
         &udp,

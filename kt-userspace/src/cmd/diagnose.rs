@@ -28,10 +28,11 @@ fn machine() -> bool {
             .map(|(a, b)| {
                 format!(
                     "Linux {a}.{b}{}",
-                    if (a, b) >= (5, 9) {
-                        ""
+                    if (a, b) >= crate::preflight::MIN_KERNEL {
+                        String::new()
                     } else {
-                        " (too old: 5.9 needed)"
+                        let (x, y) = crate::preflight::MIN_KERNEL;
+                        format!(" (too old: {x}.{y} needed)")
                     }
                 )
             })

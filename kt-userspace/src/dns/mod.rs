@@ -20,6 +20,7 @@ use hickory_server::proto::rr::rdata::{A, AAAA, CNAME};
 use hickory_server::proto::rr::{Name as DnsName, RData, Record, RecordType};
 use hickory_server::server::{Request, RequestHandler, ResponseHandler, ResponseInfo};
 use hickory_server::zone_handler::MessageResponseBuilder;
+use kt_common::bpf::KT_SELF_MARK;
 use kt_common::tunnel::{read_data, write_data, write_frame};
 use kt_common::wire::{Frame, Open};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -353,8 +354,18 @@ fn rename(mut m: Message, from: &str, to: &DnsName) -> Message {
     m
 }
 
+/// A socket of ktctl's own for an upstream resolver: marked [`KT_SELF_MARK`] before it
+/// connects, so that the hooks leave it alone (else the query would loop back into ktctl).
+fn upstream_socket(upstream: SocketAddr, ty: socket2::Type) -> std::io::Result<socket2::Socket> {
+    let s = socket2::Socket::new(socket2::Domain::for_address(upstream), ty, None)?;
+    s.set_mark(KT_SELF_MARK)?;
+    s.set_nonblocking(true)?;
+    Ok(s)
+}
+
 async fn udp_exchange(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-    let sock = tokio::net::UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0))).await?;
+    let sock = upstream_socket(upstream, socket2::Type::DGRAM)?;
+    let sock = tokio::net::UdpSocket::from_std(sock.into())?;
     sock.connect(upstream).await?;
     let mut buf = vec![0u8; 65_535];
     for _ in 0..2 {
@@ -378,7 +389,10 @@ async fn udp_exchange(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec
 }
 
 async fn tcp_exchange(upstream: SocketAddr, query: &[u8]) -> std::io::Result<Vec<u8>> {
-    let mut s = tokio::net::TcpStream::connect(upstream).await?;
+    let sock = upstream_socket(upstream, socket2::Type::STREAM)?;
+    let mut s = tokio::net::TcpSocket::from_std_stream(sock.into())
+        .connect(upstream)
+        .await?;
     let mut out = Vec::with_capacity(query.len() + 2);
     out.extend_from_slice(&(query.len() as u16).to_be_bytes());
     out.extend_from_slice(query);
