@@ -624,11 +624,9 @@ where
 // ---------------------------------------------------------------------------------------------
 // TLS
 
-/// One end's credentials: the session CA (the only trust anchor) and its own certificate.
+/// One end's own credentials (its trust anchors are given separately).
 #[derive(Clone)]
 pub struct Identity {
-    /// PEM of the session CA certificate.
-    pub ca_pem: String,
     /// PEM of this end's certificate.
     pub cert_pem: String,
     /// PEM of this end's private key.
@@ -643,66 +641,179 @@ impl std::fmt::Debug for Identity {
     }
 }
 
-fn parse(
-    id: &Identity,
-) -> Result<(
-    rustls::RootCertStore,
-    Vec<CertificateDer<'static>>,
-    PrivateKeyDer<'static>,
-)> {
-    let tls = |e: &dyn std::fmt::Display| TunnelError::Tls(e.to_string());
-    let mut roots = rustls::RootCertStore::empty();
-    for c in rustls_pemfile::certs(&mut id.ca_pem.as_bytes()) {
-        roots.add(c.map_err(|e| tls(&e))?).map_err(|e| tls(&e))?;
-    }
-    if roots.is_empty() {
-        return Err(TunnelError::Tls(
-            "no CA certificate in the session credentials".into(),
-        ));
-    }
+fn tls_err(e: &dyn std::fmt::Display) -> TunnelError {
+    TunnelError::Tls(e.to_string())
+}
+
+fn parse(id: &Identity) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
     let chain: Vec<CertificateDer<'static>> = rustls_pemfile::certs(&mut id.cert_pem.as_bytes())
         .collect::<std::result::Result<_, _>>()
-        .map_err(|e| tls(&e))?;
+        .map_err(|e| tls_err(&e))?;
     if chain.is_empty() {
         return Err(TunnelError::Tls(
             "no certificate in the session credentials".into(),
         ));
     }
     let key = rustls_pemfile::private_key(&mut id.key_pem.as_bytes())
-        .map_err(|e| tls(&e))?
+        .map_err(|e| tls_err(&e))?
         .ok_or_else(|| TunnelError::Tls("no private key in the session credentials".into()))?;
-    Ok((roots, chain, key))
+    Ok((chain, key))
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// ktctl's TLS: trusts only the session CA and presents the client certificate.
-pub fn client_tls(id: &Identity) -> Result<tokio_rustls::TlsConnector> {
-    let (roots, chain, key) = parse(id)?;
-    let cfg = rustls::ClientConfig::builder_with_provider(provider())
+/// Which agent certificate ktctl accepts. The agent makes its key pair in its own memory
+/// (nothing in the cluster stores it), so there is no CA to check it against; instead ktctl
+/// trusts the certificate of its first connection to a pod whose UID it has checked, and from
+/// then on only that certificate (trust on first use, as SSH does with host keys). A pod that
+/// merely has the shadow's name, labels or any Secret of the namespace cannot present it.
+#[derive(Clone, Debug, Default)]
+pub struct ServerPin(Arc<Mutex<PinState>>);
+
+#[derive(Debug, Default)]
+enum PinState {
+    /// Refuse every certificate.
+    #[default]
+    Refuse,
+    /// Accept the next certificate and pin it.
+    TrustNext,
+    /// Accept only this certificate (DER).
+    Pinned(Vec<u8>),
+}
+
+impl ServerPin {
+    /// A pin that trusts the next certificate it sees (the first connection to a new agent).
+    pub fn trust_first() -> ServerPin {
+        let p = ServerPin::default();
+        p.trust_next();
+        p
+    }
+
+    /// Forgets the pinned certificate and trusts the next one (a new agent pod).
+    pub fn trust_next(&self) {
+        *self.0.lock().expect("pin lock") = PinState::TrustNext;
+    }
+
+    /// Refuses every certificate until [`ServerPin::trust_next`] (the agent was found to be
+    /// another pod than the one the session started).
+    pub fn refuse_all(&self) {
+        *self.0.lock().expect("pin lock") = PinState::Refuse;
+    }
+
+    /// The pinned certificate (DER), if any.
+    pub fn pinned(&self) -> Option<Vec<u8>> {
+        match &*self.0.lock().expect("pin lock") {
+            PinState::Pinned(c) => Some(c.clone()),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct PinVerifier {
+    pin: ServerPin,
+    algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let mut state = self.pin.0.lock().expect("pin lock");
+        match &*state {
+            PinState::Pinned(c) if c.as_slice() == end_entity.as_ref() => {}
+            PinState::TrustNext => *state = PinState::Pinned(end_entity.to_vec()),
+            PinState::Pinned(_) => {
+                return Err(rustls::Error::General(
+                    "the agent's certificate is not the one pinned for this session".into(),
+                ));
+            }
+            PinState::Refuse => {
+                return Err(rustls::Error::General(
+                    "no agent is trusted for this session".into(),
+                ));
+            }
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        // The handshake signature proves the agent holds the pinned certificate's key.
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+/// ktctl's TLS: TLS 1.3, the client certificate, and only the agent certificate `pin` allows.
+pub fn client_tls(id: &Identity, pin: &ServerPin) -> Result<tokio_rustls::TlsConnector> {
+    let (chain, key) = parse(id)?;
+    let provider = provider();
+    let verifier = Arc::new(PinVerifier {
+        pin: pin.clone(),
+        algorithms: provider.signature_verification_algorithms,
+    });
+    let cfg = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TunnelError::Tls(e.to_string()))?
-        .with_root_certificates(roots)
+        .map_err(|e| tls_err(&e))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(chain, key)
-        .map_err(|e| TunnelError::Tls(e.to_string()))?;
+        .map_err(|e| tls_err(&e))?;
     Ok(tokio_rustls::TlsConnector::from(Arc::new(cfg)))
 }
 
-/// The agent's TLS: TLS 1.3 only, and only clients with a certificate of the session CA.
-pub fn server_tls(id: &Identity) -> Result<tokio_rustls::TlsAcceptor> {
-    let (roots, chain, key) = parse(id)?;
+/// The agent's TLS: TLS 1.3 only, its own credentials, and only clients with a certificate of
+/// the session CA (`client_ca_pem`, whose key ktctl dropped after signing its one client
+/// certificate).
+pub fn server_tls(id: &Identity, client_ca_pem: &str) -> Result<tokio_rustls::TlsAcceptor> {
+    let (chain, key) = parse(id)?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pemfile::certs(&mut client_ca_pem.as_bytes()) {
+        roots
+            .add(c.map_err(|e| tls_err(&e))?)
+            .map_err(|e| tls_err(&e))?;
+    }
+    if roots.is_empty() {
+        return Err(TunnelError::Tls(
+            "no session CA certificate for the clients".into(),
+        ));
+    }
     let verifier =
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
             .build()
-            .map_err(|e| TunnelError::Tls(e.to_string()))?;
+            .map_err(|e| tls_err(&e))?;
     let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TunnelError::Tls(e.to_string()))?
+        .map_err(|e| tls_err(&e))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(chain, key)
-        .map_err(|e| TunnelError::Tls(e.to_string()))?;
+        .map_err(|e| tls_err(&e))?;
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(cfg)))
 }
 
@@ -878,79 +989,118 @@ pub struct ServerInfo {
 pub type StreamHandler =
     Arc<dyn Fn(Mux, Open, MuxStream) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
 
+/// The agent's side of the handshake: TLS, yamux, Hello, Welcome (or Reject). A peer that
+/// closes before its TLS ClientHello (a port probe or scan) comes back as [`TunnelError::Io`]
+/// with the socket's error kind, so callers can log it quietly.
+async fn agent_handshake<T>(
+    io: T,
+    tls: tokio_rustls::TlsAcceptor,
+    info: &ServerInfo,
+) -> Result<(Mux, mpsc::Receiver<MuxStream>, MuxStream)>
+where
+    T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let tls_stream = tls.accept(io).await.map_err(|e| match e.kind() {
+        io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset => TunnelError::Io(e),
+        _ => TunnelError::Tls(e.to_string()),
+    })?;
+    let (mux, mut inbound) = Mux::start(tls_stream, yamux::Mode::Server);
+    // Closes the connection if the caller's timeout drops this future half way.
+    let mut guard = CloseOnDrop(Some(mux.clone()));
+    let r = async {
+        let mut control = inbound
+            .recv()
+            .await
+            .ok_or_else(|| TunnelError::Closed("no control stream".into()))?;
+        let hello = read_frame(&mut control, MAX_CONTROL_FRAME).await?;
+        let verdict = match hello {
+            Frame::Hello {
+                version,
+                min_version,
+                session,
+                client,
+            } => {
+                let v = version.min(PROTOCOL_VERSION);
+                if v < min_version.max(MIN_PROTOCOL_VERSION) {
+                    Err(format!(
+                        "no common protocol version (client {min_version}..={version}, agent {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION})"
+                    ))
+                } else if session != info.session {
+                    Err(format!(
+                        "this agent serves session {}, not {session}",
+                        info.session
+                    ))
+                } else {
+                    tracing::info!(%client, version = v, "client connected");
+                    Ok(v)
+                }
+            }
+            other => Err(format!("expected a hello, got {other:?}")),
+        };
+        let version = match verdict {
+            Ok(v) => v,
+            Err(reason) => {
+                let _ = write_frame(
+                    &mut control,
+                    &Frame::Reject {
+                        reason: reason.clone(),
+                    },
+                )
+                .await;
+                return Err(TunnelError::Rejected(reason));
+            }
+        };
+        let welcome = Frame::Welcome {
+            version,
+            agent: info.agent.clone(),
+            pod_ip: info.pod_ip,
+            dns: info.dns,
+        };
+        write_frame(&mut control, &welcome).await?;
+        Ok(control)
+    }
+    .await;
+    match r {
+        Ok(control) => {
+            guard.0 = None;
+            Ok((mux, inbound, control))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+struct CloseOnDrop(Option<Mux>);
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        if let Some(m) = &self.0 {
+            m.close();
+        }
+    }
+}
+
 /// Serves one accepted transport: TLS (client certificate required), yamux, the handshake on
-/// the first stream, then each further stream's Open goes to `handler`. Returns when the
-/// connection ends.
-pub async fn serve_connection<T>(
+/// the first stream, then each further stream's Open goes to `handler`. The whole handshake
+/// (TLS, the control stream, Hello and Welcome) must finish within [`FRAME_TIMEOUT`];
+/// `handshake` (a slot of the caller's bound on handshakes in progress) is released as soon
+/// as it has. Returns when the connection ends.
+pub async fn serve_connection<T, P>(
     io: T,
     tls: tokio_rustls::TlsAcceptor,
     info: Arc<ServerInfo>,
     handler: StreamHandler,
+    handshake: P,
 ) -> Result<()>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    P: Send,
 {
-    let tls_stream = tokio::time::timeout(FRAME_TIMEOUT, tls.accept(io))
-        .await
-        .map_err(|_| TunnelError::Timeout("the TLS handshake"))?
-        .map_err(|e| TunnelError::Tls(e.to_string()))?;
-    let (mux, mut inbound) = Mux::start(tls_stream, yamux::Mode::Server);
-    let mut control = tokio::select! {
-        s = inbound.recv() => s.ok_or_else(|| TunnelError::Closed("no control stream".into()))?,
-        _ = tokio::time::sleep(FRAME_TIMEOUT) => { mux.close(); return Err(TunnelError::Timeout("the control stream")) }
-    };
-    let hello =
-        match read_frame_timeout(&mut control, MAX_CONTROL_FRAME, "the client's hello").await {
-            Ok(f) => f,
-            Err(e) => {
-                mux.close();
-                return Err(e);
-            }
+    let (mux, mut inbound, mut control) =
+        match tokio::time::timeout(FRAME_TIMEOUT, agent_handshake(io, tls, &info)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(TunnelError::Timeout("the client's handshake")),
         };
-    let verdict = match hello {
-        Frame::Hello {
-            version,
-            min_version,
-            session,
-            ..
-        } => {
-            let v = version.min(PROTOCOL_VERSION);
-            if v < min_version.max(MIN_PROTOCOL_VERSION) {
-                Err(format!(
-                    "no common protocol version (client {min_version}..={version}, agent {MIN_PROTOCOL_VERSION}..={PROTOCOL_VERSION})"
-                ))
-            } else if session != info.session {
-                Err(format!(
-                    "this agent serves session {}, not {session}",
-                    info.session
-                ))
-            } else {
-                Ok(v)
-            }
-        }
-        other => Err(format!("expected a hello, got {other:?}")),
-    };
-    let version = match verdict {
-        Ok(v) => v,
-        Err(reason) => {
-            let _ = write_frame(
-                &mut control,
-                &Frame::Reject {
-                    reason: reason.clone(),
-                },
-            )
-            .await;
-            mux.close();
-            return Err(TunnelError::Rejected(reason));
-        }
-    };
-    let welcome = Frame::Welcome {
-        version,
-        agent: info.agent.clone(),
-        pod_ip: info.pod_ip,
-        dns: info.dns,
-    };
-    write_frame(&mut control, &welcome).await?;
+    drop(handshake);
     let ctrl_mux = mux.clone();
     let idle = info.idle;
     tokio::spawn(async move {
@@ -1057,6 +1207,29 @@ pub async fn serve_diagnostic(open: &Open, mut s: MuxStream) -> Option<MuxStream
         }
         _ => Some(s),
     }
+}
+
+/// Raises this process's soft limit on open descriptors to its hard limit; returns the new
+/// limit. Every tunnel stream, proxied connection and UDP flow holds a descriptor, and the
+/// usual soft limit (1024) is far below what one busy developer machine or shadow needs.
+pub fn raise_nofile_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(lim.rlim_cur)
 }
 
 /// Replies to an open this end does not serve.

@@ -6,10 +6,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures::FutureExt;
-use kt_common::pki::SessionPki;
+use kt_common::pki::{SessionPki, agent_identity};
 use kt_common::tunnel::{
-    self, ClientSession, Identity, Mux, MuxStream, ServerInfo, StreamHandler, TunnelError,
-    read_frame, write_frame,
+    self, ClientSession, Identity, Mux, MuxStream, ServerInfo, ServerPin, StreamHandler,
+    TunnelError, read_frame, write_frame,
 };
 use kt_common::wire::{ErrorCode, Frame, MAX_CONTROL_FRAME, Open};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -24,7 +24,16 @@ struct Agent {
 
 /// An agent on loopback that serves echo/source/sink, answers Expose by opening an Inbound
 /// stream back, and counts the opens it handled.
-async fn agent(server: Identity) -> Agent {
+async fn agent(pki: &SessionPki) -> Agent {
+    agent_with(
+        &agent_identity(SESSION, 1).expect("agent identity"),
+        &pki.client_ca_pem,
+    )
+    .await
+}
+
+/// An agent with the given credentials.
+async fn agent_with(server: &Identity, client_ca_pem: &str) -> Agent {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let opens = Arc::new(AtomicUsize::new(0));
@@ -55,7 +64,7 @@ async fn agent(server: Identity) -> Agent {
         }
         .boxed()
     });
-    let tls = tunnel::server_tls(&server).expect("server tls");
+    let tls = tunnel::server_tls(server, client_ca_pem).expect("server tls");
     let info = Arc::new(ServerInfo {
         session: SESSION.into(),
         agent: "test agent".into(),
@@ -68,7 +77,7 @@ async fn agent(server: Identity) -> Agent {
             let (tcp, _) = listener.accept().await.expect("accept");
             let (tls, info, handler) = (tls.clone(), info.clone(), handler.clone());
             tokio::spawn(async move {
-                let _ = tunnel::serve_connection(tcp, tls, info, handler).await;
+                let _ = tunnel::serve_connection(tcp, tls, info, handler, ()).await;
             });
         }
     });
@@ -80,10 +89,19 @@ async fn client(
     id: &Identity,
     session: &str,
 ) -> Result<(ClientSession, tokio::sync::mpsc::Receiver<MuxStream>), TunnelError> {
+    pinned_client(addr, id, &ServerPin::trust_first(), session).await
+}
+
+async fn pinned_client(
+    addr: std::net::SocketAddr,
+    id: &Identity,
+    pin: &ServerPin,
+    session: &str,
+) -> Result<(ClientSession, tokio::sync::mpsc::Receiver<MuxStream>), TunnelError> {
     let tcp = TcpStream::connect(addr).await.expect("connect");
     ClientSession::connect(
         tcp,
-        &tunnel::client_tls(id).expect("client tls"),
+        &tunnel::client_tls(id, pin).expect("client tls"),
         session,
         "test client",
         Duration::from_secs(1),
@@ -94,7 +112,7 @@ async fn client(
 #[tokio::test]
 async fn echo_round_trips_over_mutual_tls() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
-    let a = agent(pki.server).await;
+    let a = agent(&pki).await;
     let (s, _) = client(a.addr, &pki.client, SESSION).await.expect("session");
     assert_eq!(s.welcome.agent, "test agent");
     let mut st = s.mux.request(Open::Echo).await.expect("echo");
@@ -110,13 +128,9 @@ async fn echo_round_trips_over_mutual_tls() {
 async fn a_client_without_the_session_certificate_is_refused_and_nothing_is_served() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
     let other = SessionPki::generate("other", 1).expect("pki");
-    let a = agent(pki.server).await;
+    let a = agent(&pki).await;
     // A certificate from another session's CA: the agent refuses it during the handshake.
-    let intruder = Identity {
-        ca_pem: pki.client.ca_pem.clone(),
-        ..other.client
-    };
-    let r = client(a.addr, &intruder, SESSION).await;
+    let r = client(a.addr, &other.client, SESSION).await;
     assert!(r.is_err(), "the intruder got a session");
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(a.opens.load(Ordering::SeqCst), 0);
@@ -126,24 +140,45 @@ async fn a_client_without_the_session_certificate_is_refused_and_nothing_is_serv
 }
 
 #[tokio::test]
-async fn a_client_that_does_not_trust_the_agent_stops() {
+/// Regression: the agent's key sat in a Secret that any pod of the namespace could mount, so
+/// an impostor pod could present it. Now ktctl pins the certificate of its first connection;
+/// another agent of the same session, with the same client CA, is refused on reconnect and
+/// never sees a stream.
+async fn a_client_pinned_to_its_agent_refuses_an_impostor_of_the_same_session() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
-    let other = SessionPki::generate("other", 1).expect("pki");
-    let a = agent(pki.server).await;
-    let wrong_anchor = Identity {
-        ca_pem: other.client.ca_pem.clone(),
-        ..pki.client
-    };
-    let err = client(a.addr, &wrong_anchor, SESSION)
+    let real = agent(&pki).await;
+    let impostor = agent(&pki).await;
+    let pin = ServerPin::trust_first();
+    let (s, _) = pinned_client(real.addr, &pki.client, &pin, SESSION)
         .await
-        .expect_err("must not trust");
+        .expect("the first connection pins the real agent");
+    s.mux.request(Open::Echo).await.expect("echo");
+    let pinned = pin.pinned().expect("a pinned certificate");
+    let err = pinned_client(impostor.addr, &pki.client, &pin, SESSION)
+        .await
+        .expect_err("the impostor must be refused");
     assert!(matches!(err, TunnelError::Tls(_)), "{err}");
+    assert_eq!(pin.pinned(), Some(pinned), "the pin must not move");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(impostor.opens.load(Ordering::SeqCst), 0);
+    // A reconnect to the real agent works.
+    let (s, _) = pinned_client(real.addr, &pki.client, &pin, SESSION)
+        .await
+        .expect("reconnect to the pinned agent");
+    s.mux.request(Open::Echo).await.expect("echo");
+    // A pin told to refuse everything refuses even the real agent.
+    pin.refuse_all();
+    assert!(
+        pinned_client(real.addr, &pki.client, &pin, SESSION)
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
 async fn a_wrong_session_id_is_rejected_with_a_reason() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
-    let a = agent(pki.server).await;
+    let a = agent(&pki).await;
     let err = client(a.addr, &pki.client, "s0mething-else")
         .await
         .expect_err("rejected");
@@ -156,7 +191,7 @@ async fn a_wrong_session_id_is_rejected_with_a_reason() {
 #[tokio::test]
 async fn the_agent_can_open_streams_toward_the_client() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
-    let a = agent(pki.server).await;
+    let a = agent(&pki).await;
     let (s, mut inbound) = client(a.addr, &pki.client, SESSION).await.expect("session");
     let _expose = s
         .mux
@@ -185,7 +220,7 @@ async fn the_agent_can_open_streams_toward_the_client() {
 #[tokio::test]
 async fn a_malformed_open_fails_only_its_own_stream() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
-    let a = agent(pki.server).await;
+    let a = agent(&pki).await;
     let (s, _) = client(a.addr, &pki.client, SESSION).await.expect("session");
     let mut bad = s.mux.open().await.expect("open");
     // A frame with an unknown open kind.
@@ -227,7 +262,7 @@ async fn a_malformed_open_fails_only_its_own_stream() {
 #[tokio::test]
 async fn an_unsupported_open_is_refused_with_its_code() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
-    let a = agent(pki.server).await;
+    let a = agent(&pki).await;
     let (s, _) = client(a.addr, &pki.client, SESSION).await.expect("session");
     let err = s.mux.request(Open::Dns).await.expect_err("refused");
     match err {
@@ -241,7 +276,7 @@ async fn an_unsupported_open_is_refused_with_its_code() {
 /// it owed a Pong it could not write, on both ends at once (hung from 64 streams up).
 async fn two_hundred_saturated_echo_streams_neither_deadlock_nor_lose_bytes() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
-    let a = agent(pki.server).await;
+    let a = agent(&pki).await;
     let (s, _) = client(a.addr, &pki.client, SESSION).await.expect("session");
     let mut tasks = vec![];
     for i in 0..200u32 {
@@ -272,7 +307,7 @@ async fn two_hundred_saturated_echo_streams_neither_deadlock_nor_lose_bytes() {
 #[tokio::test]
 async fn source_and_sink_count_bytes() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
-    let a = agent(pki.server).await;
+    let a = agent(&pki).await;
     let (s, _) = client(a.addr, &pki.client, SESSION).await.expect("session");
     let mut src = s
         .mux
@@ -301,7 +336,7 @@ async fn source_and_sink_count_bytes() {
 async fn a_dead_transport_closes_the_session() {
     let pki = SessionPki::generate(SESSION, 1).expect("pki");
     // A proxy in the middle that we can cut, as a dropped port-forward would be.
-    let a = agent(pki.server).await;
+    let a = agent(&pki).await;
     let relay = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let relay_addr = relay.local_addr().expect("addr");
     let cut = Arc::new(tokio::sync::Notify::new());
