@@ -6,6 +6,7 @@
 //! ports whose connections it opens back toward ktctl), and ends the session when ktctl has been
 //! gone longer than the grace period.
 
+mod policy;
 mod shadow;
 
 use std::process::ExitCode;
@@ -36,6 +37,10 @@ fn main() -> ExitCode {
         .flatten_event(true)
         .with_current_span(false)
         .init();
+    match kt_common::tunnel::raise_nofile_limit() {
+        Ok(n) => tracing::debug!(limit = n, "open files limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open files limit"),
+    }
     // One thread: every stream of the tunnel passes through its multiplexer's task, so with
     // several workers each hand-off between that task and a connection's task is a wakeup
     // across threads (a futex and a context switch). Measured on the testbed at ~3k new
