@@ -222,6 +222,10 @@ func (c *containerRuntime) start() error {
 		return err
 	}
 	privileged, caps := c.capabilities()
+	user, group, noNewPrivs, readOnlyRoot, err := c.identity()
+	if err != nil {
+		return err
+	}
 	wd := c.spec.WorkingDir
 	if wd == "" {
 		wd = c.image.WorkingDir
@@ -244,6 +248,7 @@ func (c *containerRuntime) start() error {
 		NetNS: netns, Hostname: hostname, Scratch: scratch, HostMounts: rt.p.hostMounts,
 		Files: files, Mounts: mounts, Args: c.argv(env), Env: envList(env), WorkingDir: wd,
 		Privileged: privileged, Caps: caps,
+		User: user, Group: group, NoNewPrivs: noNewPrivs, ReadOnlyRoot: readOnlyRoot,
 	}
 	specJSON, err := json.Marshal(spec)
 	if err != nil {
@@ -352,6 +357,34 @@ func (c *containerRuntime) start() error {
 	go c.probe(exited)
 	rt.changed()
 	return nil
+}
+
+// identity is the rest of the container's securityContext, the container's fields over the
+// pod's: the user and group to run as, no_new_privs, a read-only root. Like the kubelet, it
+// refuses to start a container that must not run as root but would (testbed images run as
+// root unless runAsUser says otherwise).
+func (c *containerRuntime) identity() (user, group *int64, noNewPrivs, readOnlyRoot bool, err error) {
+	var nonRoot *bool
+	if psc := c.rt.pod.Spec.SecurityContext; psc != nil {
+		user, group, nonRoot = psc.RunAsUser, psc.RunAsGroup, psc.RunAsNonRoot
+	}
+	if sc := c.spec.SecurityContext; sc != nil {
+		if sc.RunAsUser != nil {
+			user = sc.RunAsUser
+		}
+		if sc.RunAsGroup != nil {
+			group = sc.RunAsGroup
+		}
+		if sc.RunAsNonRoot != nil {
+			nonRoot = sc.RunAsNonRoot
+		}
+		noNewPrivs = sc.AllowPrivilegeEscalation != nil && !*sc.AllowPrivilegeEscalation
+		readOnlyRoot = sc.ReadOnlyRootFilesystem != nil && *sc.ReadOnlyRootFilesystem
+	}
+	if nonRoot != nil && *nonRoot && (user == nil || *user == 0) {
+		return nil, nil, false, false, fmt.Errorf("container has runAsNonRoot and image will run as root")
+	}
+	return user, group, noNewPrivs, readOnlyRoot, nil
 }
 
 // capabilities is the container's securityContext: privileged, or the bounding set.

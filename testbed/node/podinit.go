@@ -29,6 +29,12 @@ type InitSpec struct {
 	WorkingDir string            `json:"workingDir,omitempty"`
 	Privileged bool              `json:"privileged"`
 	Caps       []string          `json:"caps"` // the bounding set when not privileged
+	// securityContext: the user and group to run as (nil: root), no_new_privs, and a
+	// read-only root filesystem (volumes keep their own mode).
+	User         *int64 `json:"user,omitempty"`
+	Group        *int64 `json:"group,omitempty"`
+	NoNewPrivs   bool   `json:"noNewPrivs,omitempty"`
+	ReadOnlyRoot bool   `json:"readOnlyRoot,omitempty"`
 }
 
 // Mount is one bind mount into the container's root.
@@ -179,6 +185,34 @@ func buildContainer(spec *InitSpec) error {
 	if !spec.Privileged {
 		if err := limitCaps(spec.Caps); err != nil {
 			return err
+		}
+	}
+	if spec.ReadOnlyRoot {
+		if err := unix.Mount("", "/", "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
+			return fmt.Errorf("read-only root filesystem: %w", err)
+		}
+	}
+	if spec.NoNewPrivs {
+		if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+			return fmt.Errorf("no_new_privs: %w", err)
+		}
+	}
+	// Last: once the user is not root, the capabilities above are gone.
+	if spec.Group != nil || spec.User != nil {
+		gid := 0
+		if spec.Group != nil {
+			gid = int(*spec.Group)
+		}
+		if err := unix.Setgroups([]int{}); err != nil {
+			return fmt.Errorf("setgroups: %w", err)
+		}
+		if err := unix.Setgid(gid); err != nil {
+			return fmt.Errorf("setgid %d: %w", gid, err)
+		}
+	}
+	if spec.User != nil {
+		if err := unix.Setuid(int(*spec.User)); err != nil {
+			return fmt.Errorf("setuid %d: %w", *spec.User, err)
 		}
 	}
 	return nil

@@ -576,6 +576,48 @@ impl Testbed {
         }
     }
 
+    /// Stops one control-plane component (`kube-apiserver`, ...) on node 1, as an outage
+    /// would: SIGTERM, then SIGKILL after 5 s. [`Testbed::start_component`] brings it back.
+    pub fn stop_component(&self, name: &str) -> Result<()> {
+        let d = Daemon::running(&self.layout, Machine::Node(1), name)
+            .with_context(|| format!("{name} is not running"))?;
+        d.stop(&self.layout, Duration::from_secs(5));
+        Ok(())
+    }
+
+    /// Starts a stopped component again with its arguments, and waits until it serves
+    /// (for the API server: /readyz).
+    pub fn start_component(&self, name: &str) -> Result<()> {
+        let node1 = Machine::Node(1);
+        if Daemon::running(&self.layout, node1, name).is_some() {
+            return Ok(());
+        }
+        let d = Daemon::respawn(&self.layout, node1, name)?;
+        if name == "kube-apiserver" {
+            self.wait(name, Duration::from_secs(120), &[&d], || {
+                Ok(self
+                    .kubectl_in(node1, &["get", "--raw", "/readyz"])?
+                    .status
+                    .success())
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Freezes (SIGSTOP) or thaws (SIGCONT) a component on node 1: a frozen API server keeps
+    /// its sockets open and answers nothing, so calls hang rather than fail, as they do when
+    /// a network path to it silently drops packets.
+    pub fn freeze_component(&self, name: &str, frozen: bool) -> Result<()> {
+        let d = Daemon::running(&self.layout, Machine::Node(1), name)
+            .with_context(|| format!("{name} is not running"))?;
+        let sig = if frozen { libc::SIGSTOP } else { libc::SIGCONT };
+        // SAFETY: kill(2) on a daemon the testbed started, checked by its start time.
+        if unsafe { libc::kill(d.pid, sig) } != 0 {
+            bail!("signalling {name}: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Every daemon alive; names the first that is not.
     pub fn healthy(&self) -> Result<()> {
         for d in Daemon::recorded(&self.layout) {

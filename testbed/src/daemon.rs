@@ -45,6 +45,23 @@ impl Daemon {
         layout.pids().join(format!("{}.{name}", machine.name()))
     }
 
+    fn args_file(layout: &Layout, machine: Machine, name: &str) -> PathBuf {
+        layout
+            .state()
+            .join("args")
+            .join(format!("{}.{name}", machine.name()))
+    }
+
+    /// Starts the daemon `name` again with the arguments it was last started with.
+    pub fn respawn(layout: &Layout, machine: Machine, name: &str) -> Result<Daemon> {
+        let path = Daemon::args_file(layout, machine, name);
+        let text = fs::read_to_string(&path).with_context(|| {
+            format!("{name} in {machine} was never started ({})", path.display())
+        })?;
+        let args: Vec<String> = text.lines().map(str::to_string).collect();
+        Daemon::spawn(layout, machine, name, &args)
+    }
+
     pub fn log_file(layout: &Layout, machine: Machine, name: &str) -> PathBuf {
         layout.logs().join(format!("{}.{name}.log", machine.name()))
     }
@@ -58,6 +75,9 @@ impl Daemon {
     pub fn spawn(layout: &Layout, machine: Machine, name: &str, args: &[String]) -> Result<Daemon> {
         fs::create_dir_all(layout.logs())?;
         fs::create_dir_all(layout.pids())?;
+        let args_path = Daemon::args_file(layout, machine, name);
+        fs::create_dir_all(args_path.parent().expect("a folder"))?;
+        fs::write(&args_path, args.join("\n"))?;
         let log_path = Daemon::log_file(layout, machine, name);
         let log = File::options().create(true).append(true).open(&log_path)?;
         let mut cmd = Command::new(&args[0]);

@@ -74,12 +74,24 @@ enum TestbedCmd {
     Down,
     /// Show the testbed's processes, nodes and pods
     Status,
+    /// Stop one control-plane component (e.g. `apiserver`), as an outage would
+    Stop { component: String },
+    /// Start a stopped component again and wait until it serves
+    Start { component: String },
     /// Run CMD in a machine (`laptop`, `node`, `node-N`) with KUBECONFIG, KT_CGROUP and PATH set
     Exec {
         machine: String,
         #[arg(last = true, required = true)]
         cmd: Vec<String>,
     },
+}
+
+/// `apiserver` -> `kube-apiserver`; full names pass through.
+fn component_name(c: &str) -> String {
+    match c {
+        "apiserver" | "controller-manager" | "scheduler" => format!("kube-{c}"),
+        other => other.to_string(),
+    }
 }
 
 fn main() -> ExitCode {
@@ -114,6 +126,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 TestbedCmd::Up { nodes } => tb.up(UpOptions { nodes })?,
                 TestbedCmd::Down => tb.down()?,
                 TestbedCmd::Status => print!("{}", tb.status()?),
+                TestbedCmd::Stop { component } => tb.stop_component(&component_name(&component))?,
+                TestbedCmd::Start { component } => {
+                    tb.start_component(&component_name(&component))?
+                }
                 TestbedCmd::Exec { machine, cmd } => {
                     let Some(m) = Machine::parse(&machine) else {
                         eprintln!("xtask: unknown machine {machine:?} (laptop, node, node-N)");
