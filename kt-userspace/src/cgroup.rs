@@ -49,6 +49,74 @@ fn check_v2_dir(p: &Path) -> Result<(), EnvError> {
     Ok(())
 }
 
+/// The name of a `connect -- CMD` session's cgroup: `ktctl-<session>-<ktctl's pid>`, so that
+/// a later ktctl can tell a live session's cgroup from one a killed ktctl left.
+pub fn child_name(session: &str) -> String {
+    format!("ktctl-{session}-{}", std::process::id())
+}
+
+/// Whether `pid` is a running ktctl.
+fn is_live_ktctl(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|c| c.trim() == "ktctl")
+}
+
+/// Removes cgroups that a ktctl killed with SIGKILL left under `parent` (its Drop guard never
+/// ran). An empty one is removed; one that still holds processes (CMD's children outlived
+/// their ktctl) is reported with them and left alone: they are the user's processes.
+/// Returns the names removed.
+pub fn sweep_leftovers(parent: &Path) -> Vec<String> {
+    let Ok(dir) = fs::read_dir(parent) else {
+        return vec![];
+    };
+    let mut removed = vec![];
+    for e in dir.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("ktctl-") || !e.path().is_dir() {
+            continue;
+        }
+        let owner = name.rsplit('-').next().and_then(|p| p.parse::<i32>().ok());
+        if owner.is_some_and(|pid| pid != std::process::id() as i32 && is_live_ktctl(pid)) {
+            continue;
+        }
+        let pids: Vec<i32> = fs::read_to_string(e.path().join("cgroup.procs"))
+            .map(|s| {
+                s.split_whitespace()
+                    .filter_map(|p| p.parse().ok())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if pids.is_empty() {
+            match fs::remove_dir(e.path()) {
+                Ok(()) => {
+                    tracing::info!("Removed cgroup {name} left by a ktctl that was killed");
+                    removed.push(name);
+                }
+                Err(err) => {
+                    tracing::warn!(cgroup = %e.path().display(), error = %err, "cannot remove a leftover cgroup")
+                }
+            }
+        } else {
+            let procs: Vec<String> = pids
+                .iter()
+                .map(|p| {
+                    let comm = fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default();
+                    format!("{p} ({})", comm.trim())
+                })
+                .collect();
+            tracing::warn!(
+                "cgroup {} was left by a ktctl that was killed and still holds processes: {}; they no longer reach the cluster. End them to let it go (`kill {}`), and the next ktctl removes it",
+                e.path().display(),
+                procs.join(", "),
+                pids.iter()
+                    .map(i32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            );
+        }
+    }
+    removed
+}
+
 /// A child cgroup ktctl made; dropping it kills what is left in it (CMD's leftovers, all
 /// started by ktctl) and removes it.
 #[derive(Debug)]
@@ -112,6 +180,34 @@ impl Drop for ChildCgroup {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    /// Regression: `kill -9` of `ktctl connect -- CMD` left its cgroup behind for good.
+    fn leftover_cgroup_folders_of_dead_ktctls_are_removed_and_live_ones_kept() {
+        // Plain folders stand in for cgroups: the sweep only reads cgroup.procs and rmdirs.
+        let parent = std::env::temp_dir().join(format!("kt-sweep-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&parent);
+        fs::create_dir(&parent).unwrap();
+        // A dead owner (pid 0 is never a process), the old name format, and ours.
+        fs::create_dir(parent.join("ktctl-abc123-0")).unwrap();
+        fs::create_dir(parent.join("ktctl-def456")).unwrap();
+        fs::create_dir(parent.join("unrelated")).unwrap();
+        let mut removed = sweep_leftovers(&parent);
+        removed.sort();
+        assert_eq!(removed, vec!["ktctl-abc123-0", "ktctl-def456"]);
+        assert!(parent.join("unrelated").exists());
+        // One still holding processes is kept (and reported).
+        let busy = parent.join("ktctl-ghi789-0");
+        fs::create_dir(&busy).unwrap();
+        fs::write(
+            busy.join("cgroup.procs"),
+            format!("{}\n", std::process::id()),
+        )
+        .unwrap();
+        assert!(sweep_leftovers(&parent).is_empty());
+        assert!(busy.exists());
+        fs::remove_dir_all(&parent).unwrap();
+    }
 
     #[test]
     fn finds_the_v2_mount_on_hybrid_and_pure_hosts() {

@@ -42,6 +42,9 @@ pub enum Error {
     },
     #[error("{0}")]
     Runtime(String),
+    /// A signal ended the command before its work was done.
+    #[error("interrupted by signal {0}")]
+    Interrupted(i32),
     /// Already reported to the user; only the exit code is left.
     #[error("(reported above)")]
     Reported(u8),

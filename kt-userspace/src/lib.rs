@@ -8,6 +8,7 @@
 //! - [`cluster`]: the Kubernetes API (client, permissions, sessions, the shadow pod);
 //! - [`tunnel`]: the self-healing mTLS tunnel to the shadow;
 //! - [`proxy`]: the local TCP and UDP proxy behind the hooks; [`dns`]: the DNS server;
+//! - [`interrupt`]: signals, counted so that none is lost between two waits;
 //! - [`logging`], [`progress`], [`error`].
 
 pub mod bpf;
@@ -18,6 +19,7 @@ pub mod cluster;
 pub mod cmd;
 pub mod dns;
 pub mod error;
+pub mod interrupt;
 pub mod logging;
 pub mod preflight;
 pub mod progress;

@@ -8,6 +8,9 @@ fn main() -> ExitCode {
     kt_common::tunnel::keep_freed_heap();
     let cli = Cli::parse();
     ktctl::logging::init(cli.global.verbose.max(u8::from(cli.global.debug)));
+    if let Err(e) = kt_common::tunnel::raise_nofile_limit() {
+        tracing::warn!(error = %e, "cannot raise the open files limit");
+    }
     if let Command::Completion { shell } = cli.command {
         clap_complete::generate(shell, &mut Cli::command(), "ktctl", &mut std::io::stdout());
         return ExitCode::SUCCESS;

@@ -122,7 +122,12 @@ impl Kube {
         let mut config = Config::from_custom_kubeconfig(kc, &opts)
             .await
             .map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
+        // As client-go: a dial gives up after 30 s at most; kube's defaults bound reads (295 s,
+        // longer than a watch's server-side timeout) and writes. Calls that must not wait that
+        // long (renewals, shadow checks) bound themselves.
         config.connect_timeout = Some(Duration::from_secs(10));
+        config.read_timeout.get_or_insert(Duration::from_secs(295));
+        config.write_timeout.get_or_insert(Duration::from_secs(295));
         let namespace = t
             .namespace
             .clone()
@@ -142,7 +147,7 @@ impl Kube {
                 .map(|it| it.map(|a| a.ip()).collect())
                 .unwrap_or_default(),
         };
-        let client = nodelay_client(config).map_err(|e| ClusterError::Kubeconfig(e.to_string()))?;
+        let client = client(config)?;
         client
             .apiserver_version()
             .await
@@ -295,16 +300,88 @@ impl Kube {
     }
 }
 
-/// kube's client as kube builds it, but with TCP_NODELAY on the API server connection: the
-/// tunnel's small writes must not wait for delayed ACKs (kube's connector leaves Nagle on).
-fn nodelay_client(config: Config) -> Result<Client, kube::Error> {
-    use kube::client::ConfigExt;
+/// kube's client as kube's own builder makes it (kubeconfig `proxy-url` for http and socks5
+/// proxies, the connect/read/write timeouts of [`Config`], auth, extra headers), but with
+/// TCP_NODELAY on the API server connection: the tunnel's small writes must not wait for
+/// delayed ACKs (kube's connector leaves Nagle on).
+fn client(config: Config) -> Result<Client, ClusterError> {
+    use hyper_util::client::legacy::connect::proxy::{SocksV5, Tunnel};
     let mut http = hyper_util::client::legacy::connect::HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
-    let https = config.rustls_https_connector_with_connector(http)?;
-    let hyper =
-        hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new()).build(https);
+    let built = match config.proxy_url.clone() {
+        None => finish(config, http),
+        Some(proxy) => match proxy.scheme_str() {
+            Some("http") => {
+                let mut tunnel = Tunnel::new(proxy.clone(), http);
+                if let Some(auth) = proxy_auth(&proxy) {
+                    tunnel = tunnel.with_auth(auth);
+                }
+                finish(config, tunnel)
+            }
+            Some("socks5") | Some("socks5h") => finish(config, SocksV5::new(proxy, http)),
+            _ => {
+                return Err(ClusterError::Kubeconfig(format!(
+                    "proxy-url {proxy}: only http:// and socks5:// proxies are supported"
+                )));
+            }
+        },
+    };
+    built.map_err(|e| ClusterError::Kubeconfig(e.to_string()))
+}
+
+/// `Proxy-Authorization` for a proxy URL with `user:password@`.
+fn proxy_auth(proxy: &http::Uri) -> Option<http::HeaderValue> {
+    use base64::Engine;
+    let userinfo = proxy.authority()?.as_str().rsplit_once('@')?.0;
+    let decoded = percent_decode(userinfo);
+    http::HeaderValue::from_str(&format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(decoded)
+    ))
+    .ok()
+}
+
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(hex) = std::str::from_utf8(&b[i + 1..i + 3])
+            && let Ok(v) = u8::from_str_radix(hex, 16)
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
+fn finish<C>(config: Config, connector: C) -> Result<Client, kube::Error>
+where
+    C: tower::Service<http::Uri> + Clone + Send + Sync + 'static,
+    C::Response: hyper_util::client::legacy::connect::Connection
+        + hyper::rt::Read
+        + hyper::rt::Write
+        + Send
+        + Unpin
+        + 'static,
+    C::Future: Send + 'static,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    use kube::client::ConfigExt;
+    let https = config.rustls_https_connector_with_connector(connector)?;
+    let mut timeouts = hyper_timeout::TimeoutConnector::new(https);
+    timeouts.set_connect_timeout(config.connect_timeout);
+    timeouts.set_read_timeout(config.read_timeout);
+    timeouts.set_write_timeout(config.write_timeout);
+    let hyper = hyper_util::client::legacy::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .build(timeouts);
     let service = tower::ServiceBuilder::new()
         .layer(config.base_uri_layer())
         .option_layer(config.auth_layer()?)
@@ -340,28 +417,105 @@ const fn perm(verb: &'static str, group: &'static str, resource: &'static str) -
     }
 }
 
-/// What `ktctl connect` does in its namespace (deploy/rbac-connect.yaml grants exactly this).
+/// What `ktctl connect` does in its namespace, verb by verb as the code calls the API
+/// (deploy/rbac-connect.yaml grants exactly this; a test holds them equal).
 pub const CONNECT_PERMISSIONS: &[Permission] = &[
+    // The session's anchor: created, renewed (a merge patch), listed and deleted by
+    // `clean_expired`, deleted at the end. `get` is never called by ktctl, but the shadow's
+    // Role grants get on the Lease, and RBAC lets a user grant only what it holds.
     perm("create", "coordination.k8s.io", "leases"),
     perm("get", "coordination.k8s.io", "leases"),
-    perm("update", "coordination.k8s.io", "leases"),
+    perm("list", "coordination.k8s.io", "leases"),
+    perm("patch", "coordination.k8s.io", "leases"),
     perm("delete", "coordination.k8s.io", "leases"),
+    // The shadow pod: created, read while it starts and before each reconnect, deleted;
+    // listed only to guess pod CIDRs when nodes are not readable.
     perm("create", "", "pods"),
     perm("get", "", "pods"),
+    perm("list", "", "pods"),
     perm("delete", "", "pods"),
+    // The tunnel: kube-rs's port-forward is a websocket, an HTTP GET.
     perm("get", "", "pods/portforward"),
-    perm("create", "", "pods/portforward"),
-    perm("create", "", "secrets"),
-    perm("delete", "", "secrets"),
+    // The identity that lets the shadow end its own session.
     perm("create", "", "serviceaccounts"),
     perm("delete", "", "serviceaccounts"),
     perm("create", "rbac.authorization.k8s.io", "roles"),
     perm("delete", "rbac.authorization.k8s.io", "roles"),
     perm("create", "rbac.authorization.k8s.io", "rolebindings"),
     perm("delete", "rbac.authorization.k8s.io", "rolebindings"),
+    // A failed shadow's events; names for DNS.
     perm("list", "", "events"),
     perm("list", "", "services"),
     perm("watch", "", "services"),
     perm("list", "discovery.k8s.io", "endpointslices"),
     perm("watch", "discovery.k8s.io", "endpointslices"),
 ];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `(verb, group, resource)` triples a Role in `yaml` grants (this file's flow style).
+    fn role_grants(yaml: &str) -> std::collections::BTreeSet<(String, String, String)> {
+        let role = yaml.split("\n---").next().expect("a Role first");
+        let list = |line: &str| -> Vec<String> {
+            let inner = line.split_once('[').and_then(|(_, r)| r.split_once(']'));
+            inner
+                .map(|(l, _)| {
+                    l.split(',')
+                        .map(|x| x.trim().trim_matches('"').to_string())
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut out = std::collections::BTreeSet::new();
+        let (mut groups, mut resources) = (vec![], vec![]);
+        for line in role.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("- apiGroups:") {
+                groups = list(rest);
+            } else if line.starts_with("resources:") {
+                resources = list(line);
+            } else if line.starts_with("verbs:") {
+                for g in &groups {
+                    for r in &resources {
+                        for v in list(line) {
+                            out.insert((v, g.clone(), r.clone()));
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    /// Regression: the Role granted `get` on every Secret and ServiceAccount of the
+    /// namespace, which ktctl never reads, and the preflight checked `update` where the
+    /// renewer patches.
+    fn the_role_in_deploy_grants_exactly_what_the_preflight_checks() {
+        let yaml = include_str!("../../../deploy/rbac-connect.yaml");
+        let granted = role_grants(yaml);
+        let checked: std::collections::BTreeSet<_> = CONNECT_PERMISSIONS
+            .iter()
+            .map(|p| {
+                (
+                    p.verb.to_string(),
+                    p.group.to_string(),
+                    p.resource.to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(granted, checked);
+        assert!(!yaml.contains("secrets"), "no Secret is needed any more");
+    }
+
+    #[test]
+    fn proxy_credentials_are_percent_decoded_into_basic_auth() {
+        let uri: http::Uri = "http://user:pa%40ss%3Aword@proxy:3128".parse().unwrap();
+        // base64("user:pa@ss:word")
+        assert_eq!(proxy_auth(&uri).unwrap(), "Basic dXNlcjpwYUBzczp3b3Jk");
+        let plain: http::Uri = "http://proxy:3128".parse().unwrap();
+        assert!(proxy_auth(&plain).is_none());
+        assert_eq!(percent_decode("%zz%4"), b"%zz%4".to_vec());
+    }
+}

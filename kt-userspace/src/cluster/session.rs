@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
@@ -30,7 +30,6 @@ pub const OWNER_ANNOTATION: &str = "kt.dev/owner";
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Kind {
     Pod,
-    Secret,
     ServiceAccount,
     Role,
     RoleBinding,
@@ -40,7 +39,6 @@ impl Kind {
     fn name(self) -> &'static str {
         match self {
             Kind::Pod => "pod",
-            Kind::Secret => "secret",
             Kind::ServiceAccount => "serviceaccount",
             Kind::Role => "role",
             Kind::RoleBinding => "rolebinding",
@@ -188,6 +186,19 @@ impl Session {
         Ok(out)
     }
 
+    /// Every object of the session so far (`kind/name`), the anchor Lease last.
+    pub fn created(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .created
+            .lock()
+            .expect("session lock")
+            .iter()
+            .map(|(k, n)| format!("{}/{n}", k.name()))
+            .collect();
+        out.push(format!("lease/{}", self.lease));
+        out
+    }
+
     /// Renews the Lease every third of the grace period until the task is aborted; cancels
     /// `lost` if the Lease is gone (the cluster ended the session).
     pub fn spawn_renewer(
@@ -203,10 +214,20 @@ impl Session {
                 tokio::time::sleep(every).await;
                 let patch =
                     serde_json::json!({ "spec": { "renewTime": MicroTime(Timestamp::now()) } });
-                match api
-                    .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
+                // Each renewal is bounded by the renewal period, as client-go's leader election
+                // bounds each try by its RenewDeadline: a hung call is given up, and the next
+                // renewal is tried on time.
+                let r = tokio::time::timeout(
+                    every,
+                    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+                )
+                .await
+                .unwrap_or_else(|_| {
+                    Err(kube::Error::Service(
+                        format!("no answer within {every:?}").into(),
+                    ))
+                });
+                match r {
                     Ok(_) if failing => {
                         tracing::info!(lease = %name, "session lease renewed again");
                         failing = false;
@@ -219,7 +240,7 @@ impl Session {
                     }
                     Err(e) => {
                         if !failing {
-                            tracing::warn!(lease = %name, error = %e, "cannot renew the session lease; the shadow ends the session if this lasts");
+                            tracing::warn!(lease = %name, error = %e, "cannot renew the session lease; the shadow gives ktctl a full --grace once the API server answers again");
                         }
                         failing = true;
                     }
@@ -247,15 +268,6 @@ impl Session {
                         &self.namespace,
                         &name,
                         DeleteParams::default().grace_period(0),
-                    )
-                    .await
-                }
-                Kind::Secret => {
-                    delete::<Secret>(
-                        &self.client,
-                        &self.namespace,
-                        &name,
-                        DeleteParams::default(),
                     )
                     .await
                 }
@@ -305,9 +317,14 @@ impl Session {
     }
 }
 
-/// Deletes the anchors of sessions whose Lease went stale more than its grace period ago (a
-/// ktctl that died and whose shadow could not clean up either); their objects follow by garbage
-/// collection. Returns the ids removed.
+/// Deletes the anchors of sessions whose Lease went stale more than twice its grace period
+/// ago (a ktctl that died and whose shadow could not clean up either); their objects follow by
+/// garbage collection. Returns the ids removed.
+///
+/// No machine's clock is compared with another's: the Lease's `renewTime` comes from its own
+/// ktctl's clock, which may be hours off. Staleness is the API server's time now (its `Date`
+/// header) minus the API server's time of the Lease's last change (`managedFields[].time`,
+/// which the API server stamps on every renewal).
 pub async fn clean_expired(kube: &Kube) -> Result<Vec<String>, ClusterError> {
     let api: Api<Lease> = Api::namespaced(kube.client.clone(), &kube.namespace);
     let leases = api
@@ -317,16 +334,13 @@ pub async fn clean_expired(kube: &Kube) -> Result<Vec<String>, ClusterError> {
         )
         .await
         .map_err(|e| ClusterError::api("listing ktctl sessions (leases)", e))?;
-    let now = Timestamp::now();
+    if leases.items.is_empty() {
+        return Ok(vec![]);
+    }
+    let now = server_now(&kube.client).await?;
     let mut removed = vec![];
     for l in leases.items {
-        let spec = l.spec.clone().unwrap_or_default();
-        let grace = i64::from(spec.lease_duration_seconds.unwrap_or(30));
-        let Some(renewed) = spec.renew_time.map(|t| t.0) else {
-            continue;
-        };
-        // One more grace period of slack: the shadow gets the first chance to clean up.
-        if now.as_second() - renewed.as_second() <= 2 * grace {
+        if !is_expired(&l, now) {
             continue;
         }
         let name = l.metadata.name.clone().unwrap_or_default();
@@ -347,6 +361,51 @@ pub async fn clean_expired(kube: &Kube) -> Result<Vec<String>, ClusterError> {
         }
     }
     Ok(removed)
+}
+
+/// The API server's clock, from the `Date` header of a cheap request.
+pub async fn server_now(client: &Client) -> Result<Timestamp, ClusterError> {
+    let req = http::Request::get("/version")
+        .body(kube::client::Body::empty())
+        .map_err(|e| ClusterError::Shadow(format!("building a request: {e}")))?;
+    let resp = client
+        .send(req)
+        .await
+        .map_err(|e| ClusterError::api("reading the API server's clock (GET /version)", e))?;
+    let date = resp
+        .headers()
+        .get(http::header::DATE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ClusterError::Shadow("the API server's answer has no Date header".into()))?;
+    static PARSER: k8s_openapi::jiff::fmt::rfc2822::DateTimeParser =
+        k8s_openapi::jiff::fmt::rfc2822::DateTimeParser::new();
+    PARSER
+        .parse_timestamp(date)
+        .map_err(|e| ClusterError::Shadow(format!("the API server's Date header {date:?}: {e}")))
+}
+
+/// Whether an anchor Lease has gone unrenewed for more than twice its grace period (one grace
+/// period more than the shadow waits, so the shadow gets the first chance to clean up), both
+/// ends read on the API server's clock. A Lease without managedFields is never expired here.
+pub fn is_expired(l: &Lease, server_now: Timestamp) -> bool {
+    let grace = i64::from(
+        l.spec
+            .as_ref()
+            .and_then(|s| s.lease_duration_seconds)
+            .unwrap_or(30)
+            .max(1),
+    );
+    let Some(changed) = l
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter_map(|m| m.time.as_ref().map(|t| t.0))
+        .max()
+    else {
+        return false;
+    };
+    server_now.as_second() - changed.as_second() > 2 * grace
 }
 
 fn base_labels(id: &str, role: &str) -> BTreeMap<String, String> {
@@ -382,6 +441,137 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
+
+    fn lease(renewed_by_its_clock: Timestamp, changed_on_server: Option<Timestamp>) -> Lease {
+        Lease {
+            metadata: ObjectMeta {
+                managed_fields: changed_on_server.map(|t| {
+                    vec![ManagedFieldsEntry {
+                        manager: Some("ktctl".into()),
+                        time: Some(Time(t)),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                lease_duration_seconds: Some(30),
+                renew_time: Some(MicroTime(renewed_by_its_clock)),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn at(s: &str) -> Timestamp {
+        s.parse().expect("timestamp")
+    }
+
+    #[test]
+    /// Regression: expiry compared the other ktctl's renewTime (its own clock) with this
+    /// machine's clock, so a laptop whose clock was an hour off deleted live sessions.
+    fn a_live_session_renewed_by_a_skewed_clock_is_not_expired() {
+        let server_now = at("2026-12-02T10:00:00Z");
+        // Its ktctl's clock is an hour behind; the API server stamped the change 5 s ago.
+        let l = lease(at("2026-12-02T09:00:00Z"), Some(at("2026-12-02T09:59:55Z")));
+        assert!(!is_expired(&l, server_now));
+        // An hour ahead: the same.
+        let l = lease(at("2026-12-02T11:00:00Z"), Some(at("2026-12-02T09:59:55Z")));
+        assert!(!is_expired(&l, server_now));
+    }
+
+    #[test]
+    fn a_session_unchanged_on_the_server_for_twice_its_grace_is_expired() {
+        let server_now = at("2026-12-02T10:00:00Z");
+        // Renewed "just now" by a clock that runs fast, but unchanged for 61 s on the server.
+        let l = lease(at("2026-12-02T10:00:00Z"), Some(at("2026-12-02T09:58:59Z")));
+        assert!(is_expired(&l, server_now));
+        let l = lease(at("2026-12-02T10:00:00Z"), Some(at("2026-12-02T09:59:00Z")));
+        assert!(
+            !is_expired(&l, server_now),
+            "exactly twice grace is not over it"
+        );
+        // Without the API server's timestamps ktctl cannot tell, so it leaves the session.
+        let l = lease(at("2026-12-02T01:00:00Z"), None);
+        assert!(!is_expired(&l, server_now));
+    }
+
+    /// An API server on loopback that never answers the first PATCH and answers every later
+    /// one; returns its URL and the count of PATCHes it has seen.
+    async fn api_that_hangs_once() -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let patches = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = patches.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut c, _)) = listener.accept().await else {
+                    return;
+                };
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    loop {
+                        let Ok(n) = c.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        if !buf[..n].starts_with(b"PATCH") {
+                            continue;
+                        }
+                        if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                            // The first renewal hangs for good.
+                            std::future::pending::<()>().await;
+                        }
+                        let body = br#"{"apiVersion":"coordination.k8s.io/v1","kind":"Lease","metadata":{"name":"ktctl-t"}}"#;
+                        let head = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                            body.len()
+                        );
+                        if c.write_all(head.as_bytes()).await.is_err()
+                            || c.write_all(body).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (url, patches)
+    }
+
+    #[tokio::test]
+    /// Regression: one renewal that hung (an API server that stopped answering) stopped every
+    /// later renewal, so the shadow ended a live session.
+    async fn a_hung_renewal_does_not_stop_later_renewals() {
+        let (url, patches) = api_that_hangs_once().await;
+        let config = kube::Config::new(url.parse().expect("url"));
+        let client = Client::try_from(config).expect("client");
+        let session = Session {
+            id: "t".into(),
+            namespace: "default".into(),
+            lease: "ktctl-t".into(),
+            grace: Duration::from_secs(3),
+            lease_uid: String::new(),
+            client,
+            created: Mutex::new(vec![]),
+        };
+        let lost = tokio_util::sync::CancellationToken::new();
+        let renewer = session.spawn_renewer(lost.clone());
+        // Renewals every second; the first one hangs.
+        tokio::time::sleep(Duration::from_millis(4500)).await;
+        renewer.abort();
+        let n = patches.load(std::sync::atomic::Ordering::SeqCst);
+        assert!(n >= 3, "only {n} renewals reached the API server");
+        assert!(!lost.is_cancelled());
+    }
 
     #[test]
     fn session_ids_are_dns_labels_and_differ() {

@@ -1,19 +1,25 @@
-//! The shadow: a pod running `kt-router shadow`, the in-cluster end of the tunnel, with the
-//! Secret holding its TLS credentials and the ServiceAccount that lets it end its own session.
+//! The shadow: a pod running `kt-router shadow`, the in-cluster end of the tunnel, and the
+//! ServiceAccount that lets it end its own session.
+//!
+//! No Secret: the shadow makes its TLS key in its own memory and ktctl pins its certificate
+//! on the first connection (see `kt_common::tunnel::ServerPin`); all the pod gets is the
+//! session CA's certificate (public), to check ktctl's client certificate. The pod is
+//! admitted by the `restricted` Pod Security Standard: non-root, no privilege escalation, no
+//! capabilities, RuntimeDefault seccomp, a read-only root filesystem. It never restarts in
+//! place (`restartPolicy: Never`), since a restarted shadow would have a new key: a shadow
+//! that dies is replaced by a new pod, which ktctl pins afresh.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, Event, LocalObjectReference,
-    ObjectFieldSelector, Pod, PodSpec, Probe, ResourceRequirements, Secret, SecretVolumeSource,
-    ServiceAccount, TCPSocketAction, Volume, VolumeMount,
+    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, Event, LocalObjectReference,
+    ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, ServiceAccount, TCPSocketAction,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kt_common::tunnel::Identity;
 use kube::Api;
 use kube::api::ListParams;
 
@@ -23,8 +29,10 @@ use crate::progress::Progress;
 
 /// Port of the tunnel in the shadow pod.
 pub const TUNNEL_PORT: u16 = 7443;
-/// Where the Secret is mounted in the pod.
-const TLS_DIR: &str = "/etc/kt/tls";
+/// Port of the shadow's readiness listener (kt-router's `--health-port`).
+pub const HEALTH_PORT: u16 = 7444;
+/// The user the shadow runs as (nonroot in distroless images).
+pub const SHADOW_UID: i64 = 65532;
 
 /// How to run the shadow (kt-connect's flags).
 #[derive(Clone, Debug, Default)]
@@ -35,6 +43,10 @@ pub struct ShadowOptions {
     /// Limits, as `--podQuota cpu,memory` (e.g. `0.5,256Mi`).
     pub quota: Option<(String, String)>,
     pub creation_timeout: Duration,
+    /// The CIDRs the session routes and those cut out of them: the only destinations the
+    /// shadow dials (`--routes`, `--except`).
+    pub routes: Vec<String>,
+    pub except: Vec<String>,
 }
 
 /// Parses `--nodeSelector key=value,key2=value2`.
@@ -71,36 +83,19 @@ pub fn parse_quota(s: &str) -> Result<(String, String), String> {
     Ok((cpu.to_string(), mem.to_string()))
 }
 
-/// Creates the shadow's Secret, ServiceAccount, Role, RoleBinding and Pod; waits until it is
-/// ready, showing progress; on failure shows the pod's conditions and events.
-pub async fn deploy(
-    session: &Session,
-    kube: &super::Kube,
-    role: &str,
-    opts: &ShadowOptions,
-    server: &Identity,
-) -> Result<Pod, ClusterError> {
+/// The shadow's pod name for the session's `n`th shadow (0: the first; a replacement gets a
+/// new name, so that nothing can mistake it for the pod it replaces).
+pub fn pod_name(session: &Session, n: u32) -> String {
+    match n {
+        0 => format!("kt-connect-shadow-{}", session.id),
+        n => format!("kt-connect-shadow-{}-{n}", session.id),
+    }
+}
+
+/// Creates the shadow's ServiceAccount, Role and RoleBinding (once per session: they let the
+/// shadow read and delete the session's Lease).
+pub async fn deploy_identity(session: &Session, role: &str) -> Result<(), ClusterError> {
     let base = format!("kt-connect-shadow-{}", session.id);
-    let secret = Secret {
-        metadata: session.meta(&format!("{base}-tls"), role),
-        type_: Some("kubernetes.io/tls".into()),
-        data: Some(BTreeMap::from([
-            (
-                "tls.crt".to_string(),
-                ByteString(server.cert_pem.clone().into_bytes()),
-            ),
-            (
-                "tls.key".to_string(),
-                ByteString(server.key_pem.clone().into_bytes()),
-            ),
-            (
-                "ca.crt".to_string(),
-                ByteString(server.ca_pem.clone().into_bytes()),
-            ),
-        ])),
-        ..Default::default()
-    };
-    session.create(Kind::Secret, &secret).await?;
     session
         .create(
             Kind::ServiceAccount,
@@ -141,9 +136,23 @@ pub async fn deploy(
         }]),
     };
     session.create(Kind::RoleBinding, &binding).await?;
-    let pod = pod_spec(session, role, &base, opts);
+    Ok(())
+}
+
+/// Creates the session's `n`th shadow pod and waits until it is ready, showing progress; on
+/// failure shows the pod's conditions and events.
+pub async fn deploy_pod(
+    session: &Session,
+    kube: &super::Kube,
+    role: &str,
+    opts: &ShadowOptions,
+    client_ca_pem: &str,
+    n: u32,
+) -> Result<Pod, ClusterError> {
+    let name = pod_name(session, n);
+    let pod = pod_spec(session, role, &name, opts, client_ca_pem);
     session.create(Kind::Pod, &pod).await?;
-    wait_ready(kube, &base, opts.creation_timeout).await
+    wait_ready(kube, &name, opts.creation_timeout).await
 }
 
 fn field_env(name: &str, path: &str) -> EnvVar {
@@ -160,14 +169,22 @@ fn field_env(name: &str, path: &str) -> EnvVar {
     }
 }
 
-fn pod_spec(session: &Session, role: &str, name: &str, opts: &ShadowOptions) -> Pod {
+fn pod_spec(
+    session: &Session,
+    role: &str,
+    name: &str,
+    opts: &ShadowOptions,
+    client_ca_pem: &str,
+) -> Pod {
     let args = vec![
         "shadow".to_string(),
         format!("--listen=0.0.0.0:{TUNNEL_PORT}"),
-        format!("--tls-dir={TLS_DIR}"),
+        format!("--health-port={HEALTH_PORT}"),
         format!("--session={}", session.id),
         format!("--lease={}", session.lease),
         format!("--grace={}", session.grace.as_secs()),
+        format!("--routes={}", opts.routes.join(",")),
+        format!("--except={}", opts.except.join(",")),
     ];
     let resources = opts.quota.as_ref().map(|(cpu, mem)| ResourceRequirements {
         limits: Some(BTreeMap::from([
@@ -189,6 +206,11 @@ fn pod_spec(session: &Session, role: &str, name: &str, opts: &ShadowOptions) -> 
             field_env("POD_NAME", "metadata.name"),
             field_env("POD_IP", "status.podIP"),
             EnvVar {
+                name: "KT_CLIENT_CA".into(),
+                value: Some(client_ca_pem.to_string()),
+                ..Default::default()
+            },
+            EnvVar {
                 name: "KT_LOG".into(),
                 value: Some(std::env::var("KT_SHADOW_LOG").unwrap_or_else(|_| "info".into())),
                 ..Default::default()
@@ -202,18 +224,24 @@ fn pod_spec(session: &Session, role: &str, name: &str, opts: &ShadowOptions) -> 
         }]),
         readiness_probe: Some(Probe {
             tcp_socket: Some(TCPSocketAction {
-                port: IntOrString::Int(i32::from(TUNNEL_PORT)),
+                port: IntOrString::Int(i32::from(HEALTH_PORT)),
                 ..Default::default()
             }),
             period_seconds: Some(1),
             ..Default::default()
         }),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "tls".into(),
-            mount_path: TLS_DIR.into(),
-            read_only: Some(true),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            read_only_root_filesystem: Some(true),
+            run_as_non_root: Some(true),
+            run_as_user: Some(SHADOW_UID),
+            run_as_group: Some(SHADOW_UID),
             ..Default::default()
-        }]),
+        }),
         resources,
         ..Default::default()
     };
@@ -221,23 +249,23 @@ fn pod_spec(session: &Session, role: &str, name: &str, opts: &ShadowOptions) -> 
         metadata: session.meta(name, role),
         spec: Some(PodSpec {
             containers: vec![container],
-            service_account_name: Some(name.to_string()),
+            service_account_name: Some(format!("kt-connect-shadow-{}", session.id)),
             automount_service_account_token: Some(true),
             termination_grace_period_seconds: Some(5),
+            restart_policy: Some("Never".into()),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
             node_selector: (!opts.node_selector.is_empty()).then(|| opts.node_selector.clone()),
             image_pull_secrets: opts
                 .image_pull_secret
                 .as_ref()
                 .map(|s| vec![LocalObjectReference { name: s.clone() }]),
-            volumes: Some(vec![Volume {
-                name: "tls".into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(format!("{name}-tls")),
-                    default_mode: Some(0o400),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }]),
             ..Default::default()
         }),
         ..Default::default()

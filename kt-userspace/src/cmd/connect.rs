@@ -11,11 +11,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ipnet::Ipv4Net;
-use kt_common::bpf::DNS_ALIAS_NET;
-use tokio::signal::unix::{SignalKind, signal};
-
-use super::AbortOnDrop;
+use super::{AbortOnDrop, Signals};
 use crate::bpf::{HookConfig, Hooks};
 use crate::cgroup::{self, ChildCgroup};
 use crate::cidr::Plan;
@@ -25,8 +21,11 @@ use crate::cluster::shadow::{self, ShadowOptions};
 use crate::cluster::{CONNECT_PERMISSIONS, Kube, Target};
 use crate::dns::{self, index::Index, names::Rules};
 use crate::error::{EnvError, Error, Result};
+use crate::interrupt::{self, Interrupts};
 use crate::proxy::{self, OrigDst};
 use crate::tunnel::Tunnel;
+use ipnet::Ipv4Net;
+use kt_common::bpf::DNS_ALIAS_NET;
 
 /// The banner kt-connect users look for.
 pub const BANNER: &str =
@@ -41,8 +40,9 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
         .into());
     }
     crate::preflight::check()?;
-    let shadow_opts = shadow_options(global)?;
+    let mut shadow_opts = shadow_options(global)?;
     let attach_to = cgroup::target(args.cgroup.as_deref())?;
+    cgroup::sweep_leftovers(&attach_to);
     // sk_lookup is network-namespace wide: two sessions' steering would collide.
     let _lock = NetnsLock::acquire()?;
 
@@ -74,17 +74,38 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
     let plan = plan(&kube, args).await?;
     for r in &plan.routes {
         tracing::info!("Routing {} through the cluster", r.net);
+        tracing::debug!("CIDR {} is aliased at {}", r.net, r.alias);
     }
+
+    shadow_opts.routes = plan.routes.iter().map(|r| r.net.to_string()).collect();
+    shadow_opts.except = plan.excluded.iter().map(|n| n.to_string()).collect();
 
     let grace = Duration::from_secs(args.grace);
     let pf_timeout = Duration::from_secs(args.port_forward_timeout);
+    let interrupts = Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
+    // Signals count from here: whoever waits next (setup or the body) sees every one.
+    let mark = interrupts.count();
     super::with_shadow(
         &kube,
         &shadow_opts,
         "connect",
         grace,
         pf_timeout,
-        async |session, tunnel| connected(&kube, session, tunnel, args, plan, attach_to).await,
+        &interrupts,
+        Signals::Body,
+        async |session, tunnel| {
+            connected(
+                &kube,
+                session,
+                tunnel,
+                args,
+                plan,
+                attach_to,
+                &interrupts,
+                mark,
+            )
+            .await
+        },
     )
     .await
 }
@@ -107,6 +128,8 @@ pub(crate) fn shadow_options(global: &Global) -> Result<ShadowOptions> {
             .transpose()
             .map_err(EnvError)?,
         creation_timeout: Duration::from_secs(global.pod_creation_timeout),
+        routes: vec![],
+        except: vec![],
     })
 }
 
@@ -123,7 +146,12 @@ async fn plan(kube: &Kube, args: &ConnectArgs) -> Result<Plan> {
     Ok(Plan::new(&include, &exclude)?)
 }
 
-/// Everything between the tunnel coming up and the session's end.
+/// Everything between the tunnel coming up and the session's end. Signals after `mark` are
+/// this body's to handle (with_shadow hands them over), so none is lost while it sets up.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the command's state, passed once"
+)]
 async fn connected(
     kube: &Kube,
     session: &Session,
@@ -131,6 +159,8 @@ async fn connected(
     args: &ConnectArgs,
     plan: Plan,
     attach_to: PathBuf,
+    interrupts: &Interrupts,
+    mark: u64,
 ) -> Result<u8> {
     let tunnel = tunnel.clone();
     // Local sockets first, so that nothing is steered to a socket that does not exist yet.
@@ -180,7 +210,7 @@ async fn connected(
     } else {
         Some(ChildCgroup::create(
             &attach_to,
-            &format!("ktctl-{}", session.id),
+            &cgroup::child_name(&session.id),
         )?)
     };
     let cgroup_path = child
@@ -213,9 +243,10 @@ async fn connected(
     tracing::info!("---------------------------------------------------------------");
 
     let code = match child {
-        Some(cg) => run_command(&args.cmd, &cg).await?,
+        Some(cg) => run_command(&args.cmd, &cg, interrupts, mark).await?,
         None => {
-            wait_for_signal().await;
+            let sig = interrupts.after(mark).await;
+            tracing::info!("{}", interrupt::describe(sig));
             0
         }
     };
@@ -225,19 +256,14 @@ async fn connected(
     Ok(code)
 }
 
-async fn wait_for_signal() {
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("Interrupted"),
-        _ = term.recv() => tracing::info!("Terminated"),
-        _ = hup.recv() => tracing::info!("Hung up"),
-    }
-}
-
 /// Runs CMD inside the child cgroup; returns its exit code (128 + signal if killed). A signal
-/// to ktctl is passed on to CMD.
-async fn run_command(cmd: &[String], cg: &ChildCgroup) -> Result<u8> {
+/// to ktctl (SIGINT, SIGTERM, SIGHUP) is passed on to CMD, which decides when to end.
+async fn run_command(
+    cmd: &[String],
+    cg: &ChildCgroup,
+    interrupts: &Interrupts,
+    mut seen: u64,
+) -> Result<u8> {
     use std::os::unix::process::CommandExt;
     let procs = std::fs::OpenOptions::new()
         .write(true)
@@ -260,13 +286,13 @@ async fn run_command(cmd: &[String], cg: &ChildCgroup) -> Result<u8> {
         .map_err(|e| Error::Runtime(format!("cannot run {}: {e}", cmd[0])))?;
     drop(procs);
     let pid = child.id().map(|p| p as i32);
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
     let status = loop {
         tokio::select! {
             s = child.wait() => break s.map_err(|e| Error::io("waiting for the command", e))?,
-            _ = term.recv() => forward(pid, libc::SIGTERM),
-            _ = int.recv() => forward(pid, libc::SIGINT),
+            sig = interrupts.after(seen) => {
+                seen = interrupts.count();
+                forward(pid, sig);
+            }
         }
     };
     use std::os::unix::process::ExitStatusExt;

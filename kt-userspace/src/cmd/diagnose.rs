@@ -107,12 +107,16 @@ pub async fn run(global: &Global, args: &DiagnoseArgs) -> Result<u8> {
     );
     perms?;
     let opts = super::connect::shadow_options(global)?;
+    let interrupts =
+        crate::interrupt::Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
     let report = super::with_shadow(
         &kube,
         &opts,
         "diagnose",
         Duration::from_secs(30),
         Duration::from_secs(20),
+        &interrupts,
+        super::Signals::EndBody,
         async |_session, tunnel| measure(tunnel, args).await,
     )
     .await?;

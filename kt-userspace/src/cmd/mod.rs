@@ -3,17 +3,20 @@
 pub mod connect;
 pub mod diagnose;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kt_common::pki::SessionPki;
+use kt_common::tunnel::ServerPin;
 use kube::Api;
 
 use crate::cluster::Kube;
 use crate::cluster::session::Session;
 use crate::cluster::shadow::{self, ShadowOptions};
 use crate::error::{Error, Result};
-use crate::tunnel::{self, Tunnel};
+use crate::interrupt::{self, Interrupts};
+use crate::tunnel::{KubeShadow, Tunnel};
 
 /// Aborts a task when dropped.
 pub(crate) struct AbortOnDrop<T>(pub tokio::task::JoinHandle<T>);
@@ -24,70 +27,159 @@ impl<T> Drop for AbortOnDrop<T> {
     }
 }
 
+/// Who handles signals while the body of [`with_shadow`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Signals {
+    /// A signal ends the body; the session is cleaned up.
+    EndBody,
+    /// The body waits for signals itself (through the [`Interrupts`] it is given).
+    Body,
+}
+
 /// Starts a session, deploys its shadow, brings the tunnel up and runs `body`; then closes the
-/// tunnel and removes every object of the session, whatever `body` returned. An error is
-/// reported before the cleanup lines and comes back as [`Error::Reported`].
+/// tunnel and removes every object of the session, whatever `body` returned, and also when a
+/// signal comes at any moment of this (before `body`, or during it with [`Signals::EndBody`]).
+/// A second signal during a cleanup that hangs (say, on an unreachable API server) ends it at
+/// once, saying what may be left. An error is reported before the cleanup lines and comes
+/// back as [`Error::Reported`].
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the shared frame of every command that runs a shadow"
+)]
 pub(crate) async fn with_shadow<T>(
     kube: &Kube,
     opts: &ShadowOptions,
     command: &str,
     grace: Duration,
     pf_timeout: Duration,
+    interrupts: &Interrupts,
+    signals: Signals,
     body: impl AsyncFnOnce(&Session, &Tunnel) -> Result<T>,
 ) -> Result<T> {
-    let session = Session::begin(kube, command, grace).await?;
+    let mark = interrupts.count();
+    let session = tokio::select! {
+        s = Session::begin(kube, command, grace) => Arc::new(s?),
+        sig = interrupts.after(mark) => {
+            tracing::info!("{}", interrupt::describe(sig));
+            return Err(Error::Reported(1));
+        }
+    };
     tracing::debug!(session = %session.id, "session started");
-    let result = async {
-        let pki =
-            SessionPki::generate(&session.id, 30).map_err(|e| Error::Runtime(e.to_string()))?;
-        let lost = tokio_util::sync::CancellationToken::new();
-        let _renewer = AbortOnDrop(session.spawn_renewer(lost.clone()));
-        tracing::info!(
-            "Deploying shadow pod kt-connect-shadow-{} in namespace {}",
-            session.id,
-            session.namespace
-        );
-        let pod = shadow::deploy(
-            &session,
-            kube,
-            &format!("shadow-{command}"),
-            opts,
-            &pki.server,
-        )
-        .await?;
-        let pod_name = pod.metadata.name.clone().unwrap_or_default();
-        tracing::info!(
-            "Shadow pod {pod_name} is ready ({})",
-            pod.status.and_then(|s| s.pod_ip).unwrap_or_default()
-        );
-        let target = tunnel::Target {
-            pods: Api::<Pod>::namespaced(kube.client.clone(), &kube.namespace),
-            pod: pod_name,
-            port: shadow::TUNNEL_PORT,
-            tls: kt_common::tunnel::client_tls(&pki.client)?,
-            session: session.id.clone(),
+    let lost = tokio_util::sync::CancellationToken::new();
+    let _renewer = AbortOnDrop(session.spawn_renewer(lost.clone()));
+    let mut tunnel_slot: Option<Tunnel> = None;
+    let result = {
+        let setup = async {
+            let pki =
+                SessionPki::generate(&session.id, 30).map_err(|e| Error::Runtime(e.to_string()))?;
+            let role = format!("shadow-{command}");
+            tracing::info!(
+                "Deploying shadow pod {} in namespace {}",
+                shadow::pod_name(&session, 0),
+                session.namespace
+            );
+            shadow::deploy_identity(&session, &role).await?;
+            let pod =
+                shadow::deploy_pod(&session, kube, &role, opts, &pki.client_ca_pem, 0).await?;
+            tracing::info!(
+                "Shadow pod {} is ready ({})",
+                pod.metadata.name.clone().unwrap_or_default(),
+                pod.status
+                    .as_ref()
+                    .and_then(|s| s.pod_ip.clone())
+                    .unwrap_or_default()
+            );
+            let pin = ServerPin::trust_first();
+            let replace = {
+                let (session, kube, opts, role, ca) = (
+                    session.clone(),
+                    kube.clone(),
+                    opts.clone(),
+                    role.clone(),
+                    pki.client_ca_pem.clone(),
+                );
+                Box::new(move |n: u32| {
+                    let (session, kube, opts, role, ca) = (
+                        session.clone(),
+                        kube.clone(),
+                        opts.clone(),
+                        role.clone(),
+                        ca.clone(),
+                    );
+                    Box::pin(async move {
+                        Ok(shadow::deploy_pod(&session, &kube, &role, &opts, &ca, n).await?)
+                    }) as futures::future::BoxFuture<'static, Result<Pod>>
+                })
+            };
+            let link = KubeShadow::new(
+                Api::<Pod>::namespaced(kube.client.clone(), &kube.namespace),
+                &pod,
+                shadow::TUNNEL_PORT,
+                kt_common::tunnel::client_tls(&pki.client, &pin)?,
+                pin,
+                session.id.clone(),
+                replace,
+            );
+            Tunnel::start(Arc::new(link), pf_timeout).await
         };
-        let tunnel = Tunnel::start(target, pf_timeout).await?;
-        let r = tokio::select! {
-            r = body(&session, &tunnel) => r,
-            () = lost.cancelled() => Err(Error::Runtime(
-                "the session ended in the cluster (its lease was deleted): ktctl was unreachable for longer than --grace, or the session was cleaned up".into(),
-            )),
+        let setup = tokio::select! {
+            t = setup => t,
+            sig = interrupts.after(mark) => Err(interrupted(sig)),
         };
-        // Before the objects go, so that the shadow's deletion is not taken for a dropped tunnel.
-        tunnel.close();
-        r
+        match setup {
+            Err(e) => Err(e),
+            Ok(tunnel) => {
+                tunnel_slot = Some(tunnel.clone());
+                let ended = async {
+                    tokio::select! {
+                        () = lost.cancelled() => Error::Runtime(
+                            "the session ended in the cluster (its lease was deleted): ktctl was unreachable for longer than --grace, or the session was cleaned up".into(),
+                        ),
+                        sig = interrupts.after(mark), if signals == Signals::EndBody => interrupted(sig),
+                    }
+                };
+                tokio::select! {
+                    r = body(&session, &tunnel) => r,
+                    e = ended => Err(e),
+                }
+            }
+        }
+    };
+    // Before the objects go, so that the shadow's deletion is not taken for a dropped tunnel.
+    if let Some(t) = tunnel_slot {
+        t.close();
     }
-    .await;
-    if let Err(e) = &result {
-        tracing::error!("{e}");
+    match &result {
+        Err(Error::Interrupted(sig)) => tracing::info!("{}", interrupt::describe(*sig)),
+        Err(e) => tracing::error!("{e}"),
+        Ok(_) => {}
     }
     tracing::info!("Cleaning up session {}", session.id);
-    for obj in session.end().await {
-        tracing::info!("Deleted {obj}");
+    let cleanup_mark = interrupts.count();
+    tokio::select! {
+        removed = session.end() => {
+            for obj in removed {
+                tracing::info!("Deleted {obj}");
+            }
+        }
+        sig = interrupts.after(cleanup_mark) => {
+            tracing::error!(
+                "{} again: exiting before the cleanup finished. These may be left in namespace {}: {}. \
+                 The session's shadow removes them once ktctl has been gone for --grace ({}s); if it cannot, `ktctl clean` removes them later.",
+                interrupt::describe(sig),
+                session.namespace,
+                session.created().join(", "),
+                grace.as_secs(),
+            );
+            return Err(Error::Reported(1));
+        }
     }
     result.map_err(|e| match e {
         Error::Reported(c) => Error::Reported(c),
         e => Error::Reported(e.exit_code()),
     })
+}
+
+fn interrupted(sig: i32) -> Error {
+    Error::Interrupted(sig)
 }
