@@ -242,6 +242,27 @@ fn connect_reaches_services_by_name_and_ip_carries_udp_and_bulk_and_survives_a_c
     );
 }
 
+/// The loopback alias of a cluster IP, from ktctl's "CIDR N is aliased at A" debug line.
+fn alias_of(out: &str, ip: &str) -> std::net::Ipv4Addr {
+    let ip: std::net::Ipv4Addr = ip.parse().expect("an IPv4 address");
+    for line in out.lines() {
+        let Some(rest) = line.split("CIDR ").nth(1) else {
+            continue;
+        };
+        let mut w = rest.split_whitespace();
+        let (Some(net), Some(alias)) = (w.next(), w.nth(3)) else {
+            continue;
+        };
+        let (net, alias): (ipnet::Ipv4Net, ipnet::Ipv4Net) =
+            (net.parse().expect("net"), alias.parse().expect("alias"));
+        if net.contains(&ip) {
+            let offset = u32::from(ip) - u32::from(net.network());
+            return std::net::Ipv4Addr::from(u32::from(alias.network()) + offset);
+        }
+    }
+    panic!("no alias block for {ip} in:\n{out}");
+}
+
 fn session_id(k: &Ktctl) -> String {
     let out = k.output();
     let line = out
@@ -270,10 +291,22 @@ fn connect_with_a_command_reaches_the_cluster_for_that_command_only() {
     ]);
     k.wait_for("All looks good", Duration::from_secs(120));
     k.wait_for(PAGE, Duration::from_secs(20));
-    // Meanwhile a process outside CMD's cgroup has no way in.
+    // Meanwhile a process outside CMD's cgroup has no way in: not by the ClusterIP (not
+    // redirected) and not straight to its loopback alias, which sk_lookup would hand to the
+    // proxy (regression: only the ClusterIP was tried).
     assert!(
         !laptop_reaches(&format!("http://{cluster_ip}")),
         "a process outside the command reached the ClusterIP"
+    );
+    let alias = alias_of(&k.output(), &cluster_ip);
+    let o = run_in(
+        Machine::Laptop,
+        &["curl", "-sS", "-m", "5", &format!("http://{alias}")],
+    );
+    assert!(
+        !o.status.success(),
+        "a process outside the command reached the alias {alias}: {}",
+        text(&o)
     );
     assert_eq!(
         k.wait(Duration::from_secs(60)),
@@ -294,15 +327,30 @@ fn connect_with_a_command_reaches_the_cluster_for_that_command_only() {
 
 #[test]
 #[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// Regression: this test counted refusals that the readiness probe alone produced, and looked
+/// for a stream field the shadow never logs at its level. Now it counts only the lines the
+/// intruders' attempts added, and proves that no session was established for them.
 fn the_shadow_refuses_a_client_without_the_session_certificate() {
     let _tb = testbed();
     seed_nginx();
     let _k = Ktctl::connect(&[]);
     let shadow = shadow_pod();
+    let lines = |logs: &str, needle: &str| logs.lines().filter(|l| l.contains(needle)).count();
+    let before = kubectl(&["logs", &shadow]);
+    // The readiness probe has its own port: it adds nothing to the tunnel's log.
+    std::thread::sleep(Duration::from_secs(3));
+    let idle = kubectl(&["logs", &shadow]);
+    assert_eq!(
+        lines(&idle, "tunnel connection"),
+        lines(&before, "tunnel connection"),
+        "probes show up in the tunnel's log:\n{idle}"
+    );
+    let connected_before = lines(&idle, "client connected");
     // Straight to the shadow's tunnel port through a port-forward of our own: no client
-    // certificate, then a self-signed one.
+    // certificate, then a self-signed one; each sends an HTTP request that must not pass.
     let script = format!(
-        "kubectl port-forward pod/{shadow} 17443:7443 >/dev/null 2>&1 & pf=$!; sleep 1.5; \
+        "kubectl port-forward pod/{shadow} 17443:7443 >/dev/null 2>&1 & pf=$!; \
+         for i in $(seq 50); do nc -z 127.0.0.1 17443 && break; sleep 0.1; done; \
          echo GET | timeout 5 openssl s_client -connect 127.0.0.1:17443 -tls1_3 -quiet 2>&1; echo \"no-cert rc=$?\"; \
          openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout /tmp/kt-intruder.key -out /tmp/kt-intruder.crt -subj /CN=intruder -days 1 2>/dev/null; \
          echo GET | timeout 5 openssl s_client -connect 127.0.0.1:17443 -tls1_3 -cert /tmp/kt-intruder.crt -key /tmp/kt-intruder.key -quiet 2>&1; echo \"foreign-cert rc=$?\"; \
@@ -314,21 +362,109 @@ fn the_shadow_refuses_a_client_without_the_session_certificate() {
         out.contains("no-cert rc=") && out.contains("foreign-cert rc="),
         "{out}"
     );
-    let logs = kubectl(&["logs", &shadow]);
-    let refusals = logs
-        .lines()
-        .filter(|l| l.contains("tunnel connection refused or failed"))
-        .count();
-    assert!(
-        refusals >= 2,
-        "the shadow did not refuse both intruders:\n{logs}\nclient side:\n{out}"
+    let after = kubectl(&["logs", &shadow]);
+    let refused = lines(&after, "tunnel connection refused or failed")
+        - lines(&idle, "tunnel connection refused or failed");
+    assert_eq!(
+        refused, 2,
+        "the shadow did not refuse exactly the two intruders:\n{after}\nclient side:\n{out}"
     );
     assert!(
-        !logs.contains("\"stream\""),
-        "the shadow served a stream to an intruder:\n{logs}"
+        after.contains("certificate"),
+        "the refusals do not name the certificate:\n{after}"
+    );
+    assert_eq!(
+        lines(&after, "client connected"),
+        connected_before,
+        "an intruder got a session:\n{after}"
     );
     // The rightful session is unaffected.
     assert_eq!(curl("http://nginx"), PAGE);
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// The shadow is admitted where the `restricted` Pod Security Standard is enforced, runs as a
+/// non-root user, and dials nothing outside the session's routes (here: a metadata address
+/// that --includeIps routed, and that the shadow still refuses).
+fn connect_works_in_a_namespace_enforcing_the_restricted_pod_security_standard() {
+    let _tb = testbed();
+    seed_nginx();
+    let o = laptop_sh(
+        r#"kubectl apply -f - <<'EOF'
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: e2e-restricted
+  labels: {pod-security.kubernetes.io/enforce: restricted, pod-security.kubernetes.io/enforce-version: latest}
+EOF"#,
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The namespace really enforces it: a plain pod is refused.
+    let plain = run_in(
+        Machine::Laptop,
+        &[
+            "kubectl",
+            "-n",
+            "e2e-restricted",
+            "run",
+            "plain",
+            "--image=busybox:1",
+            "--restart=Never",
+            "--",
+            "true",
+        ],
+    );
+    assert!(
+        !plain.status.success() && String::from_utf8_lossy(&plain.stderr).contains("restricted"),
+        "{plain:?}"
+    );
+    let k = Ktctl::connect(&["-n", "e2e-restricted", "--includeIps", "169.254.169.254/32"]);
+    assert_eq!(curl("http://nginx.default"), PAGE);
+    let shadow = kubectl(&[
+        "-n",
+        "e2e-restricted",
+        "get",
+        "pod",
+        "-l",
+        "kt.dev/role=shadow-connect",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    // Its process runs as the non-root user (on its node, as the kubelet started it).
+    let node = kubectl(&[
+        "-n",
+        "e2e-restricted",
+        "get",
+        "pod",
+        &shadow,
+        "-o",
+        "jsonpath={.spec.nodeName}",
+    ]);
+    let node = Machine::parse(&node).expect("a testbed node");
+    let uids = run_in(
+        node,
+        &[
+            "sh",
+            "-c",
+            "for p in $(pgrep -x kt-router); do awk '/^Uid:/{print $2}' /proc/$p/status; done",
+        ],
+    );
+    assert!(
+        text(&uids).lines().any(|l| l == "65532"),
+        "kt-router uids: {}",
+        text(&uids)
+    );
+    // A routed metadata address: the shadow refuses to dial it.
+    assert!(!laptop_reaches("http://169.254.169.254/latest/meta-data/"));
+    let logs = kubectl(&["-n", "e2e-restricted", "logs", &shadow]);
+    assert!(
+        logs.contains("refused a dial outside the session's routes")
+            && logs.contains("169.254.169.254"),
+        "{logs}"
+    );
+    drop(k);
+    kubectl(&["delete", "namespace", "e2e-restricted", "--wait=false"]);
 }
 
 #[test]
