@@ -395,7 +395,7 @@ async fn handle(
         }
         match open {
             Open::Tcp(dst) => tcp(s, dst).await,
-            Open::Udp(dst) => udp(s, dst).await,
+            Open::Udp(dst) => udp(s, dst, UDP_IDLE).await,
             Open::Dns => match dns {
                 Some(server) => relay_dns(s, server).await,
                 None => {
@@ -445,7 +445,8 @@ async fn tcp(mut s: MuxStream, dst: SocketAddr) {
     tunnel::splice(s, conn, 64 * 1024).await;
 }
 
-async fn udp(mut s: MuxStream, dst: SocketAddr) {
+/// One UDP flow: datagrams both ways until neither way has moved for `idle`.
+async fn udp(mut s: MuxStream, dst: SocketAddr, idle_after: Duration) {
     let bind: SocketAddr = if dst.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
     } else {
@@ -500,10 +501,10 @@ async fn udp(mut s: MuxStream, dst: SocketAddr) {
         loop {
             let seen = Duration::from_millis(last.load(std::sync::atomic::Ordering::Relaxed));
             let quiet = start.elapsed().saturating_sub(seen);
-            if quiet >= UDP_IDLE {
+            if quiet >= idle_after {
                 break;
             }
-            tokio::time::sleep(UDP_IDLE - quiet).await;
+            tokio::time::sleep(idle_after - quiet).await;
         }
     };
     tokio::select! {
@@ -530,6 +531,9 @@ async fn relay_dns(mut s: MuxStream, server: SocketAddr) {
     let _ = s.shutdown().await;
 }
 
+/// Asks the cluster's DNS over UDP (three tries of 1.5 s), then over TCP if the answer was
+/// truncated or never came. Only a reply to this query counts: one whose ID or question
+/// differs (a late answer to another query, or a spoofed one) is dropped.
 async fn ask(server: SocketAddr, query: &[u8]) -> std::io::Result<Bytes> {
     let bind: SocketAddr = if server.is_ipv4() {
         ([0, 0, 0, 0], 0).into()
@@ -539,21 +543,45 @@ async fn ask(server: SocketAddr, query: &[u8]) -> std::io::Result<Bytes> {
     let sock = UdpSocket::bind(bind).await?;
     sock.connect(server).await?;
     let mut buf = vec![0u8; 65_535];
-    for _ in 0..3 {
+    'tries: for _ in 0..3 {
         sock.send(query).await?;
-        if let Ok(n) = tokio::time::timeout(Duration::from_millis(1500), sock.recv(&mut buf)).await
-        {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        loop {
+            let Ok(n) = tokio::time::timeout_at(deadline, sock.recv(&mut buf)).await else {
+                continue 'tries;
+            };
             let n = n?;
+            if !kt_common::dnsmsg::reply_matches(query, &buf[..n]) {
+                tracing::debug!(%server, "dropped a DNS reply that does not answer the query");
+                continue;
+            }
             // TC: the full answer needs TCP.
-            if n >= 3 && buf[2] & 0x02 != 0 {
-                break;
+            if buf[2] & 0x02 != 0 {
+                break 'tries;
             }
             return Ok(Bytes::copy_from_slice(&buf[..n]));
         }
     }
-    tokio::time::timeout(DNS_TCP_TIMEOUT, ask_tcp(server, query))
+    ask_tcp_bounded(server, query, DNS_TCP_TIMEOUT).await
+}
+
+/// [`ask_tcp`] within `timeout` as a whole (connect, write, read): a server that accepts and
+/// then says nothing must not hold the relay.
+async fn ask_tcp_bounded(
+    server: SocketAddr,
+    query: &[u8],
+    timeout: Duration,
+) -> std::io::Result<Bytes> {
+    let answer = tokio::time::timeout(timeout, ask_tcp(server, query))
         .await
-        .map_err(|_| std::io::ErrorKind::TimedOut)?
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    if !kt_common::dnsmsg::reply_matches(query, &answer) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "the TCP answer does not answer the query",
+        ));
+    }
+    Ok(answer)
 }
 
 /// One query over TCP (RFC 7766 framing), as a whole bounded by the caller's timeout.
@@ -675,6 +703,89 @@ mod tests {
         let t0 = Instant::now();
         let mut w = LeaseWatch::new(GRACE, t0);
         assert_eq!(w.observe(t0, LeaseRead::Gone), Verdict::Ended);
+    }
+
+    /// A stream whose other end is returned: `udp` gets the agent's side.
+    async fn stream_pair() -> (MuxStream, MuxStream, Mux, Mux) {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (client, _) = Mux::start(a, tunnel::Mode::Client);
+        let (agent, mut inbound) = Mux::start(b, tunnel::Mode::Server);
+        let mut ours = client.open().await.expect("open");
+        // yamux announces a stream with its first frame.
+        ours.write_all(&[]).await.expect("write");
+        write_data(&mut ours, b"").await.expect("first datagram");
+        let theirs = inbound.recv().await.expect("the agent's side");
+        (ours, theirs, client, agent)
+    }
+
+    #[tokio::test]
+    /// Regression: a UDP flow ended after a minute without datagrams from the client, even
+    /// while replies kept arriving (a client that sends once and then listens).
+    async fn a_udp_flow_lives_while_replies_arrive() {
+        let server = UdpSocket::bind("127.0.0.1:0").await.expect("bind");
+        let dst = server.local_addr().expect("addr");
+        let (mut ours, theirs, _c, _a) = stream_pair().await;
+        let flow = tokio::spawn(udp(theirs, dst, Duration::from_millis(300)));
+        // The client's only datagram (an empty one went first, above).
+        let mut from = None;
+        let mut buf = [0u8; 64];
+        while from.is_none() {
+            let (_, peer) = server.recv_from(&mut buf).await.expect("recv");
+            from = Some(peer);
+        }
+        // Ten replies, 100 ms apart: 1 s in all, more than three idle periods.
+        let replies = async {
+            for i in 0..10u8 {
+                server
+                    .send_to(&[i], from.expect("peer"))
+                    .await
+                    .expect("send");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        };
+        let mut got = vec![];
+        let reader = async {
+            // The Reply frame first.
+            let _ = read_data(&mut ours).await;
+            while got.len() < 10 {
+                match read_data(&mut ours).await {
+                    Ok(Some(d)) => got.extend_from_slice(&d),
+                    _ => break,
+                }
+            }
+        };
+        tokio::join!(replies, reader);
+        assert_eq!(
+            got,
+            (0..10u8).collect::<Vec<_>>(),
+            "replies lost after the flow ended"
+        );
+        // Quiet both ways now: the flow ends.
+        tokio::time::timeout(Duration::from_secs(2), flow)
+            .await
+            .expect("the idle flow ends")
+            .expect("flow task");
+    }
+
+    #[tokio::test]
+    /// Regression: a DNS server that accepted over TCP and never answered held the relay for
+    /// good.
+    async fn a_silent_dns_server_over_tcp_times_out() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let hold = tokio::spawn(async move {
+            let (c, _) = listener.accept().await.expect("accept");
+            std::future::pending::<()>().await;
+            drop(c);
+        });
+        let query = [0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 1];
+        let started = Instant::now();
+        let err = ask_tcp_bounded(addr, &query, Duration::from_millis(300))
+            .await
+            .expect_err("no answer");
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        hold.abort();
     }
 
     #[test]
