@@ -434,8 +434,11 @@ pub const CONNECT_PERMISSIONS: &[Permission] = &[
     perm("get", "", "pods"),
     perm("list", "", "pods"),
     perm("delete", "", "pods"),
-    // The tunnel: kube-rs's port-forward is a websocket, an HTTP GET.
+    // The tunnel: kube-rs's port-forward is a websocket, an HTTP GET (verb `get`), and API
+    // servers since 1.35 also require `create` for a websocket upgrade to pods/portforward
+    // (AuthorizePodWebsocketUpgradeCreatePermission); without it the testbed refuses it.
     perm("get", "", "pods/portforward"),
+    perm("create", "", "pods/portforward"),
     // The identity that lets the shadow end its own session.
     perm("create", "", "serviceaccounts"),
     perm("delete", "", "serviceaccounts"),
