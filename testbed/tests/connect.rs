@@ -124,7 +124,14 @@ fn node_of(pod: &str) -> Machine {
 }
 
 fn shadow_pod() -> String {
+    shadow_pod_in("default")
+}
+
+/// The name of connect's shadow pod in `ns`.
+fn shadow_pod_in(ns: &str) -> String {
     kubectl(&[
+        "-n",
+        ns,
         "get",
         "pod",
         "-l",
@@ -261,19 +268,6 @@ fn alias_of(out: &str, ip: &str) -> std::net::Ipv4Addr {
         }
     }
     panic!("no alias block for {ip} in:\n{out}");
-}
-
-fn session_id(k: &Ktctl) -> String {
-    let out = k.output();
-    let line = out
-        .lines()
-        .find(|l| l.contains("Deploying shadow pod kt-connect-shadow-"))
-        .expect("the deploy line");
-    line.split("kt-connect-shadow-")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("an id")
-        .to_string()
 }
 
 #[test]
@@ -421,16 +415,7 @@ EOF"#,
     );
     let k = Ktctl::connect(&["-n", "e2e-restricted", "--includeIps", "169.254.169.254/32"]);
     assert_eq!(curl("http://nginx.default"), PAGE);
-    let shadow = kubectl(&[
-        "-n",
-        "e2e-restricted",
-        "get",
-        "pod",
-        "-l",
-        "kt.dev/role=shadow-connect",
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ]);
+    let shadow = shadow_pod_in("e2e-restricted");
     // Its process runs as the non-root user (on its node, as the kubelet started it).
     let node = kubectl(&[
         "-n",

@@ -29,19 +29,6 @@ fn shadow_pods(id: &str) -> Vec<String> {
     .collect()
 }
 
-fn session_id(k: &Ktctl) -> String {
-    let out = k.output();
-    let line = out
-        .lines()
-        .find(|l| l.contains("Deploying shadow pod kt-connect-shadow-"))
-        .expect("the deploy line");
-    line.split("kt-connect-shadow-")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .expect("an id")
-        .to_string()
-}
-
 #[test]
 #[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
 /// Regression: a deleted shadow left ktctl retrying a port-forward to the dead pod's name
@@ -242,10 +229,10 @@ fn signals_at_any_moment_clean_up_and_a_second_one_leaves_a_hung_cleanup() {
     let tb = testbed();
     seed_nginx();
     let before = session_objects("app.kubernetes.io/managed-by=ktctl");
-    // While the shadow cannot be scheduled (no node has this label): SIGINT, then SIGTERM.
-    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-        let mut k = Ktctl::spawn(&["connect", "--nodeSelector", "kt.dev/e2e=nowhere"]);
-        k.wait_for("Waiting for pod", Duration::from_secs(60));
+    // Stops ktctl with `sig` once it printed `stage`: exit 1, everything removed.
+    let interrupt_at = |args: &[&str], stage: &str, sig: i32| {
+        let mut k = Ktctl::spawn(args);
+        k.wait_for(stage, Duration::from_secs(60));
         assert_eq!(
             k.stop(sig, Duration::from_secs(30)),
             Some(1),
@@ -261,25 +248,14 @@ fn signals_at_any_moment_clean_up_and_a_second_one_leaves_a_hung_cleanup() {
             session_objects("app.kubernetes.io/managed-by=ktctl"),
             before
         );
+    };
+    // While the shadow cannot be scheduled (no node has this label).
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        let args = ["connect", "--nodeSelector", "kt.dev/e2e=nowhere"];
+        interrupt_at(&args, "Waiting for pod", sig);
     }
     // During diagnose's measurements.
-    let mut k = Ktctl::spawn(&["diagnose", "--mib", "16384"]);
-    k.wait_for("tunnel up", Duration::from_secs(60));
-    assert_eq!(
-        k.stop(libc::SIGINT, Duration::from_secs(30)),
-        Some(1),
-        "{}",
-        k.output()
-    );
-    assert!(
-        k.output().contains("Deleted lease/ktctl-"),
-        "{}",
-        k.output()
-    );
-    assert_eq!(
-        session_objects("app.kubernetes.io/managed-by=ktctl"),
-        before
-    );
+    interrupt_at(&["diagnose", "--mib", "16384"], "tunnel up", libc::SIGINT);
 
     // With -- CMD, SIGHUP goes to CMD, whose exit ends the session.
     let mut k = Ktctl::spawn(&[

@@ -291,6 +291,20 @@ impl Drop for Ktctl {
     }
 }
 
+/// The session id of a running ktctl, from its "Deploying shadow pod" line.
+pub fn session_id(k: &Ktctl) -> String {
+    let out = k.output();
+    let line = out
+        .lines()
+        .find(|l| l.contains("Deploying shadow pod kt-connect-shadow-"))
+        .expect("the deploy line");
+    line.split("kt-connect-shadow-")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .expect("an id")
+        .to_string()
+}
+
 /// Objects of ktctl sessions in the namespace (all kinds ktctl makes).
 pub fn session_objects(selector: &str) -> String {
     let o = run_in(
