@@ -512,6 +512,99 @@ mod tests {
         assert!(!yaml.contains("secrets"), "no Secret is needed any more");
     }
 
+    #[tokio::test]
+    /// Regression: the custom connector (kept for TCP_NODELAY) dropped kubeconfig's
+    /// `proxy-url`, so ktctl went straight to the API server where only a proxy leads.
+    async fn the_kubeconfig_proxy_url_is_used() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        use tokio::net::{TcpListener, TcpStream};
+
+        // An API server that answers every request with its version.
+        let api = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let api_addr = api.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = api.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 8192];
+                    while let Ok(n) = c.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        let body = r#"{"major":"1","minor":"37","gitVersion":"v1.37.2","gitCommit":"x","gitTreeState":"clean","buildDate":"2026-01-01T00:00:00Z","goVersion":"go","compiler":"gc","platform":"linux/amd64"}"#;
+                        let resp = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                            body.len()
+                        );
+                        if c.write_all(resp.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        // An HTTP CONNECT proxy that counts the tunnels it opens.
+        let proxy = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let proxy_addr = proxy.local_addr().expect("addr");
+        let tunnels = Arc::new(AtomicUsize::new(0));
+        let counted = tunnels.clone();
+        tokio::spawn(async move {
+            while let Ok((mut c, _)) = proxy.accept().await {
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    let mut head = vec![];
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if c.read_exact(&mut byte).await.is_err() {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let Some(target) = head
+                        .strip_prefix("CONNECT ")
+                        .and_then(|r| r.split_whitespace().next())
+                    else {
+                        return;
+                    };
+                    let Ok(mut up) = TcpStream::connect(target).await else {
+                        return;
+                    };
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    if c.write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                        .await
+                        .is_ok()
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut c, &mut up).await;
+                    }
+                });
+            }
+        });
+        let dir = std::env::temp_dir().join(format!("kt-proxy-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let kubeconfig = dir.join("config");
+        std::fs::write(
+            &kubeconfig,
+            format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster:\n    server: http://{api_addr}\n    proxy-url: http://{proxy_addr}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u, namespace: default}}\ncurrent-context: x\nusers:\n- name: u\n  user: {{token: t}}\n"
+            ),
+        )
+        .expect("kubeconfig");
+        let kube = Kube::connect(&Target {
+            kubeconfig: Some(kubeconfig),
+            ..Default::default()
+        })
+        .await
+        .expect("the API server answers through the proxy");
+        std::fs::remove_dir_all(&dir).expect("cleanup");
+        assert_eq!(kube.namespace, "default");
+        assert!(
+            tunnels.load(Ordering::SeqCst) >= 1,
+            "ktctl did not go through the proxy"
+        );
+    }
+
     #[test]
     fn proxy_credentials_are_percent_decoded_into_basic_auth() {
         let uri: http::Uri = "http://user:pa%40ss%3Aword@proxy:3128".parse().unwrap();
