@@ -308,3 +308,87 @@ fn signals_at_any_moment_clean_up_and_a_second_one_leaves_a_hung_cleanup() {
         || session_objects(&format!("kt.dev/session={id}")).is_empty(),
     );
 }
+
+/// `ktctl-*` cgroups under the laptop's cgroup.
+fn ktctl_cgroups() -> Vec<std::path::PathBuf> {
+    let cg = kt_testbed::machine::cgroup(Machine::Laptop).expect("laptop cgroup");
+    std::fs::read_dir(&cg)
+        .expect("cgroup")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("ktctl-"))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Kills what is left in the given cgroups and removes them (also when the test fails).
+struct CgroupsGone(Vec<std::path::PathBuf>);
+
+impl Drop for CgroupsGone {
+    fn drop(&mut self) {
+        for cg in &self.0 {
+            let _ = std::fs::write(cg.join("cgroup.kill"), "1");
+            for _ in 0..100 {
+                if std::fs::remove_dir(cg).is_ok() || !cg.exists() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// Regression: `kill -9` of `ktctl connect -- CMD` left its cgroup behind for good.
+fn the_cgroup_a_killed_ktctl_left_is_reported_while_busy_and_removed_once_empty() {
+    let _tb = testbed();
+    seed_nginx();
+    assert!(ktctl_cgroups().is_empty(), "{:?}", ktctl_cgroups());
+    let mut k = Ktctl::spawn(&[
+        "connect",
+        "--grace",
+        "5",
+        "--",
+        "sh",
+        "-c",
+        "echo cmd-up; sleep 600",
+    ]);
+    k.wait_for("cmd-up", Duration::from_secs(120));
+    let left = ktctl_cgroups();
+    let _gone = CgroupsGone(left.clone());
+    assert_eq!(left.len(), 1, "{left:?}");
+    k.stop(libc::SIGKILL, Duration::from_secs(10));
+    // CMD (sh and its sleep) outlived ktctl in the cgroup.
+    let procs = std::fs::read_to_string(left[0].join("cgroup.procs")).expect("procs");
+    let pids: Vec<i32> = procs
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .collect();
+    assert!(!pids.is_empty());
+    // The next ktctl names the processes and leaves them alone.
+    let mut next = Ktctl::connect(&[]);
+    assert!(
+        next.output()
+            .contains("was left by a ktctl that was killed and still holds processes"),
+        "{}",
+        next.output()
+    );
+    assert!(left[0].exists());
+    assert_eq!(next.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
+    for pid in &pids {
+        // SAFETY: kill(2) on CMD's processes, which this test started through ktctl.
+        unsafe { libc::kill(*pid, libc::SIGKILL) };
+    }
+    eventually("CMD's processes to end", Duration::from_secs(10), || {
+        std::fs::read_to_string(left[0].join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty())
+    });
+    // Once empty, the next ktctl removes it.
+    let mut next = Ktctl::connect(&[]);
+    assert!(!left[0].exists(), "{}", next.output());
+    assert!(
+        next.output().contains("Removed cgroup ktctl-"),
+        "{}",
+        next.output()
+    );
+    assert_eq!(next.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
+}
