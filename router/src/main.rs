@@ -5,7 +5,12 @@
 //! ktctl opens (TCP and UDP to cluster addresses, DNS queries to the cluster's DNS, exposed
 //! ports whose connections it opens back toward ktctl), and ends the session when ktctl has been
 //! gone longer than the grace period.
+//!
+//! `kt-router mesh`: an HTTP header router in front of a Service that developers share. It
+//! sends each request carrying a developer's header value to that developer, everything else
+//! to the original pods, and gives the Service back its selector when no developer is left.
 
+mod mesh;
 mod policy;
 mod shadow;
 
@@ -24,6 +29,8 @@ struct Cli {
 enum Role {
     /// A developer's tunnel endpoint (started by ktctl in a pod)
     Shadow(shadow::Args),
+    /// An HTTP header router in front of a meshed Service (started by ktctl mesh)
+    Mesh(mesh::Args),
 }
 
 fn main() -> ExitCode {
@@ -59,6 +66,7 @@ fn main() -> ExitCode {
     let r = rt.block_on(async {
         match cli.role {
             Role::Shadow(args) => shadow::run(args).await,
+            Role::Mesh(args) => mesh::run(args).await,
         }
     });
     match r {

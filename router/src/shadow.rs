@@ -201,7 +201,7 @@ async fn serve(
 }
 
 /// The readiness probe's listener: accepts and closes, silently.
-async fn serve_health(listener: Option<TcpListener>) {
+pub(crate) async fn serve_health(listener: Option<TcpListener>) {
     let Some(listener) = listener else {
         return std::future::pending().await;
     };

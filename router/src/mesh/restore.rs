@@ -1,0 +1,477 @@
+//! Ending the mesh: once no developer has had a route for the idle grace period, the router
+//! gives the Service back its original selector, recorded on the Service by ktctl, and exits.
+//!
+//! Only the router does this, and from the Service alone: the developers' laptops may all be
+//! gone. A failure to restore (the API server away, a damaged record) is logged and tried
+//! again later; the router keeps routing meanwhile, so the Service keeps working.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kube::Api;
+use kube::api::{ListParams, PostParams};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::routes::Route;
+use super::{
+    ANNOTATION_CHANGED_BY, ANNOTATION_MESH_ROUTER, ANNOTATION_ORIGINAL_SELECTOR, LABEL_MESH_OF,
+};
+
+/// The rest of ktctl's record of a change (who and when; see kt-common's `changes`), removed
+/// with it.
+const RECORD_ANNOTATIONS: [&str; 2] = ["kt.dev/changed-at", "kt.dev/changed-by-owner"];
+/// Writes of the Service: the first and up to 5 retries after a conflict.
+const ATTEMPTS: usize = 6;
+/// Longest wait for the API calls of one restore.
+const API_TIMEOUT: Duration = Duration::from_secs(30);
+/// After a failed restore, the next try.
+const RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// Why the Service could not be restored.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(
+        "service {service} has the {ANNOTATION_MESH_ROUTER} annotation but no {ANNOTATION_ORIGINAL_SELECTOR}: set its selector back by hand and remove the kt.dev/ annotations"
+    )]
+    NoOriginal { service: String },
+    #[error(
+        "the {ANNOTATION_ORIGINAL_SELECTOR} annotation of service {service} is not a JSON object of strings ({error}): set its selector back by hand and remove the kt.dev/ annotations"
+    )]
+    BadOriginal {
+        service: String,
+        error: serde_json::Error,
+    },
+    #[error("service {service}: {error}")]
+    Api { service: String, error: kube::Error },
+    #[error(
+        "service {service} kept changing under us: gave up after {ATTEMPTS} conflicting writes"
+    )]
+    Conflict { service: String },
+    #[error("the API server did not answer in {API_TIMEOUT:?}")]
+    Timeout,
+}
+
+/// Gives a meshed Service its original selector back and removes ktctl's record of the change.
+/// `Ok(false)`: the Service is not meshed (no `kt.dev/mesh-router` annotation), nothing to do.
+pub fn unmesh(svc: &mut Service) -> Result<bool, RestoreError> {
+    let service = || svc.metadata.name.clone().unwrap_or_default();
+    let Some(a) = svc.metadata.annotations.as_ref() else {
+        return Ok(false);
+    };
+    if !a.contains_key(ANNOTATION_MESH_ROUTER) {
+        return Ok(false);
+    }
+    let raw = a
+        .get(ANNOTATION_ORIGINAL_SELECTOR)
+        .ok_or_else(|| RestoreError::NoOriginal { service: service() })?;
+    let original: BTreeMap<String, String> =
+        serde_json::from_str(raw).map_err(|error| RestoreError::BadOriginal {
+            service: service(),
+            error,
+        })?;
+    svc.spec.get_or_insert_with(Default::default).selector = Some(original);
+    if let Some(a) = svc.metadata.annotations.as_mut() {
+        for k in [
+            ANNOTATION_MESH_ROUTER,
+            ANNOTATION_ORIGINAL_SELECTOR,
+            ANNOTATION_CHANGED_BY,
+        ]
+        .into_iter()
+        .chain(RECORD_ANNOTATIONS)
+        {
+            a.remove(k);
+        }
+    }
+    Ok(true)
+}
+
+/// Decides when the mesh has had no route for the grace period, on this pod's monotonic clock.
+#[derive(Debug)]
+pub struct IdleClock {
+    grace: Duration,
+    empty_since: Option<Instant>,
+}
+
+impl IdleClock {
+    /// A clock that counts from `now` as if there were no route: a router nobody ever uses
+    /// ends too.
+    pub fn new(grace: Duration, now: Instant) -> IdleClock {
+        IdleClock {
+            grace,
+            empty_since: Some(now),
+        }
+    }
+
+    /// Takes the number of routes seen at `now`.
+    pub fn observe(&mut self, now: Instant, routes: usize) {
+        if routes > 0 {
+            self.empty_since = None;
+        } else {
+            self.empty_since.get_or_insert(now);
+        }
+    }
+
+    /// When the mesh ends if nothing changes.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.empty_since.map(|t| t + self.grace)
+    }
+}
+
+/// What a restore found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Restored {
+    /// The selector is back.
+    Done,
+    /// The Service is not meshed (someone restored it already).
+    NotMeshed,
+    /// The Service does not exist.
+    Gone,
+}
+
+/// Reads the Service, unmeshes it and writes it back with the resourceVersion read, retrying
+/// when another writer got in between.
+pub async fn restore(api: &Api<Service>, name: &str) -> Result<Restored, RestoreError> {
+    let api_error = |error| RestoreError::Api {
+        service: name.to_string(),
+        error,
+    };
+    for _ in 0..ATTEMPTS {
+        let Some(mut svc) = api.get_opt(name).await.map_err(api_error)? else {
+            return Ok(Restored::Gone);
+        };
+        if !unmesh(&mut svc)? {
+            return Ok(Restored::NotMeshed);
+        }
+        match api.replace(name, &PostParams::default(), &svc).await {
+            Ok(_) => return Ok(Restored::Done),
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Restored::Gone),
+            Err(e) => return Err(api_error(e)),
+        }
+    }
+    Err(RestoreError::Conflict {
+        service: name.to_string(),
+    })
+}
+
+/// The API calls that end the mesh: the seam tests fake.
+pub trait Cluster {
+    /// The number of valid routes, listed now.
+    fn live_routes(&self) -> impl Future<Output = Result<usize, RestoreError>>;
+    /// Restores the Service ([`restore`]).
+    fn restore(&self) -> impl Future<Output = Result<Restored, RestoreError>>;
+}
+
+/// The meshed Service and its routes in the API server.
+pub struct KubeCluster {
+    pub services: Api<Service>,
+    pub configmaps: Api<ConfigMap>,
+    pub service: String,
+}
+
+impl Cluster for KubeCluster {
+    async fn live_routes(&self) -> Result<usize, RestoreError> {
+        let selector = format!("{LABEL_MESH_OF}={}", self.service);
+        let list = self
+            .configmaps
+            .list(&ListParams::default().labels(&selector))
+            .await
+            .map_err(|error| RestoreError::Api {
+                service: self.service.clone(),
+                error,
+            })?;
+        Ok(list
+            .items
+            .iter()
+            .filter(|cm| Route::from_configmap(cm).is_ok())
+            .count())
+    }
+
+    async fn restore(&self) -> Result<Restored, RestoreError> {
+        restore(&self.services, &self.service).await
+    }
+}
+
+/// Returns once the mesh has had no route for `grace` and the Service is restored (or found
+/// not meshed, or gone).
+///
+/// `routes` carries the number of routes, `None` until the watch has listed them once: the
+/// clock runs from the start, but the Service is restored only on a known empty table, never
+/// because the API server was unreachable. Before restoring, the routes are listed afresh, in
+/// case the watch lags behind a developer who just arrived.
+pub async fn when_idle_restore(
+    mut routes: watch::Receiver<Option<usize>>,
+    grace: Duration,
+    cluster: &impl Cluster,
+    service: &str,
+) {
+    let mut clock = IdleClock::new(grace, Instant::now());
+    loop {
+        let known = *routes.borrow_and_update();
+        if let Some(n) = known {
+            clock.observe(Instant::now(), n);
+        }
+        let deadline = known.and(clock.deadline());
+        tokio::select! {
+            () = sleep_until(deadline) => {}
+            changed = routes.changed() => {
+                if changed.is_err() {
+                    // The watch is gone; the router is ending anyway.
+                    return std::future::pending().await;
+                }
+                continue;
+            }
+        }
+        let attempt = tokio::time::timeout(API_TIMEOUT, async {
+            let n = cluster.live_routes().await?;
+            if n > 0 {
+                return Ok(Err(n));
+            }
+            cluster.restore().await.map(Ok)
+        })
+        .await
+        .unwrap_or(Err(RestoreError::Timeout));
+        match attempt {
+            Ok(Ok(Restored::Done)) => {
+                tracing::info!(service, "restored the selector of service {service}");
+                return;
+            }
+            Ok(Ok(Restored::NotMeshed)) => {
+                tracing::info!(
+                    service,
+                    "no route left and service {service} is not meshed; nothing to restore"
+                );
+                return;
+            }
+            Ok(Ok(Restored::Gone)) => {
+                tracing::info!(service, "no route left and service {service} is gone");
+                return;
+            }
+            Ok(Err(n)) => {
+                tracing::info!(
+                    routes = n,
+                    "a route appeared as the mesh was ending; it goes on"
+                );
+                clock.observe(Instant::now(), n);
+            }
+            Err(e) => {
+                match e {
+                    RestoreError::NoOriginal { .. } | RestoreError::BadOriginal { .. } => {
+                        tracing::error!(error = %e, retry_in = ?RETRY_AFTER, "cannot restore the service; still routing")
+                    }
+                    _ => {
+                        tracing::warn!(error = %e, retry_in = ?RETRY_AFTER, "cannot restore the service; still routing")
+                    }
+                }
+                tokio::time::sleep(RETRY_AFTER).await;
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::ServiceSpec;
+
+    fn meshed(annotations: &[(&str, &str)]) -> Service {
+        let mut svc = Service {
+            spec: Some(ServiceSpec {
+                selector: Some(BTreeMap::from([(
+                    "kt.dev/mesh-router".to_string(),
+                    "nginx".to_string(),
+                )])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        svc.metadata.name = Some("nginx".into());
+        svc.metadata.annotations = Some(
+            annotations
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        );
+        svc
+    }
+
+    #[test]
+    fn unmeshing_puts_the_original_selector_back_and_removes_the_record() {
+        let mut svc = meshed(&[
+            (ANNOTATION_MESH_ROUTER, "nginx-kt-router"),
+            (
+                ANNOTATION_ORIGINAL_SELECTOR,
+                r#"{"app":"nginx","tier":"web"}"#,
+            ),
+            (ANNOTATION_CHANGED_BY, "mesh-router"),
+            ("kt.dev/changed-at", "2026-12-02T08:00:00Z"),
+            ("kt.dev/changed-by-owner", "alice@laptop"),
+            ("team", "web"),
+        ]);
+        assert!(unmesh(&mut svc).expect("restorable"));
+        assert_eq!(
+            svc.spec.as_ref().and_then(|s| s.selector.clone()),
+            Some(BTreeMap::from([
+                ("app".to_string(), "nginx".to_string()),
+                ("tier".to_string(), "web".to_string()),
+            ]))
+        );
+        assert_eq!(
+            svc.metadata.annotations,
+            Some(BTreeMap::from([("team".to_string(), "web".to_string())])),
+            "only the user's own annotations are left"
+        );
+    }
+
+    #[test]
+    fn a_service_without_the_mesh_router_annotation_is_left_alone() {
+        let mut svc = meshed(&[(ANNOTATION_ORIGINAL_SELECTOR, r#"{"app":"nginx"}"#)]);
+        let before = svc.clone();
+        assert!(!unmesh(&mut svc).expect("nothing to do"));
+        assert_eq!(svc, before);
+        let mut bare = Service::default();
+        assert!(!unmesh(&mut bare).expect("nothing to do"));
+    }
+
+    #[test]
+    fn a_damaged_record_is_an_error_that_names_the_service_and_the_fix() {
+        let mut svc = meshed(&[(ANNOTATION_MESH_ROUTER, "r")]);
+        let e = unmesh(&mut svc).expect_err("no original");
+        assert!(matches!(e, RestoreError::NoOriginal { .. }), "{e:?}");
+        assert!(e.to_string().contains("service nginx"), "{e}");
+        assert!(e.to_string().contains("by hand"), "{e}");
+        let mut svc = meshed(&[
+            (ANNOTATION_MESH_ROUTER, "r"),
+            (ANNOTATION_ORIGINAL_SELECTOR, r#"{"app":1}"#),
+        ]);
+        let before = svc.clone();
+        let e = unmesh(&mut svc).expect_err("bad original");
+        assert!(matches!(e, RestoreError::BadOriginal { .. }), "{e:?}");
+        assert_eq!(svc, before, "nothing changed");
+    }
+
+    /// A cluster whose listing finds `live` routes (one value per call, the last repeated),
+    /// recording the calls.
+    struct Fake {
+        live: std::cell::RefCell<Vec<usize>>,
+        calls: std::cell::RefCell<Vec<&'static str>>,
+    }
+
+    impl Fake {
+        fn new(live: &[usize]) -> Fake {
+            Fake {
+                live: std::cell::RefCell::new(live.to_vec()),
+                calls: Default::default(),
+            }
+        }
+        fn calls(&self) -> Vec<&'static str> {
+            self.calls.borrow().clone()
+        }
+    }
+
+    impl Cluster for Fake {
+        async fn live_routes(&self) -> Result<usize, RestoreError> {
+            self.calls.borrow_mut().push("list");
+            let mut live = self.live.borrow_mut();
+            Ok(if live.len() > 1 {
+                live.remove(0)
+            } else {
+                live[0]
+            })
+        }
+        async fn restore(&self) -> Result<Restored, RestoreError> {
+            self.calls.borrow_mut().push("restore");
+            Ok(Restored::Done)
+        }
+    }
+
+    /// Lets `fut` run for `d` of (paused) time; whether it finished.
+    async fn runs_out(fut: &mut std::pin::Pin<&mut impl Future<Output = ()>>, d: Duration) -> bool {
+        tokio::select! {
+            () = fut.as_mut() => true,
+            () = tokio::time::sleep(d) => false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_service_is_restored_only_once_the_routes_are_known_to_be_empty_for_the_grace() {
+        let grace = Duration::from_secs(15);
+        let (tx, rx) = watch::channel(None);
+        let fake = Fake::new(&[0]);
+        let fut = when_idle_restore(rx, grace, &fake, "nginx");
+        tokio::pin!(fut);
+        assert!(
+            !runs_out(&mut fut, grace * 4).await,
+            "routes not known yet (API server away): no restore"
+        );
+        assert!(fake.calls().is_empty());
+        tx.send_replace(Some(1));
+        assert!(!runs_out(&mut fut, grace * 4).await, "a developer is there");
+        tx.send_replace(Some(0));
+        assert!(!runs_out(&mut fut, grace - Duration::from_secs(1)).await);
+        tx.send_replace(Some(0));
+        assert!(
+            !runs_out(&mut fut, Duration::from_millis(900)).await,
+            "an unrelated event does not reset the clock"
+        );
+        assert!(
+            runs_out(&mut fut, Duration::from_millis(200)).await,
+            "restored after the grace"
+        );
+        assert_eq!(fake.calls(), ["list", "restore"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_router_nobody_uses_ends_a_grace_after_its_start() {
+        let grace = Duration::from_secs(15);
+        let (tx, rx) = watch::channel(None);
+        let fake = Fake::new(&[0]);
+        let fut = when_idle_restore(rx, grace, &fake, "nginx");
+        tokio::pin!(fut);
+        assert!(!runs_out(&mut fut, Duration::from_secs(10)).await);
+        tx.send_replace(Some(0));
+        assert!(!runs_out(&mut fut, Duration::from_secs(4)).await);
+        assert!(
+            runs_out(&mut fut, Duration::from_secs(2)).await,
+            "15 s from the start"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_route_the_watch_has_not_seen_yet_keeps_the_mesh() {
+        let grace = Duration::from_secs(15);
+        let (_tx, rx) = watch::channel(Some(0));
+        let fake = Fake::new(&[1, 0]);
+        let fut = when_idle_restore(rx, grace, &fake, "nginx");
+        tokio::pin!(fut);
+        assert!(!runs_out(&mut fut, grace + Duration::from_secs(1)).await);
+        assert_eq!(fake.calls(), ["list"], "listed, found a route, kept going");
+        assert!(runs_out(&mut fut, grace).await);
+        assert_eq!(fake.calls(), ["list", "list", "restore"]);
+    }
+
+    #[test]
+    fn the_idle_clock_runs_from_the_start_and_from_the_last_route_leaving() {
+        let grace = Duration::from_secs(15);
+        let t0 = Instant::now();
+        let mut c = IdleClock::new(grace, t0);
+        assert_eq!(c.deadline(), Some(t0 + grace), "counting from the start");
+        c.observe(t0 + Duration::from_secs(5), 0);
+        assert_eq!(c.deadline(), Some(t0 + grace), "still empty: not reset");
+        c.observe(t0 + Duration::from_secs(10), 2);
+        assert_eq!(c.deadline(), None, "routed");
+        c.observe(t0 + Duration::from_secs(20), 1);
+        assert_eq!(c.deadline(), None);
+        c.observe(t0 + Duration::from_secs(30), 0);
+        assert_eq!(c.deadline(), Some(t0 + Duration::from_secs(30) + grace));
+    }
+}
