@@ -7,7 +7,8 @@
 //! - [`dnsmsg`] (feature `std`): whether a DNS reply answers a query (header and question);
 //! - [`tunnel`] (feature `tunnel`): the session both ends run over those frames: TLS 1.3 with
 //!   mutual authentication, yamux multiplexing, the versioned handshake and keepalive;
-//! - [`pki`] (feature `pki`): a session's CA and certificates.
+//! - [`pki`] (feature `pki`): a session's CA and certificates;
+//! - [`changes`] (feature `changes`): what ktctl changed in users' objects, recorded on them.
 #![no_std]
 #![warn(missing_docs)]
 
@@ -27,3 +28,6 @@ pub mod tunnel;
 
 #[cfg(feature = "pki")]
 pub mod pki;
+
+#[cfg(feature = "changes")]
+pub mod changes;

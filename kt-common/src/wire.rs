@@ -76,8 +76,9 @@ pub enum Open {
     Udp(SocketAddr),
     /// One DNS query to the cluster's DNS (the shadow's resolver): one frame each way.
     Dns,
-    /// Ask the shadow to listen on `port` in the pod; each accepted connection comes back as
-    /// an [`Open::Inbound`] stream. The stream stays open as long as the listener should.
+    /// Ask the shadow to hand the connections it accepts on `port` (listening first if it
+    /// does not yet) to this tunnel connection, each as an [`Open::Inbound`] stream, for as
+    /// long as this stream stays open. The listener itself lives for the whole session.
     Expose {
         /// Port in the pod.
         port: u16,

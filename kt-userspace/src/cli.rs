@@ -74,6 +74,14 @@ pub struct Global {
 pub enum Command {
     /// Reach cluster Services by DNS name, ClusterIP and pod IP from this machine
     Connect(ConnectArgs),
+    /// Redirect all traffic of a cluster Service (or workload) to local ports
+    Exchange(ExchangeArgs),
+    /// Redirect only requests carrying your header to local ports; the rest stays in-cluster
+    Mesh(MeshArgs),
+    /// Make a local service reachable in the cluster as a Service
+    Preview(PreviewArgs),
+    /// Make a cluster Service, pod, Deployment or address reachable on localhost
+    Forward(ForwardArgs),
     /// Check this machine and measure the way to the cluster (round trips, throughput, DNS)
     Diagnose(DiagnoseArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
@@ -113,6 +121,19 @@ pub struct ConnectArgs {
     /// Do not route pod IPs, only Service IPs
     #[arg(long = "disablePodIp", visible_alias = "disable-pod-ip")]
     pub disable_pod_ip: bool,
+    #[command(flatten)]
+    pub session: SessionArgs,
+    /// cgroup v2 to hook machine-wide (default: $KT_CGROUP, else the cgroup v2 root)
+    #[arg(long, value_name = "PATH")]
+    pub cgroup: Option<PathBuf>,
+    /// Run CMD with the cluster reachable for it (and its children) only; ends with CMD
+    #[arg(last = true, value_name = "CMD")]
+    pub cmd: Vec<String>,
+}
+
+/// What every command that runs a shadow takes.
+#[derive(Args, Debug, Clone)]
+pub struct SessionArgs {
     /// Do not remove the objects of expired sessions at start
     #[arg(long = "skipCleanup", visible_alias = "skip-cleanup")]
     pub skip_cleanup: bool,
@@ -124,15 +145,165 @@ pub struct ConnectArgs {
         value_parser = clap::value_parser!(u64).range(1..=600)
     )]
     pub port_forward_timeout: u64,
-    /// Seconds the shadow waits for a vanished ktctl before it ends the session
+    /// Seconds the shadow waits for a vanished ktctl before it ends the session (and restores
+    /// what the session changed)
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=86_400))]
     pub grace: u64,
-    /// cgroup v2 to hook machine-wide (default: $KT_CGROUP, else the cgroup v2 root)
-    #[arg(long, value_name = "PATH")]
-    pub cgroup: Option<PathBuf>,
-    /// Run CMD with the cluster reachable for it (and its children) only; ends with CMD
-    #[arg(last = true, value_name = "CMD")]
-    pub cmd: Vec<String>,
+}
+
+/// One `--expose` entry: a local port and the port in the cluster it answers for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PortMap {
+    pub local: u16,
+    pub remote: u16,
+}
+
+impl std::fmt::Display for PortMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.local == self.remote {
+            write!(f, "{}", self.local)
+        } else {
+            write!(f, "{}:{}", self.local, self.remote)
+        }
+    }
+}
+
+/// `--expose`: `port` or `local:remote`, comma separated (`8080:80,9090`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expose(pub Vec<PortMap>);
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u32>() {
+        Ok(p) if (1..=65_535).contains(&p) => Ok(p as u16),
+        Ok(p) => Err(format!("port {p} is out of range (1-65535)")),
+        Err(_) => Err(format!("{s:?} is not a port number")),
+    }
+}
+
+/// Parses `--expose`. A remote port given twice is refused: it could go to one local port only.
+pub fn parse_expose(s: &str) -> Result<Expose, String> {
+    let mut out: Vec<PortMap> = vec![];
+    for part in s.split(',').map(str::trim) {
+        if part.is_empty() {
+            return Err(format!(
+                "{s:?}: an empty entry; give port or local:remote, comma separated"
+            ));
+        }
+        let map = match part.split_once(':') {
+            Some((l, r)) => PortMap {
+                local: parse_port(l)?,
+                remote: parse_port(r)?,
+            },
+            None => {
+                let p = parse_port(part)?;
+                PortMap {
+                    local: p,
+                    remote: p,
+                }
+            }
+        };
+        if out.iter().any(|m| m.remote == map.remote) {
+            return Err(format!("remote port {} is given twice", map.remote));
+        }
+        out.push(map);
+    }
+    Ok(Expose(out))
+}
+
+/// `--expose` and `--skipPortChecking`, as exchange, mesh and preview take them.
+#[derive(Args, Debug, Clone)]
+pub struct ExposeArgs {
+    /// Ports to expose: port or local:remote, comma separated (8080:80,9090)
+    #[arg(long, required = true, value_parser = parse_expose)]
+    pub expose: Expose,
+    /// Do not check that the local ports accept connections before starting
+    #[arg(long = "skipPortChecking", visible_alias = "skip-port-checking")]
+    pub skip_port_checking: bool,
+}
+
+/// How `exchange` takes the target's traffic.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExchangeMode {
+    /// The Service's selector points at the shadow (restored on exit)
+    Selector,
+    /// The workload is scaled to 0 and the shadow carries its pod labels
+    Scale,
+}
+
+/// `ktctl exchange`.
+#[derive(Args, Debug, Clone)]
+pub struct ExchangeArgs {
+    /// <svc>, service/<svc>, svc/<svc>, deployment/<name>, deploy/<name> or pod/<name>
+    pub target: String,
+    #[command(flatten)]
+    pub expose: ExposeArgs,
+    /// selector or scale
+    #[arg(long, value_enum, default_value = "selector")]
+    pub mode: ExchangeMode,
+    /// Seconds to wait for the workload's pods to be ready again after exit (scale mode)
+    #[arg(
+        long = "recoverWaitTime",
+        visible_alias = "recover-wait-time",
+        default_value_t = 120,
+        value_parser = clap::value_parser!(u64).range(0..=3_600)
+    )]
+    pub recover_wait_time: u64,
+    #[command(flatten)]
+    pub session: SessionArgs,
+}
+
+/// How `mesh` takes the target's traffic.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MeshMode {
+    /// A shared header router takes the Service; your header's requests come to you
+    Auto,
+    /// Only a shadow with the workload's labels plus version=<mark>, for your Istio rules
+    Manual,
+}
+
+/// `ktctl mesh`.
+#[derive(Args, Debug, Clone)]
+pub struct MeshArgs {
+    /// <svc>, service/<svc>, svc/<svc>, deployment/<name> or deploy/<name>
+    pub target: String,
+    #[command(flatten)]
+    pub expose: ExposeArgs,
+    /// auto or manual
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: MeshMode,
+    /// key:val, val (key VERSION) or key: (a random val): requests with header key=val come here
+    #[arg(long = "versionMark", visible_alias = "version-mark")]
+    pub version_mark: Option<String>,
+    /// Image of the mesh router (default: the shadow's image)
+    #[arg(long = "routerImage", visible_alias = "router-image")]
+    pub router_image: Option<String>,
+    #[command(flatten)]
+    pub session: SessionArgs,
+}
+
+/// `ktctl preview`.
+#[derive(Args, Debug, Clone)]
+pub struct PreviewArgs {
+    /// Name of the Service to create
+    pub name: String,
+    #[command(flatten)]
+    pub expose: ExposeArgs,
+    /// Make it a LoadBalancer Service
+    #[arg(long)]
+    pub external: bool,
+    #[command(flatten)]
+    pub session: SessionArgs,
+}
+
+/// `ktctl forward`.
+#[derive(Args, Debug, Clone)]
+pub struct ForwardArgs {
+    /// <svc>, service/<svc>, svc/<svc>, pod/<name>, deployment/<name>, deploy/<name> or an IP
+    pub target: String,
+    /// local[:remote] (default: the target's first port, on the same local port)
+    pub ports: Option<String>,
+    #[command(flatten)]
+    pub session: SessionArgs,
 }
 
 /// `ktctl diagnose`.
@@ -274,7 +445,7 @@ mod tests {
         assert_eq!(c.global.context.as_deref(), Some("kind"));
         assert_eq!(c.global.kubeconfig, Some(PathBuf::from("/tmp/kc")));
         let a = connect(c);
-        assert_eq!(a.grace, 30);
+        assert_eq!(a.session.grace, 30);
         assert_eq!(a.dns_cache_ttl, 60);
         assert_eq!(a.cluster_domain, "cluster.local");
         assert!(a.cmd.is_empty());
@@ -319,7 +490,7 @@ mod tests {
             "http://nginx",
         ]));
         assert_eq!(a.cmd, vec!["curl", "-s", "http://nginx"]);
-        assert_eq!(a.grace, 10);
+        assert_eq!(a.session.grace, 10);
     }
 
     /// Parses `args`, expecting a usage error (exit code 2) that names `flag`.
@@ -392,7 +563,11 @@ mod tests {
             "600",
         ]));
         assert_eq!(
-            (a.grace, a.dns_cache_ttl, a.port_forward_timeout),
+            (
+                a.session.grace,
+                a.dns_cache_ttl,
+                a.session.port_forward_timeout
+            ),
             (86_400, 0, 600)
         );
         match parse(&["diagnose", "--mib", "16384"]).command {

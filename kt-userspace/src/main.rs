@@ -33,6 +33,10 @@ fn main() -> ExitCode {
     let result = rt.block_on(async {
         match &cli.command {
             Command::Connect(args) => ktctl::cmd::connect::run(&cli.global, args).await,
+            Command::Exchange(args) => ktctl::cmd::exchange::run(&cli.global, args).await,
+            Command::Mesh(args) => ktctl::cmd::mesh::run(&cli.global, args).await,
+            Command::Preview(args) => ktctl::cmd::preview::run(&cli.global, args).await,
+            Command::Forward(args) => ktctl::cmd::forward::run(&cli.global, args).await,
             Command::Diagnose(args) => ktctl::cmd::diagnose::run(&cli.global, args).await,
             Command::Completion { .. } => Ok(0),
         }

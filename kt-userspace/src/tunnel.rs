@@ -122,6 +122,17 @@ impl Tunnel {
         &self.exposures
     }
 
+    /// Exposes `remote` (a port the shadow listens on) as `local` on this machine: connections
+    /// the shadow accepts there come here and are dialled to 127.0.0.1:`local`. Registered
+    /// first, so that every reconnect replays it; exposing twice is harmless.
+    pub async fn expose(&self, remote: u16, local: u16) -> Result<(), TunnelError> {
+        self.exposures
+            .write()
+            .expect("exposures lock")
+            .insert(remote, local);
+        attach(&self.session().await?.mux, remote).await
+    }
+
     /// The current session, waiting up to [`OPEN_WAIT`] while a reconnect is under way.
     pub async fn session(&self) -> Result<ClientSession, TunnelError> {
         let mut rx = self.current.clone();
@@ -205,9 +216,31 @@ async fn keep_up(
         };
         reconnects += 1;
         (session, inbound) = next;
+        let ports: Vec<u16> = exposures
+            .read()
+            .expect("exposures lock")
+            .keys()
+            .copied()
+            .collect();
+        for port in ports {
+            if let Err(e) = attach(&session.mux, port).await {
+                tracing::warn!(port, error = %e, "cannot expose the port again after the reconnect");
+            }
+        }
         tracing::info!(reconnects, after = ?lost.elapsed(), "tunnel re-established");
         let _ = tx.send(Some(session.clone()));
     }
+}
+
+/// Asks the shadow to hand the connections it accepts on `port` to this tunnel connection; the
+/// Expose stream is held open for as long as the connection lives.
+async fn attach(mux: &kt_common::tunnel::Mux, port: u16) -> Result<(), TunnelError> {
+    let mut s = mux.request(Open::Expose { port }).await?;
+    tokio::spawn(async move {
+        let mut probe = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut s, &mut probe).await;
+    });
+    Ok(())
 }
 
 /// Streams the shadow opens toward ktctl: connections accepted on exposed ports go to their
@@ -440,6 +473,8 @@ mod tests {
         lost: AtomicBool,
         replaced: AtomicUsize,
         pipes: Mutex<Vec<tokio::task::AbortHandle>>,
+        /// The ports of the Expose streams each agent received.
+        exposed: Arc<Mutex<Vec<u16>>>,
     }
 
     impl FakeShadow {
@@ -451,6 +486,7 @@ mod tests {
                 lost: AtomicBool::new(false),
                 replaced: AtomicUsize::new(0),
                 pipes: Mutex::new(vec![]),
+                exposed: Arc::default(),
             }
         }
 
@@ -487,14 +523,24 @@ mod tests {
                     dns: None,
                     idle: Duration::from_secs(30),
                 });
-                let handler: StreamHandler = Arc::new(|_mux: Mux, open: Open, s: MuxStream| {
-                    async move {
-                        if let Some(s) = tunnel::serve_diagnostic(&open, s).await {
-                            tunnel::refuse(s, ErrorCode::Unsupported, "no").await;
+                let exposed = self.exposed.clone();
+                let handler: StreamHandler =
+                    Arc::new(move |_mux: Mux, open: Open, mut s: MuxStream| {
+                        let exposed = exposed.clone();
+                        async move {
+                            if let Open::Expose { port } = open {
+                                exposed.lock().expect("exposed").push(port);
+                                let _ = write_frame(&mut s, &Frame::Reply(None)).await;
+                                let mut probe = [0u8; 1];
+                                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut probe).await;
+                                return;
+                            }
+                            if let Some(s) = tunnel::serve_diagnostic(&open, s).await {
+                                tunnel::refuse(s, ErrorCode::Unsupported, "no").await;
+                            }
                         }
-                    }
-                    .boxed()
-                });
+                        .boxed()
+                    });
                 tokio::spawn(tunnel::serve_connection(server_io, tls, info, handler, ()));
                 let tls = tunnel::client_tls(&self.pki.client, &self.pin).expect("client tls");
                 ClientSession::connect(client_io, &tls, SESSION, "test", KEEPALIVE)
@@ -542,6 +588,38 @@ mod tests {
             );
         }
         assert_eq!(fake.replaced.load(Ordering::SeqCst), 1);
+        tunnel.close();
+    }
+
+    #[tokio::test]
+    /// An exposure must outlive a reconnect: ktctl replays it on the new connection, or the
+    /// shadow would keep callers waiting for a tunnel that never claims the port.
+    async fn exposures_are_replayed_after_a_reconnect() {
+        let fake = Arc::new(FakeShadow::new());
+        let tunnel = Tunnel::start(fake.clone(), Duration::from_secs(5))
+            .await
+            .expect("tunnel");
+        tunnel.expose(80, 8080).await.expect("expose");
+        tunnel.expose(9090, 9090).await.expect("expose");
+        assert_eq!(*fake.exposed.lock().expect("exposed"), vec![80, 9090]);
+        fake.kill();
+        let started = Instant::now();
+        while fake.exposed.lock().expect("exposed").len() < 4 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "not replayed: {:?}",
+                fake.exposed.lock().expect("exposed")
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let mut again = fake.exposed.lock().expect("exposed")[2..].to_vec();
+        again.sort_unstable();
+        assert_eq!(again, vec![80, 9090]);
+        assert_eq!(
+            tunnel.exposures().read().expect("lock").get(&80),
+            Some(&8080),
+            "remote 80 maps to local 8080"
+        );
         tunnel.close();
     }
 

@@ -10,8 +10,10 @@
 //! sends each request carrying a developer's header value to that developer, everything else
 //! to the original pods, and gives the Service back its selector when no developer is left.
 
+mod expose;
 mod mesh;
 mod policy;
+mod restore;
 mod shadow;
 
 use std::process::ExitCode;

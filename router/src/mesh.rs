@@ -32,11 +32,11 @@ use self::routes::{Host, RouteBook, Routes};
 use crate::shadow;
 
 /// The Service's original selector, a JSON object, written by ktctl when it meshed it.
-pub const ANNOTATION_ORIGINAL_SELECTOR: &str = "kt.dev/original-selector";
+pub const ANNOTATION_ORIGINAL_SELECTOR: &str = kt_common::changes::ORIGINAL_SELECTOR;
 /// Present while a mesh router holds the Service.
-pub const ANNOTATION_MESH_ROUTER: &str = "kt.dev/mesh-router";
+pub const ANNOTATION_MESH_ROUTER: &str = kt_common::changes::MESH_ROUTER;
 /// Who changed the Service.
-pub const ANNOTATION_CHANGED_BY: &str = "kt.dev/changed-by";
+pub const ANNOTATION_CHANGED_BY: &str = kt_common::changes::CHANGED_BY;
 /// The label of a route ConfigMap: the name of the meshed Service.
 pub const LABEL_MESH_OF: &str = "kt.dev/mesh-of";
 
@@ -109,6 +109,23 @@ pub async fn run(args: Args) -> Result<()> {
         () = shadow::serve_health(health) => Ok(()),
         r = watch_routes(configmaps, &args.service, &routes, &known) => r,
         () = restore::when_idle_restore(known_rx, grace, &cluster, &args.service) => Ok(()),
+        () = terminated() => {
+            restore::on_terminate(&cluster, &args.service).await;
+            Ok(())
+        }
+    }
+}
+
+/// Returns on SIGTERM (the pod is being deleted).
+async fn terminated() {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(mut s) => {
+            s.recv().await;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot handle SIGTERM");
+            std::future::pending::<()>().await;
+        }
     }
 }
 

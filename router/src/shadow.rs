@@ -26,7 +26,9 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::Instrument;
 
+use crate::expose::Exposed;
 use crate::policy::DialPolicy;
+use crate::restore::{self, Changed};
 
 /// How long a dial to a cluster address may take.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +78,14 @@ pub struct Args {
     /// CIDRs cut out of the routes (--excludeIps, the API server)
     #[arg(long, default_value = "")]
     except: String,
+    /// Ports to listen on for the whole session, comma separated; connections on them go to
+    /// ktctl (exchange, mesh, preview)
+    #[arg(long, value_delimiter = ',')]
+    expose: Vec<u16>,
+    /// Objects the session changed (service/<name>, deployment/<name>), comma separated:
+    /// restored when the session ends without ktctl
+    #[arg(long, value_delimiter = ',')]
+    restore: Vec<Changed>,
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -97,9 +107,18 @@ pub async fn run(args: Args) -> Result<()> {
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    let exposed = Arc::new(Exposed::default());
+    for port in &args.expose {
+        exposed
+            .listen(*port)
+            .await
+            .with_context(|| format!("listening on exposed port {port}"))?;
+    }
     let handler: StreamHandler = {
         let policy = policy.clone();
-        Arc::new(move |mux, open, s| handle(mux, open, s, dns, policy.clone()).boxed())
+        Arc::new(move |mux, open, s| {
+            handle(mux, open, s, dns, policy.clone(), exposed.clone()).boxed()
+        })
     };
     // Bound after the tunnel's listener, so that Ready means the tunnel accepts.
     let health = match args.health_port {
@@ -119,6 +138,7 @@ pub async fn run(args: Args) -> Result<()> {
             args.namespace.clone(),
             args.lease.clone(),
             Duration::from_secs(args.grace),
+            (args.session.clone(), args.restore.clone()),
         )
         .await
     };
@@ -216,14 +236,14 @@ pub(crate) async fn serve_health(listener: Option<TcpListener>) {
 
 /// Exponential backoff from 10 ms to 1 s.
 #[derive(Default)]
-struct Backoff(u32);
+pub(crate) struct Backoff(u32);
 
 impl Backoff {
-    fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         self.0 = (self.0 + 1).min(8);
         Duration::from_millis(10 << (self.0 - 1)).min(Duration::from_secs(1))
     }
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.0 = 0;
     }
 }
@@ -318,12 +338,19 @@ impl LeaseWatch {
 
 /// Returns when the session is over: its Lease was deleted, or ktctl was gone for longer than
 /// `grace` and this shadow deleted the Lease (garbage collection removes the rest, this pod
-/// included).
-async fn watch_lease(ns: String, name: String, grace: Duration) -> Result<()> {
+/// included). Either way, what the session changed in users' objects is restored first
+/// (`changed`: the session id and the objects); when ktctl ended the session itself, it has
+/// restored them already and this finds nothing to do.
+async fn watch_lease(
+    ns: String,
+    name: String,
+    grace: Duration,
+    changed: (String, Vec<Changed>),
+) -> Result<()> {
     let client = kube::Client::try_default()
         .await
         .context("no in-cluster API access; the session cannot end by itself")?;
-    let api: Api<Lease> = Api::namespaced(client, &ns);
+    let api: Api<Lease> = Api::namespaced(client.clone(), &ns);
     let mut watch = LeaseWatch::new(grace, Instant::now());
     let mut failing = false;
     loop {
@@ -355,10 +382,12 @@ async fn watch_lease(ns: String, name: String, grace: Duration) -> Result<()> {
             Verdict::Alive => {}
             Verdict::Ended => {
                 tracing::info!(lease = %name, "session ended (lease deleted); exiting");
+                restore::restore(client.clone(), &ns, &changed.0, &changed.1).await;
                 return Ok(());
             }
             Verdict::Expired => {
                 tracing::warn!(lease = %name, ?grace, "ktctl has been gone longer than the grace period; ending the session");
+                restore::restore(client.clone(), &ns, &changed.0, &changed.1).await;
                 match api.delete(&name, &DeleteParams::background()).await {
                     Ok(_) => return Ok(()),
                     Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
@@ -375,6 +404,7 @@ async fn handle(
     s: MuxStream,
     dns: Option<SocketAddr>,
     policy: Arc<DialPolicy>,
+    exposed: Arc<Exposed>,
 ) {
     let span = tracing::debug_span!("stream", ?open);
     async move {
@@ -402,7 +432,7 @@ async fn handle(
                     tunnel::refuse(s, ErrorCode::Unsupported, "the shadow has no resolver").await
                 }
             },
-            Open::Expose { port } => expose(mux, s, port).await,
+            Open::Expose { port } => exposed.expose(mux, s, port).await,
             Open::Inbound { .. } => {
                 tunnel::refuse(
                     s,
@@ -597,45 +627,6 @@ async fn ask_tcp(server: SocketAddr, query: &[u8]) -> std::io::Result<Bytes> {
     let mut answer = vec![0u8; u16::from_be_bytes(len) as usize];
     tcp.read_exact(&mut answer).await?;
     Ok(Bytes::from(answer))
-}
-
-/// Listens on `port` in the pod while the Expose stream stays open; each connection becomes
-/// an Inbound stream toward ktctl.
-async fn expose(mux: Mux, mut s: MuxStream, port: u16) {
-    let listener = match TcpListener::bind(("0.0.0.0", port)).await {
-        Ok(l) => l,
-        Err(e) => {
-            return tunnel::refuse(
-                s,
-                ErrorCode::from_io(&e),
-                &format!("port {port} in the shadow: {e}"),
-            )
-            .await;
-        }
-    };
-    if write_frame(&mut s, &Frame::Reply(None)).await.is_err() {
-        return;
-    }
-    tracing::info!(port, "exposing a local port");
-    let mut probe = [0u8; 1];
-    loop {
-        tokio::select! {
-            // The client closed the Expose stream: stop listening.
-            _ = s.read(&mut probe) => break,
-            accepted = listener.accept() => {
-                let Ok((conn, peer)) = accepted else { continue };
-                let mux = mux.clone();
-                tokio::spawn(async move {
-                    let _ = conn.set_nodelay(true);
-                    match mux.request(Open::Inbound { port, peer }).await {
-                        Ok(st) => tunnel::splice(conn, st, 64 * 1024).await,
-                        Err(e) => tracing::warn!(%peer, port, error = %e, "the developer's side refused an inbound connection"),
-                    }
-                });
-            }
-        }
-    }
-    tracing::info!(port, "no longer exposing");
 }
 
 #[cfg(test)]

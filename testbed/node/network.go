@@ -7,6 +7,8 @@ import (
 	"os/exec"
 	"strings"
 	"sync"
+
+	corev1 "k8s.io/api/core/v1"
 )
 
 // gatewayIP is the pods' next hop: every host-side veth carries it, so a pod's default route
@@ -136,6 +138,36 @@ func runIPBatch(prefix []string, script string) error {
 	out, err := cmd.CombinedOutput()
 	if err != nil {
 		return fmt.Errorf("ip %s: %v: %s (script:\n%s)", strings.Join(args, " "), err, bytes.TrimSpace(out), script)
+	}
+	return nil
+}
+
+// safeSysctls are the network-namespaced sysctls the kubelet allows without
+// --allowed-unsafe-sysctls (its "safe" set).
+var safeSysctls = map[string]bool{
+	"net.ipv4.ip_local_port_range":        true,
+	"net.ipv4.ip_unprivileged_port_start": true,
+	"net.ipv4.tcp_syncookies":             true,
+	"net.ipv4.ping_group_range":           true,
+	"net.ipv4.ip_local_reserved_ports":    true,
+	"net.ipv4.tcp_keepalive_time":         true,
+	"net.ipv4.tcp_fin_timeout":            true,
+	"net.ipv4.tcp_keepalive_intvl":        true,
+	"net.ipv4.tcp_keepalive_probes":       true,
+}
+
+// applySysctls sets a pod's sysctls in its network namespace, as the kubelet does; an unsafe
+// one fails the pod, as the kubelet's SysctlForbidden does.
+func applySysctls(netns string, sysctls []corev1.Sysctl) error {
+	for _, s := range sysctls {
+		if !safeSysctls[s.Name] {
+			return fmt.Errorf("SysctlForbidden: %s is not a safe sysctl", s.Name)
+		}
+		path := "/proc/sys/" + strings.ReplaceAll(s.Name, ".", "/")
+		out, err := exec.Command("ip", "netns", "exec", netns, "sh", "-c", `printf '%s' "$1" > "$2"`, "sh", s.Value, path).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("sysctl %s=%s: %v: %s", s.Name, s.Value, err, strings.TrimSpace(string(out)))
+		}
 	}
 	return nil
 }

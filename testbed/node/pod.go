@@ -170,6 +170,12 @@ func (rt *podRuntime) setupNetwork() error {
 	if err != nil {
 		return err
 	}
+	if sc := rt.pod.Spec.SecurityContext; sc != nil && len(sc.Sysctls) > 0 {
+		if err := applySysctls(netns, sc.Sysctls); err != nil {
+			_ = rt.p.net.Teardown(string(rt.pod.UID), ip.String())
+			return err
+		}
+	}
 	rt.mu.Lock()
 	rt.podIP, rt.netns, rt.netReady = ip.String(), "/run/netns/"+netns, true
 	rt.pod.Status.PodIP = rt.podIP // the downward API reads it

@@ -409,7 +409,11 @@ impl std::fmt::Display for Permission {
     }
 }
 
-const fn perm(verb: &'static str, group: &'static str, resource: &'static str) -> Permission {
+pub(crate) const fn perm(
+    verb: &'static str,
+    group: &'static str,
+    resource: &'static str,
+) -> Permission {
     Permission {
         verb,
         group,

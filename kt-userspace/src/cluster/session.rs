@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta, OwnerReference};
 use k8s_openapi::jiff::Timestamp;
@@ -33,6 +33,10 @@ pub enum Kind {
     ServiceAccount,
     Role,
     RoleBinding,
+    Service,
+    ConfigMap,
+    /// A lock on a target (not the anchor, which is always last).
+    Lease,
 }
 
 impl Kind {
@@ -42,6 +46,9 @@ impl Kind {
             Kind::ServiceAccount => "serviceaccount",
             Kind::Role => "role",
             Kind::RoleBinding => "rolebinding",
+            Kind::Service => "service",
+            Kind::ConfigMap => "configmap",
+            Kind::Lease => "lease",
         }
     }
 }
@@ -52,6 +59,10 @@ pub struct Session {
     pub namespace: String,
     pub lease: String,
     pub grace: Duration,
+    /// Who runs it: `user@machine`.
+    pub owner: String,
+    /// When it began (RFC 3339, this machine's clock: for people to read).
+    pub since: String,
     lease_uid: String,
     client: Client,
     created: Mutex<Vec<(Kind, String)>>,
@@ -103,6 +114,7 @@ impl Session {
         let user = std::env::var("SUDO_USER")
             .or_else(|_| std::env::var("USER"))
             .unwrap_or_else(|_| "root".into());
+        let owner = format!("{user}@{}", hostname());
         let obj = Lease {
             metadata: ObjectMeta {
                 name: Some(lease.clone()),
@@ -111,10 +123,7 @@ impl Session {
                 annotations: Some(BTreeMap::from([
                     (GRACE_ANNOTATION.to_string(), grace.as_secs().to_string()),
                     (COMMAND_ANNOTATION.to_string(), command.to_string()),
-                    (
-                        OWNER_ANNOTATION.to_string(),
-                        format!("{user}@{}", hostname()),
-                    ),
+                    (OWNER_ANNOTATION.to_string(), owner.clone()),
                 ])),
                 ..Default::default()
             },
@@ -135,6 +144,11 @@ impl Session {
             namespace: kube.namespace.clone(),
             lease,
             grace,
+            owner,
+            since: Timestamp::now()
+                .round(k8s_openapi::jiff::Unit::Second)
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
             lease_uid: created.metadata.uid.unwrap_or_default(),
             client: kube.client.clone(),
             created: Mutex::new(vec![]),
@@ -152,14 +166,31 @@ impl Session {
             name: Some(name.to_string()),
             namespace: Some(self.namespace.clone()),
             labels: Some(self.labels(role)),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "coordination.k8s.io/v1".into(),
-                kind: "Lease".into(),
-                name: self.lease.clone(),
-                uid: self.lease_uid.clone(),
-                ..Default::default()
-            }]),
+            owner_references: Some(vec![self.owner_reference()]),
             ..Default::default()
+        }
+    }
+
+    /// The reference to the session's anchor, as its objects' controller: garbage collection
+    /// removes them with the anchor, and no workload controller adopts a shadow that carries
+    /// its pod labels (scale mode), as a pod with a controller is never adopted.
+    pub fn owner_reference(&self) -> OwnerReference {
+        OwnerReference {
+            api_version: "coordination.k8s.io/v1".into(),
+            kind: "Lease".into(),
+            name: self.lease.clone(),
+            uid: self.lease_uid.clone(),
+            controller: Some(true),
+            ..Default::default()
+        }
+    }
+
+    /// This session as the holder recorded on the objects it changes.
+    pub fn holder(&self) -> kt_common::changes::Holder {
+        kt_common::changes::Holder {
+            session: self.id.clone(),
+            owner: self.owner.clone(),
+            since: self.since.clone(),
         }
     }
 
@@ -291,6 +322,33 @@ impl Session {
                 }
                 Kind::RoleBinding => {
                     delete::<RoleBinding>(
+                        &self.client,
+                        &self.namespace,
+                        &name,
+                        DeleteParams::default(),
+                    )
+                    .await
+                }
+                Kind::Service => {
+                    delete::<Service>(
+                        &self.client,
+                        &self.namespace,
+                        &name,
+                        DeleteParams::default(),
+                    )
+                    .await
+                }
+                Kind::ConfigMap => {
+                    delete::<ConfigMap>(
+                        &self.client,
+                        &self.namespace,
+                        &name,
+                        DeleteParams::default(),
+                    )
+                    .await
+                }
+                Kind::Lease => {
+                    delete::<Lease>(
                         &self.client,
                         &self.namespace,
                         &name,
@@ -559,6 +617,8 @@ mod tests {
             namespace: "default".into(),
             lease: "ktctl-t".into(),
             grace: Duration::from_secs(3),
+            owner: "t@test".into(),
+            since: String::new(),
             lease_uid: String::new(),
             client,
             created: Mutex::new(vec![]),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, Event, LocalObjectReference,
     ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, ServiceAccount, TCPSocketAction,
+    SeccompProfile, SecurityContext, ServiceAccount, Sysctl, TCPSocketAction,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -47,6 +47,15 @@ pub struct ShadowOptions {
     /// shadow dials (`--routes`, `--except`).
     pub routes: Vec<String>,
     pub except: Vec<String>,
+    /// Ports the shadow listens on for the whole session (exchange, mesh, preview); each
+    /// becomes a container port, so Services and routers can target it.
+    pub ports: Vec<u16>,
+    /// Extra pod labels (scale mode: the workload's; manual mesh: plus `version`). The
+    /// session's own labels always win.
+    pub labels: BTreeMap<String, String>,
+    /// What the session changes in users' objects (`service/<name>`, `deployment/<name>`):
+    /// the shadow may read and update exactly these, to restore them when ktctl is gone.
+    pub restore: Vec<String>,
 }
 
 /// Parses `--nodeSelector key=value,key2=value2`.
@@ -94,7 +103,11 @@ pub fn pod_name(session: &Session, n: u32) -> String {
 
 /// Creates the shadow's ServiceAccount, Role and RoleBinding (once per session: they let the
 /// shadow read and delete the session's Lease).
-pub async fn deploy_identity(session: &Session, role: &str) -> Result<(), ClusterError> {
+pub async fn deploy_identity(
+    session: &Session,
+    role: &str,
+    restore: &[String],
+) -> Result<(), ClusterError> {
     let base = format!("kt-connect-shadow-{}", session.id);
     session
         .create(
@@ -105,19 +118,20 @@ pub async fn deploy_identity(session: &Session, role: &str) -> Result<(), Cluste
             },
         )
         .await?;
-    let rule = PolicyRule {
+    let mut rules = vec![PolicyRule {
         api_groups: Some(vec!["coordination.k8s.io".into()]),
         resources: Some(vec!["leases".into()]),
         resource_names: Some(vec![session.lease.clone()]),
         verbs: vec!["get".into(), "delete".into()],
         ..Default::default()
-    };
+    }];
+    rules.extend(restore_rules(restore));
     session
         .create(
             Kind::Role,
             &Role {
                 metadata: session.meta(&base, role),
-                rules: Some(vec![rule]),
+                rules: Some(rules),
             },
         )
         .await?;
@@ -137,6 +151,33 @@ pub async fn deploy_identity(session: &Session, role: &str) -> Result<(), Cluste
     };
     session.create(Kind::RoleBinding, &binding).await?;
     Ok(())
+}
+
+/// Rules to read and update exactly the objects in `restore` (`service/x`, `deployment/y`).
+fn restore_rules(restore: &[String]) -> Vec<PolicyRule> {
+    let names = |kind: &str| -> Vec<String> {
+        restore
+            .iter()
+            .filter_map(|r| r.strip_prefix(kind)?.strip_prefix('/').map(str::to_string))
+            .collect()
+    };
+    let mut rules = vec![];
+    for (group, resource, kind) in [
+        ("", "services", "service"),
+        ("apps", "deployments", "deployment"),
+    ] {
+        let n = names(kind);
+        if !n.is_empty() {
+            rules.push(PolicyRule {
+                api_groups: Some(vec![group.into()]),
+                resources: Some(vec![resource.into()]),
+                resource_names: Some(n),
+                verbs: vec!["get".into(), "update".into()],
+                ..Default::default()
+            });
+        }
+    }
+    rules
 }
 
 /// Creates the session's `n`th shadow pod and waits until it is ready, showing progress; on
@@ -186,6 +227,25 @@ fn pod_spec(
         format!("--routes={}", opts.routes.join(",")),
         format!("--except={}", opts.except.join(",")),
     ];
+    let mut args = args;
+    if !opts.ports.is_empty() {
+        let ports: Vec<String> = opts.ports.iter().map(u16::to_string).collect();
+        args.push(format!("--expose={}", ports.join(",")));
+    }
+    if !opts.restore.is_empty() {
+        args.push(format!("--restore={}", opts.restore.join(",")));
+    }
+    let mut ports = vec![ContainerPort {
+        container_port: i32::from(TUNNEL_PORT),
+        name: Some("tunnel".into()),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }];
+    ports.extend(opts.ports.iter().map(|p| ContainerPort {
+        container_port: i32::from(*p),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }));
     let resources = opts.quota.as_ref().map(|(cpu, mem)| ResourceRequirements {
         limits: Some(BTreeMap::from([
             ("cpu".to_string(), Quantity(cpu.clone())),
@@ -216,12 +276,7 @@ fn pod_spec(
                 ..Default::default()
             },
         ]),
-        ports: Some(vec![ContainerPort {
-            container_port: i32::from(TUNNEL_PORT),
-            name: Some("tunnel".into()),
-            protocol: Some("TCP".into()),
-            ..Default::default()
-        }]),
+        ports: Some(ports),
         readiness_probe: Some(Probe {
             tcp_socket: Some(TCPSocketAction {
                 port: IntOrString::Int(i32::from(HEALTH_PORT)),
@@ -230,37 +285,25 @@ fn pod_spec(
             period_seconds: Some(1),
             ..Default::default()
         }),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            read_only_root_filesystem: Some(true),
-            run_as_non_root: Some(true),
-            run_as_user: Some(SHADOW_UID),
-            run_as_group: Some(SHADOW_UID),
-            ..Default::default()
-        }),
+        security_context: Some(restricted_container()),
         resources,
         ..Default::default()
     };
+    let mut metadata = session.meta(name, role);
+    if !opts.labels.is_empty() {
+        let mut labels = opts.labels.clone();
+        labels.extend(metadata.labels.take().unwrap_or_default());
+        metadata.labels = Some(labels);
+    }
     Pod {
-        metadata: session.meta(name, role),
+        metadata,
         spec: Some(PodSpec {
             containers: vec![container],
             service_account_name: Some(format!("kt-connect-shadow-{}", session.id)),
             automount_service_account_token: Some(true),
             termination_grace_period_seconds: Some(5),
             restart_policy: Some("Never".into()),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            security_context: Some(restricted_pod(&opts.ports)),
             node_selector: (!opts.node_selector.is_empty()).then(|| opts.node_selector.clone()),
             image_pull_secrets: opts
                 .image_pull_secret
@@ -268,6 +311,44 @@ fn pod_spec(
                 .map(|s| vec![LocalObjectReference { name: s.clone() }]),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// A container as the `restricted` Pod Security Standard wants it: non-root, no privilege
+/// escalation, no capabilities, a read-only root filesystem.
+pub fn restricted_container() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(SHADOW_UID),
+        run_as_group: Some(SHADOW_UID),
+        ..Default::default()
+    }
+}
+
+/// The pod side of [`restricted_container`], for a pod that listens on `ports`.
+pub fn restricted_pod(ports: &[u16]) -> PodSecurityContext {
+    // A port below 1024 needs no capability: the pod's own network namespace lets every
+    // user bind it (a "safe" sysctl, allowed by the restricted Pod Security Standard).
+    let sysctls = ports.iter().any(|p| *p < 1024).then(|| {
+        vec![Sysctl {
+            name: "net.ipv4.ip_unprivileged_port_start".into(),
+            value: "0".into(),
+        }]
+    });
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
+            ..Default::default()
+        }),
+        sysctls,
         ..Default::default()
     }
 }

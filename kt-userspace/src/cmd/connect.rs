@@ -17,8 +17,7 @@ use crate::cgroup::{self, ChildCgroup};
 use crate::cidr::Plan;
 use crate::cli::{ConnectArgs, Global};
 use crate::cluster::session::{self, Session};
-use crate::cluster::shadow::{self, ShadowOptions};
-use crate::cluster::{CONNECT_PERMISSIONS, Kube, Target};
+use crate::cluster::{CONNECT_PERMISSIONS, Kube};
 use crate::dns::{self, index::Index, names::Rules};
 use crate::error::{EnvError, Error, Result};
 use crate::interrupt::{self, Interrupts};
@@ -40,33 +39,15 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
         .into());
     }
     crate::preflight::check()?;
-    let mut shadow_opts = shadow_options(global)?;
+    let mut shadow_opts = super::shadow_options(global)?;
     let attach_to = cgroup::target(args.cgroup.as_deref())?;
     cgroup::sweep_leftovers(&attach_to);
     // sk_lookup is network-namespace wide: two sessions' steering would collide.
     let _lock = NetnsLock::acquire()?;
 
-    let kube = Kube::connect(&Target {
-        kubeconfig: global.kubeconfig.clone(),
-        context: global.context.clone(),
-        namespace: global.namespace.clone(),
-    })
-    .await?;
-    tracing::info!(
-        "Using cluster context {} ({}), namespace {}",
-        kube.context,
-        kube.server,
-        kube.namespace
-    );
-    tracing::info!(
-        "KtConnect (ktctl) {} start at {} ({} {})",
-        env!("CARGO_PKG_VERSION"),
-        std::process::id(),
-        std::env::consts::OS,
-        std::env::consts::ARCH
-    );
+    let kube = super::connect_kube(global).await?;
     kube.require(CONNECT_PERMISSIONS).await?;
-    if !args.skip_cleanup {
+    if !args.session.skip_cleanup {
         for id in session::clean_expired(&kube).await? {
             tracing::info!("Removed expired session {id}");
         }
@@ -80,8 +61,8 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
     shadow_opts.routes = plan.routes.iter().map(|r| r.net.to_string()).collect();
     shadow_opts.except = plan.excluded.iter().map(|n| n.to_string()).collect();
 
-    let grace = Duration::from_secs(args.grace);
-    let pf_timeout = Duration::from_secs(args.port_forward_timeout);
+    let grace = Duration::from_secs(args.session.grace);
+    let pf_timeout = Duration::from_secs(args.session.port_forward_timeout);
     let interrupts = Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
     // Signals count from here: whoever waits next (setup or the body) sees every one.
     let mark = interrupts.count();
@@ -108,29 +89,6 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
         },
     )
     .await
-}
-
-pub(crate) fn shadow_options(global: &Global) -> Result<ShadowOptions> {
-    Ok(ShadowOptions {
-        image: global.image.clone(),
-        image_pull_secret: global.image_pull_secret.clone(),
-        node_selector: global
-            .node_selector
-            .as_deref()
-            .map(shadow::parse_node_selector)
-            .transpose()
-            .map_err(EnvError)?
-            .unwrap_or_default(),
-        quota: global
-            .pod_quota
-            .as_deref()
-            .map(shadow::parse_quota)
-            .transpose()
-            .map_err(EnvError)?,
-        creation_timeout: Duration::from_secs(global.pod_creation_timeout),
-        routes: vec![],
-        except: vec![],
-    })
 }
 
 /// The cluster's CIDRs plus --includeIps, minus --excludeIps and the API server.

@@ -106,7 +106,7 @@ pub async fn run(global: &Global, args: &DiagnoseArgs) -> Result<u8> {
             .join(" "),
     );
     perms?;
-    let opts = super::connect::shadow_options(global)?;
+    let opts = super::shadow_options(global)?;
     let interrupts =
         crate::interrupt::Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
     let report = super::with_shadow(

@@ -2,6 +2,11 @@
 
 pub mod connect;
 pub mod diagnose;
+pub mod exchange;
+pub mod forward;
+pub mod inbound;
+pub mod mesh;
+pub mod preview;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +16,11 @@ use kt_common::pki::SessionPki;
 use kt_common::tunnel::ServerPin;
 use kube::Api;
 
+use crate::cli::Global;
 use crate::cluster::Kube;
 use crate::cluster::session::Session;
 use crate::cluster::shadow::{self, ShadowOptions};
+use crate::error::EnvError;
 use crate::error::{Error, Result};
 use crate::interrupt::{self, Interrupts};
 use crate::tunnel::{KubeShadow, Tunnel};
@@ -78,7 +85,7 @@ pub(crate) async fn with_shadow<T>(
                 shadow::pod_name(&session, 0),
                 session.namespace
             );
-            shadow::deploy_identity(&session, &role).await?;
+            shadow::deploy_identity(&session, &role, &opts.restore).await?;
             let pod =
                 shadow::deploy_pod(&session, kube, &role, opts, &pki.client_ca_pem, 0).await?;
             tracing::info!(
@@ -177,6 +184,53 @@ pub(crate) async fn with_shadow<T>(
     result.map_err(|e| match e {
         Error::Reported(c) => Error::Reported(c),
         e => Error::Reported(e.exit_code()),
+    })
+}
+
+/// Connects to the cluster the global flags name and says which and who is running.
+pub(crate) async fn connect_kube(global: &Global) -> Result<Kube> {
+    let kube = Kube::connect(&crate::cluster::Target {
+        kubeconfig: global.kubeconfig.clone(),
+        context: global.context.clone(),
+        namespace: global.namespace.clone(),
+    })
+    .await?;
+    tracing::info!(
+        "Using cluster context {} ({}), namespace {}",
+        kube.context,
+        kube.server,
+        kube.namespace
+    );
+    tracing::info!(
+        "KtConnect (ktctl) {} start at {} ({} {})",
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        std::env::consts::OS,
+        std::env::consts::ARCH
+    );
+    Ok(kube)
+}
+
+/// The shadow's options from the global flags (image, pull secret, node selector, quota).
+pub(crate) fn shadow_options(global: &Global) -> Result<ShadowOptions> {
+    Ok(ShadowOptions {
+        image: global.image.clone(),
+        image_pull_secret: global.image_pull_secret.clone(),
+        node_selector: global
+            .node_selector
+            .as_deref()
+            .map(shadow::parse_node_selector)
+            .transpose()
+            .map_err(EnvError)?
+            .unwrap_or_default(),
+        quota: global
+            .pod_quota
+            .as_deref()
+            .map(shadow::parse_quota)
+            .transpose()
+            .map_err(EnvError)?,
+        creation_timeout: Duration::from_secs(global.pod_creation_timeout),
+        ..Default::default()
     })
 }
 

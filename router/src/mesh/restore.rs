@@ -21,7 +21,10 @@ use super::{
 
 /// The rest of ktctl's record of a change (who and when; see kt-common's `changes`), removed
 /// with it.
-const RECORD_ANNOTATIONS: [&str; 2] = ["kt.dev/changed-at", "kt.dev/changed-by-owner"];
+const RECORD_ANNOTATIONS: [&str; 2] = [
+    kt_common::changes::CHANGED_AT,
+    kt_common::changes::CHANGED_BY_OWNER,
+];
 /// Writes of the Service: the first and up to 5 retries after a conflict.
 const ATTEMPTS: usize = 6;
 /// Longest wait for the API calls of one restore.
@@ -278,6 +281,52 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// How long, once asked to stop, the router waits for the last routes to go before it gives up
+/// restoring (the pod's termination grace period is longer).
+pub const TERMINATING_WAIT: Duration = Duration::from_secs(7);
+
+/// The router is being stopped (its last owner, a meshing session, ended and garbage
+/// collection deletes it): if no route is left, or none is left within [`TERMINATING_WAIT`]
+/// (the collector removes the session's route at about the same time), the Service is
+/// restored now, as the idle clock would not get the chance. With routes of live sessions left,
+/// nothing is touched: they own the router too, so this is someone deleting it by hand.
+pub async fn on_terminate(cluster: &impl Cluster, service: &str) {
+    let deadline = Instant::now() + TERMINATING_WAIT;
+    loop {
+        match tokio::time::timeout(API_TIMEOUT, cluster.live_routes()).await {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) if Instant::now() >= deadline => {
+                tracing::warn!(
+                    service,
+                    routes = n,
+                    "stopping with routes left; the Service stays meshed"
+                );
+                return;
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(service, error = %e, "cannot list the routes while stopping")
+            }
+            Err(_) => tracing::warn!(service, "listing the routes timed out while stopping"),
+        }
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    match tokio::time::timeout(API_TIMEOUT, cluster.restore()).await {
+        Ok(Ok(Restored::Done)) => tracing::info!(
+            service,
+            "restored the selector of service {service} (stopping, no route left)"
+        ),
+        Ok(Ok(_)) => tracing::info!(service, "stopping; nothing to restore"),
+        Ok(Err(e)) => {
+            tracing::error!(service, error = %e, "cannot restore the Service while stopping")
+        }
+        Err(_) => tracing::error!(service, "restoring the Service timed out while stopping"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -473,5 +522,17 @@ mod tests {
         assert_eq!(c.deadline(), None);
         c.observe(t0 + Duration::from_secs(30), 0);
         assert_eq!(c.deadline(), Some(t0 + Duration::from_secs(30) + grace));
+    }
+
+    #[tokio::test(start_paused = true)]
+    /// Regression: garbage collection deleted the router of the last meshing session before
+    /// its idle clock ran out, leaving the Service selecting a pod that no longer existed.
+    async fn a_stopping_router_restores_once_the_last_route_is_gone_and_not_while_routes_live() {
+        let fake = Fake::new(&[1, 1, 0]);
+        on_terminate(&fake, "nginx").await;
+        assert_eq!(fake.calls(), vec!["list", "list", "list", "restore"]);
+        let busy = Fake::new(&[2]);
+        on_terminate(&busy, "nginx").await;
+        assert!(!busy.calls().contains(&"restore"), "{:?}", busy.calls());
     }
 }
