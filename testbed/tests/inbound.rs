@@ -447,3 +447,274 @@ fn mesh_routes_by_header_for_two_developers_and_the_last_restores_the_service() 
     );
     assert_eq!(from_cluster("http://nginx:80"), PAGE);
 }
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// `ktctl preview nginx-v2 --expose 80` makes the local page a Service; developer B's
+/// `ktctl forward nginx-v2 6060:80` reaches it on localhost, and recovers on its own when the
+/// pod it uses is deleted. `forward` also takes a Deployment and a pod IP.
+fn preview_makes_a_service_and_forward_reaches_it_across_a_deleted_pod() {
+    let _tb = testbed();
+    seed_nginx();
+    client_pod();
+    let _local = LocalServer::start(80, LOCAL);
+    let mut a = Ktctl::spawn(&["preview", "nginx-v2", "--expose", "80"]);
+    a.wait_for(
+        "Now you can access your local service in cluster by name 'nginx-v2'",
+        Duration::from_secs(120),
+    );
+    let id = session_id(&a);
+    eventually(
+        "the preview from a cluster pod",
+        Duration::from_secs(30),
+        || from_cluster("http://nginx-v2:80") == LOCAL,
+    );
+
+    let mut b = Ktctl::spawn(&["forward", "nginx-v2", "6060:80"]);
+    b.wait_for(
+        "Now you can access port 80 of service 'nginx-v2' via 'localhost:6060'",
+        Duration::from_secs(60),
+    );
+    assert_eq!(from_laptop("http://localhost:6060"), LOCAL);
+
+    // The pod forward uses goes away; A's ktctl starts a new shadow and B's forward finds it.
+    let shadow = shadow_of(&id);
+    kubectl(&["delete", "pod", &shadow, "--wait=false"]);
+    eventually(
+        "forward to recover on its own",
+        Duration::from_secs(60),
+        || from_laptop("http://localhost:6060") == LOCAL,
+    );
+    b.wait_for(
+        &format!("Forwarding to pod kt-connect-shadow-{id}-1"),
+        Duration::from_secs(5),
+    );
+
+    // A Deployment (its first port by default) and a pod IP (through a tunnel).
+    let mut d = Ktctl::spawn(&["forward", "deployment/nginx", "6061"]);
+    d.wait_for(
+        "Now you can access port 80 of deployment 'nginx' via 'localhost:6061'",
+        Duration::from_secs(60),
+    );
+    assert_eq!(from_laptop("http://localhost:6061"), PAGE);
+    let ip = nginx_pod_ip();
+    let mut i = Ktctl::spawn(&["forward", &ip, "6062:80"]);
+    i.wait_for(
+        &format!("Now you can access to '{ip}:80' via 'localhost:6062'"),
+        Duration::from_secs(120),
+    );
+    assert_eq!(from_laptop("http://localhost:6062"), PAGE);
+    for k in [&mut d, &mut i, &mut b] {
+        assert_eq!(
+            k.stop(libc::SIGINT, Duration::from_secs(30)),
+            Some(0),
+            "{}",
+            k.output()
+        );
+    }
+
+    assert_eq!(a.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
+    assert!(
+        a.output().contains("Deleted service/nginx-v2"),
+        "{}",
+        a.output()
+    );
+    assert!(
+        !run_in(Machine::Laptop, &["kubectl", "get", "svc", "nginx-v2"])
+            .status
+            .success()
+    );
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// scale mode: the Deployment goes to 0 while a shadow with its labels answers; on exit its
+/// replicas come back and ktctl waits for them.
+fn exchange_in_scale_mode_restores_the_replicas_and_waits_for_them() {
+    let _tb = testbed();
+    seed_nginx();
+    client_pod();
+    let _local = LocalServer::start(80, LOCAL);
+    let mut k = Ktctl::spawn(&[
+        "exchange",
+        "deployment/nginx",
+        "--expose",
+        "80",
+        "--mode",
+        "scale",
+    ]);
+    k.wait_for(
+        "Now all request to deployment 'nginx' will be redirected to local",
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        kubectl(&["get", "deploy", "nginx", "-o", "jsonpath={.spec.replicas}"]),
+        "0"
+    );
+    eventually("the local page", Duration::from_secs(60), || {
+        from_cluster("http://nginx:80") == LOCAL
+    });
+    assert_eq!(k.stop(libc::SIGINT, Duration::from_secs(120)), Some(0));
+    let out = k.output();
+    assert!(
+        out.contains("Restored deployment 'nginx' to 1 replicas"),
+        "{out}"
+    );
+    assert!(
+        out.contains("Deployment 'nginx' has 1/1 ready replicas"),
+        "ktctl waited: {out}"
+    );
+    assert_eq!(
+        kubectl(&["get", "deploy", "nginx", "-o", "jsonpath={.spec.replicas}"]),
+        "1"
+    );
+    assert!(
+        !kubectl(&[
+            "get",
+            "deploy",
+            "nginx",
+            "-o",
+            "jsonpath={.metadata.annotations}"
+        ])
+        .contains("kt.dev/")
+    );
+    // The new pod serves the image's page; the walkthrough's page is put back for the others.
+    seed_nginx();
+    eventually("the cluster page", Duration::from_secs(30), || {
+        from_cluster("http://nginx:80") == PAGE
+    });
+}
+
+/// Runs ktctl to its end; the exit code and output.
+fn ktctl_exit(args: &[&str]) -> (Option<i32>, String) {
+    let mut k = Ktctl::spawn(args);
+    let code = k.wait(Duration::from_secs(60));
+    (code, k.output())
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// Bad input is a clear error naming the flag or object, exit 2, and nothing is created.
+fn bad_input_to_the_inbound_commands_fails_clearly_and_creates_nothing() {
+    let _tb = testbed();
+    seed_nginx();
+    let _local = LocalServer::start(80, LOCAL);
+    let fixtures = laptop_sh(
+        r#"kubectl apply -f - <<'EOF'
+apiVersion: v1
+kind: Service
+metadata: {name: e2e-noselector}
+spec: {ports: [{port: 80}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: e2e-zero}
+spec:
+  replicas: 0
+  selector: {matchLabels: {app: e2e-zero}}
+  template:
+    metadata: {labels: {app: e2e-zero}}
+    spec: {containers: [{name: nginx, image: "nginx:alpine"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: e2e-zero}
+spec: {selector: {app: e2e-zero}, ports: [{port: 80}]}
+EOF"#,
+    );
+    assert!(
+        fixtures.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fixtures.stderr)
+    );
+    let objects = || {
+        kubectl(&[
+            "get",
+            "leases,pods,services",
+            "-l",
+            "app.kubernetes.io/managed-by=ktctl",
+            "-o",
+            "name",
+        ])
+    };
+    let before = objects();
+    let nginx_before = svc_spec("nginx");
+    for (args, needle) in [
+        (
+            vec!["exchange", "nosuch", "--expose", "80"],
+            "service 'nosuch' not found",
+        ),
+        (
+            vec!["exchange", "deploy/nosuch", "--expose", "80"],
+            "deployment 'nosuch' not found",
+        ),
+        (vec!["exchange", "nginx", "--expose", "99999"], "--expose"),
+        (
+            vec!["exchange", "nginx", "--expose", "8080"],
+            "--expose 8080: service 'nginx' has no port 8080",
+        ),
+        (
+            vec!["exchange", "nginx", "--expose", "7777:80"],
+            "nothing accepts connections on 127.0.0.1:7777",
+        ),
+        (
+            vec!["exchange", "e2e-noselector", "--expose", "80"],
+            "service 'e2e-noselector' has no selector",
+        ),
+        (
+            vec!["exchange", "e2e-zero", "--expose", "80", "--mode", "scale"],
+            "deployment 'e2e-zero' has 0 replicas",
+        ),
+        (
+            vec!["exchange", "nginx", "--expose", "80", "--mode", "sideways"],
+            "--mode",
+        ),
+        (
+            vec![
+                "mesh",
+                "nginx",
+                "--expose",
+                "80",
+                "--versionMark",
+                "bad header:v",
+            ],
+            "--versionMark",
+        ),
+        (
+            vec![
+                "mesh",
+                "nginx",
+                "--expose",
+                "80",
+                "--versionMark",
+                "v:two words",
+            ],
+            "--versionMark",
+        ),
+        (
+            vec!["preview", "nginx", "--expose", "80"],
+            "service 'nginx' already exists",
+        ),
+        (
+            vec!["preview", "Bad_Name", "--expose", "80"],
+            "not a valid Service name",
+        ),
+        (
+            vec!["forward", "nosuch", "6070:80"],
+            "service 'nosuch' not found",
+        ),
+        (
+            vec!["forward", "10.244.1.9"],
+            "give the ports as local:remote",
+        ),
+    ] {
+        let (code, out) = ktctl_exit(&args);
+        assert_eq!(code, Some(2), "{args:?} exits 2:\n{out}");
+        assert!(
+            out.contains(needle),
+            "{args:?}: the error names {needle:?}:\n{out}"
+        );
+    }
+    assert_eq!(objects(), before, "nothing was created");
+    assert_eq!(svc_spec("nginx"), nginx_before);
+}

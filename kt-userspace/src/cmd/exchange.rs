@@ -245,8 +245,21 @@ async fn keep_selector(
     Error::Runtime(format!("the watch of service '{svc}' ended"))
 }
 
-/// The Deployment behind a target, for scale mode.
+/// The Deployment behind a target, for scale mode; one with no replicas has no traffic of its
+/// own to take over.
 async fn deployment_of(kube: &Kube, target: &Target, svc: &Service) -> Result<Deployment> {
+    let d = find_deployment(kube, target, svc).await?;
+    if d.spec.replicas == Some(0) {
+        return Err(EnvError::new(format!(
+            "--mode scale: deployment '{}' has 0 replicas, so there is nothing to scale down; scale it up or use --mode selector",
+            d.metadata.name.clone().unwrap_or_default()
+        ))
+        .into());
+    }
+    Ok(d)
+}
+
+async fn find_deployment(kube: &Kube, target: &Target, svc: &Service) -> Result<Deployment> {
     let api = Api::<Deployment>::namespaced(kube.client.clone(), &kube.namespace);
     if let Target::Deployment(n) = target {
         return api
@@ -281,17 +294,7 @@ async fn deployment_of(kube: &Kube, target: &Target, svc: &Service) -> Result<De
         .collect();
     let name = svc.metadata.name.clone().unwrap_or_default();
     match matching.len() {
-        1 => {
-            let d = matching.remove(0);
-            if d.spec.replicas == Some(0) {
-                return Err(EnvError::new(format!(
-                    "deployment '{}' has 0 replicas: there is no traffic of its own to take over; scale it up or use --mode selector",
-                    d.metadata.name.clone().unwrap_or_default()
-                ))
-                .into());
-            }
-            Ok(d)
-        }
+        1 => Ok(matching.remove(0)),
         0 => Err(EnvError::new(format!(
             "--mode scale: no Deployment in namespace {} runs the pods of service '{name}'; use --mode selector",
             kube.namespace
