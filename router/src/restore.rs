@@ -5,9 +5,14 @@
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use kt_common::changes::{self, ModifyError};
 use kube::Api;
+use kube::api::ListParams;
+
+/// The label of a mesh route ConfigMap (the meshed Service) and of a session's objects.
+const MESH_OF: &str = crate::mesh::LABEL_MESH_OF;
+const SESSION_LABEL: &str = "kt.dev/session";
 
 /// How long one restore may take in all (it runs while the session ends).
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
@@ -19,6 +24,9 @@ pub enum Changed {
     Service(String),
     /// A Deployment scaled to 0.
     Deployment(String),
+    /// A Service this session meshes through the shared router: restored when no other
+    /// session has a route left on it.
+    Mesh(String),
 }
 
 impl std::str::FromStr for Changed {
@@ -27,8 +35,9 @@ impl std::str::FromStr for Changed {
         match s.split_once('/') {
             Some(("service", n)) if !n.is_empty() => Ok(Changed::Service(n.into())),
             Some(("deployment", n)) if !n.is_empty() => Ok(Changed::Deployment(n.into())),
+            Some(("mesh", n)) if !n.is_empty() => Ok(Changed::Mesh(n.into())),
             _ => Err(format!(
-                "{s:?} is neither service/<name> nor deployment/<name>"
+                "{s:?} is none of service/<name>, deployment/<name>, mesh/<name>"
             )),
         }
     }
@@ -66,6 +75,34 @@ async fn restore_one(
             })
             .await?;
         }
+        Changed::Mesh(name) => {
+            let routes: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+            let others = routes
+                .list(&ListParams::default().labels(&format!("{MESH_OF}={name}")))
+                .await
+                .map_err(ModifyError::Api)?
+                .items
+                .into_iter()
+                .filter(|c| c.metadata.deletion_timestamp.is_none())
+                .filter(|c| {
+                    c.metadata
+                        .labels
+                        .as_ref()
+                        .and_then(|l| l.get(SESSION_LABEL))
+                        .is_none_or(|s| s != session)
+                })
+                .count();
+            if others > 0 {
+                tracing::info!(service = %name, others, "other sessions still mesh the service; it stays with the router");
+                return Ok(false);
+            }
+            let api: Api<Service> = Api::namespaced(client.clone(), ns);
+            changes::modify(&api, name, |s| {
+                changed = changes::undo_selector(s, Some(changes::BY_MESH_ROUTER));
+                Ok(changed)
+            })
+            .await?;
+        }
         Changed::Deployment(name) => {
             let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
             changes::modify(&api, name, |d| {
@@ -91,6 +128,10 @@ mod tests {
         assert_eq!(
             "deployment/web".parse::<Changed>(),
             Ok(Changed::Deployment("web".into()))
+        );
+        assert_eq!(
+            "mesh/nginx".parse::<Changed>(),
+            Ok(Changed::Mesh("nginx".into()))
         );
         for bad in ["nginx", "service/", "pod/x"] {
             assert!(bad.parse::<Changed>().is_err(), "{bad}");

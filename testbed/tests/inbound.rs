@@ -718,3 +718,119 @@ EOF"#,
     assert_eq!(objects(), before, "nothing was created");
     assert_eq!(svc_spec("nginx"), nginx_before);
 }
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// `kill -9` of the only developer meshing a Service: with nobody running any command, the
+/// Service is restored within --grace + 15 s and the router goes.
+fn a_killed_mesh_is_restored_without_anyone() {
+    let _tb = testbed();
+    seed_nginx();
+    client_pod();
+    let _local = LocalServer::start(80, LOCAL);
+    let before = svc_spec("nginx");
+    let mut k = Ktctl::spawn(&[
+        "mesh",
+        "nginx",
+        "--expose",
+        "80",
+        "--versionMark",
+        "kill9",
+        "--grace",
+        "5",
+    ]);
+    k.wait_for(
+        "Now you can access your service by header 'VERSION: kill9'",
+        Duration::from_secs(120),
+    );
+    eventually("the route", Duration::from_secs(30), || {
+        from_cluster_with("http://nginx:80", "VERSION: kill9") == LOCAL
+    });
+    let killed = Instant::now();
+    assert_eq!(k.stop(libc::SIGKILL, Duration::from_secs(10)), None);
+    eventually(
+        "the Service to be restored",
+        Duration::from_secs(5 + 15),
+        || svc_spec("nginx") == before && !svc_annotations("nginx").contains("kt.dev/"),
+    );
+    eprintln!("restored {:?} after kill -9", killed.elapsed());
+    eventually("the router to go", Duration::from_secs(30), || {
+        kubectl(&[
+            "get",
+            "pods,services",
+            "-l",
+            "kt.dev/mesh-of=nginx",
+            "-o",
+            "name",
+        ])
+        .is_empty()
+    });
+    assert_eq!(from_cluster("http://nginx:80"), PAGE);
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// The Roles in deploy/ are enough for exchange (the shadow's Role, which grants get/update on
+/// the Service, passes RBAC's escalation check); without the inbound Role, exchange names it.
+fn the_namespaced_roles_in_deploy_are_enough_for_exchange() {
+    let tb = testbed();
+    seed_nginx();
+    client_pod();
+    let _local = LocalServer::start(80, LOCAL);
+    for f in ["deploy/rbac-connect.yaml", "deploy/rbac-inbound.yaml"] {
+        kubectl(&[
+            "apply",
+            "-f",
+            tb.layout.workspace.join(f).to_str().expect("utf-8"),
+        ]);
+    }
+    let _ = run_in(
+        Machine::Laptop,
+        &[
+            "kubectl",
+            "delete",
+            "rolebinding",
+            "e2e-dev2-connect",
+            "e2e-dev2-inbound",
+            "--ignore-not-found",
+        ],
+    );
+    kubectl(&[
+        "create",
+        "rolebinding",
+        "e2e-dev2-connect",
+        "--role=ktctl-connect",
+        "--user=e2e-dev2",
+    ]);
+    let kc = kt_testbed::pki::user_kubeconfig(&tb.layout, "e2e-dev2", &[], "default")
+        .expect("user kubeconfig");
+    let kc = kc.to_str().expect("utf-8");
+    let (code, out) = ktctl_exit(&["exchange", "nginx", "--expose", "80", "--kubeconfig", kc]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("deploy/rbac-inbound.yaml"),
+        "the error names the Role to bind: {out}"
+    );
+
+    kubectl(&[
+        "create",
+        "rolebinding",
+        "e2e-dev2-inbound",
+        "--role=ktctl-inbound",
+        "--user=e2e-dev2",
+    ]);
+    let before = svc_spec("nginx");
+    let mut k = Ktctl::spawn(&["exchange", "nginx", "--expose", "80", "--kubeconfig", kc]);
+    k.wait_for(BANNER, Duration::from_secs(120));
+    eventually("the local page", Duration::from_secs(30), || {
+        from_cluster("http://nginx:80") == LOCAL
+    });
+    assert_eq!(k.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
+    assert_eq!(svc_spec("nginx"), before);
+    kubectl(&[
+        "delete",
+        "rolebinding",
+        "e2e-dev2-connect",
+        "e2e-dev2-inbound",
+    ]);
+}

@@ -166,6 +166,15 @@ impl Kube {
 
     /// Fails with the exact verbs and resources missing from `needed` in the namespace.
     pub async fn require(&self, needed: &[Permission]) -> Result<(), ClusterError> {
+        self.require_from(needed, "deploy/rbac-connect.yaml").await
+    }
+
+    /// [`Kube::require`], naming the manifest whose Role grants `needed`.
+    pub async fn require_from(
+        &self,
+        needed: &[Permission],
+        manifest: &str,
+    ) -> Result<(), ClusterError> {
         let mut missing = vec![];
         for p in needed {
             if !self.can(p, Some(&self.namespace)).await? {
@@ -176,7 +185,7 @@ impl Kube {
             return Ok(());
         }
         Err(ClusterError::Forbidden(format!(
-            "missing permissions in namespace {}: {} (deploy/rbac-connect.yaml has a Role that grants them)",
+            "missing permissions in namespace {}: {} ({manifest} has a Role that grants them)",
             self.namespace,
             missing.join(", ")
         )))
@@ -493,6 +502,23 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn the_inbound_role_in_deploy_grants_exactly_what_the_inbound_commands_check() {
+        let yaml = include_str!("../../../deploy/rbac-inbound.yaml");
+        let granted = role_grants(yaml);
+        let checked: std::collections::BTreeSet<_> = crate::cmd::inbound::INBOUND_PERMISSIONS
+            .iter()
+            .map(|p| {
+                (
+                    p.verb.to_string(),
+                    p.group.to_string(),
+                    p.resource.to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(granted, checked);
     }
 
     #[test]

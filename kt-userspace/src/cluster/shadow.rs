@@ -162,11 +162,21 @@ fn restore_rules(restore: &[String]) -> Vec<PolicyRule> {
             .collect()
     };
     let mut rules = vec![];
-    for (group, resource, kind) in [
-        ("", "services", "service"),
-        ("apps", "deployments", "deployment"),
+    if !names("mesh").is_empty() {
+        // Whether other sessions still mesh the Service: their routes.
+        rules.push(PolicyRule {
+            api_groups: Some(vec!["".into()]),
+            resources: Some(vec!["configmaps".into()]),
+            verbs: vec!["list".into()],
+            ..Default::default()
+        });
+    }
+    let mut services = names("service");
+    services.extend(names("mesh"));
+    for (group, resource, n) in [
+        ("", "services", services),
+        ("apps", "deployments", names("deployment")),
     ] {
-        let n = names(kind);
         if !n.is_empty() {
             rules.push(PolicyRule {
                 api_groups: Some(vec![group.into()]),

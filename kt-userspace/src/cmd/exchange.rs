@@ -39,7 +39,8 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
     let expose = &args.expose.expose;
     let kube = super::connect_kube(global).await?;
     kube.require(CONNECT_PERMISSIONS).await?;
-    kube.require(inbound::INBOUND_PERMISSIONS).await?;
+    kube.require_from(inbound::INBOUND_PERMISSIONS, "deploy/rbac-inbound.yaml")
+        .await?;
 
     let svc = inbound::service_of(&kube, &target).await?;
     let svc_name = svc.metadata.name.clone().unwrap_or_default();

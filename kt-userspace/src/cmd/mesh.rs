@@ -130,7 +130,8 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
     let expose = &args.expose.expose;
     let kube = super::connect_kube(global).await?;
     kube.require(CONNECT_PERMISSIONS).await?;
-    kube.require(inbound::INBOUND_PERMISSIONS).await?;
+    kube.require_from(inbound::INBOUND_PERMISSIONS, "deploy/rbac-inbound.yaml")
+        .await?;
     let svc = inbound::service_of(&kube, &target).await?;
     let svc_name = svc.metadata.name.clone().unwrap_or_default();
     let selector = inbound::selector_of(&svc)?;
@@ -157,6 +158,10 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
     }
     let mut opts = super::shadow_options(global)?;
     opts.ports = inbound::remote_ports(expose);
+    if !manual {
+        // If this ktctl dies, its shadow puts the selector back when no other session meshes.
+        opts.restore = vec![format!("mesh/{svc_name}")];
+    }
     if manual {
         let mut labels = selector.clone();
         labels.insert(mark.key.clone(), mark.value.clone());

@@ -31,7 +31,8 @@ pub async fn run(global: &Global, args: &PreviewArgs) -> Result<u8> {
     let expose = &args.expose.expose;
     let kube = super::connect_kube(global).await?;
     kube.require(CONNECT_PERMISSIONS).await?;
-    kube.require(inbound::INBOUND_PERMISSIONS).await?;
+    kube.require_from(inbound::INBOUND_PERMISSIONS, "deploy/rbac-inbound.yaml")
+        .await?;
     let api = Api::<Service>::namespaced(kube.client.clone(), &kube.namespace);
     if api
         .get_opt(name)
