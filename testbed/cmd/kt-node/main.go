@@ -4,6 +4,8 @@
 //	kt-node run --name kt-node-1 ...   the agent
 //	kt-node pod-init                   (internal) builds a container's root and execs it
 //	kt-node udp-echo --port 9000       the kt-testbed/udp-echo image
+//	kt-node http-echo --port 9090 --page TEXT
+//	                                   the kt-testbed/http-echo image: HTTP/1.1, h2c and gRPC
 //	kt-node dns-probe SERVER NAME      asks SERVER for NAME's A record, exit 0 if answered
 package main
 
@@ -46,7 +48,7 @@ func init() {
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: kt-node run|udp-echo|dns-probe [flags]")
+		fmt.Fprintln(os.Stderr, "usage: kt-node run|udp-echo|http-echo|dns-probe [flags]")
 		os.Exit(2)
 	}
 	switch os.Args[1] {
@@ -59,6 +61,8 @@ func main() {
 		}
 	case "udp-echo":
 		udpEcho(os.Args[2:])
+	case "http-echo":
+		httpEcho(os.Args[2:])
 	case "dns-probe":
 		dnsProbe(os.Args[2:])
 	default:
