@@ -116,6 +116,26 @@ pub async fn run(args: Args) -> Result<()> {
     }
 }
 
+/// Retries of the route watch: 250 ms doubling to 3 s, from the start again after a success.
+/// kube-rs's default grows to 30 s, so after an API server outage a developer's new route
+/// could wait half a minute for the router to see it.
+#[derive(Default)]
+struct WatchBackoff(u32);
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+    fn next(&mut self) -> Option<Duration> {
+        self.0 = (self.0 + 1).min(5);
+        Some(Duration::from_millis(250 << (self.0 - 1)).min(Duration::from_secs(3)))
+    }
+}
+
+impl kube::runtime::utils::Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.0 = 0;
+    }
+}
+
 /// Returns on SIGTERM (the pod is being deleted).
 async fn terminated() {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -138,7 +158,8 @@ async fn watch_routes(
     known: &watch::Sender<Option<usize>>,
 ) -> Result<()> {
     let selector = format!("{LABEL_MESH_OF}={service}");
-    let events = watcher(api, watcher::Config::default().labels(&selector)).default_backoff();
+    let events =
+        watcher(api, watcher::Config::default().labels(&selector)).backoff(WatchBackoff::default());
     futures::pin_mut!(events);
     let mut book = RouteBook::default();
     while let Some(event) = events.next().await {

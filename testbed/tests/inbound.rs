@@ -834,3 +834,138 @@ fn the_namespaced_roles_in_deploy_are_enough_for_exchange() {
         "e2e-dev2-inbound",
     ]);
 }
+
+/// Starts the API server again when dropped (also when the test fails).
+struct ApiServerBack;
+
+impl Drop for ApiServerBack {
+    fn drop(&mut self) {
+        Testbed::default()
+            .start_component("kube-apiserver")
+            .expect("the API server starts again");
+    }
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// The shadow and the mesh router keep working across an API server outage longer than the
+/// grace period: nothing is restored behind the developers' backs, and the router's watch of
+/// the routes comes back (a developer joining after the outage gets their route).
+fn exchange_and_mesh_ride_out_an_api_server_outage() {
+    let tb = testbed();
+    seed_nginx();
+    client_pod();
+    let mesh_fixture = laptop_sh(
+        r#"kubectl apply -f - <<'EOF'
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: e2e-mesh}
+spec:
+  selector: {matchLabels: {app: e2e-mesh}}
+  template:
+    metadata: {labels: {app: e2e-mesh}}
+    spec: {containers: [{name: nginx, image: "nginx:alpine", ports: [{containerPort: 80}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: e2e-mesh}
+spec: {selector: {app: e2e-mesh}, ports: [{port: 80}]}
+EOF"#,
+    );
+    assert!(
+        mesh_fixture.status.success(),
+        "{}",
+        String::from_utf8_lossy(&mesh_fixture.stderr)
+    );
+    kubectl(&["rollout", "status", "deploy/e2e-mesh", "--timeout=90s"]);
+    eventually("the e2e-mesh Service", Duration::from_secs(30), || {
+        !from_cluster("http://e2e-mesh:80").is_empty()
+    });
+    let mesh_page = from_cluster("http://e2e-mesh:80");
+    let _a = LocalServer::start(80, LOCAL);
+    let _b = LocalServer::start(8082, "mesh developer");
+    let _c = LocalServer::start(8083, "late developer");
+    let grace = 5u64;
+    let g = grace.to_string();
+    let mut x = Ktctl::spawn(&["exchange", "nginx", "--expose", "80", "--grace", &g]);
+    x.wait_for(BANNER, Duration::from_secs(120));
+    let mut m = Ktctl::spawn(&[
+        "mesh",
+        "e2e-mesh",
+        "--expose",
+        "8082:80",
+        "--versionMark",
+        "VERSION:api",
+        "--grace",
+        &g,
+    ]);
+    m.wait_for(
+        "Now you can access your service by header 'VERSION: api'",
+        Duration::from_secs(120),
+    );
+    eventually("both to work", Duration::from_secs(30), || {
+        from_cluster("http://nginx:80") == LOCAL
+            && from_cluster_with("http://e2e-mesh:80", "VERSION: api") == "mesh developer"
+    });
+    {
+        let _back = ApiServerBack;
+        tb.stop_component("kube-apiserver")
+            .expect("stop the API server");
+        // The outage itself is what is tested: more than twice the grace period.
+        std::thread::sleep(Duration::from_secs(2 * grace + 2));
+    }
+    eventually(
+        "both to work after the outage",
+        Duration::from_secs(60),
+        || {
+            from_cluster("http://nginx:80") == LOCAL
+                && from_cluster_with("http://e2e-mesh:80", "VERSION: api") == "mesh developer"
+        },
+    );
+    let mut late = Ktctl::spawn(&[
+        "mesh",
+        "e2e-mesh",
+        "--expose",
+        "8083:80",
+        "--versionMark",
+        "VERSION:late",
+    ]);
+    late.wait_for(
+        "Now you can access your service by header 'VERSION: late'",
+        Duration::from_secs(120),
+    );
+    let routed = Instant::now();
+    while from_cluster_with("http://e2e-mesh:80", "VERSION: late") != "late developer" {
+        if routed.elapsed() > Duration::from_secs(30) {
+            let logs = run_in(Machine::Laptop, &["kubectl", "logs", "e2e-mesh-kt-router"]);
+            panic!(
+                "the late developer's route never worked; the router's log:\n{}",
+                String::from_utf8_lossy(&logs.stdout)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(from_cluster("http://e2e-mesh:80"), mesh_page);
+    for k in [&mut x, &mut m] {
+        assert!(
+            k.child
+                .as_mut()
+                .expect("running")
+                .try_wait()
+                .expect("wait")
+                .is_none(),
+            "ktctl ended during the outage:\n{}",
+            k.output()
+        );
+    }
+    for k in [&mut late, &mut m, &mut x] {
+        assert_eq!(
+            k.stop(libc::SIGINT, Duration::from_secs(30)),
+            Some(0),
+            "{}",
+            k.output()
+        );
+    }
+    assert!(!svc_annotations("nginx").contains("kt.dev/"));
+    assert!(!svc_annotations("e2e-mesh").contains("kt.dev/"));
+}

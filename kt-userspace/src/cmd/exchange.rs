@@ -19,7 +19,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Service;
 use kt_common::changes::{self, ModifyError};
 use kube::Api;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 
 use super::Signals;
 use super::inbound::{self, LockMode, Target};
@@ -198,7 +198,7 @@ async fn keep_selector(
     holder: &changes::Holder,
 ) -> Error {
     let config = watcher::Config::default().fields(&format!("metadata.name={svc}"));
-    let mut events = std::pin::pin!(watcher(api.clone(), config));
+    let mut events = std::pin::pin!(watcher(api.clone(), config).default_backoff());
     let mut failing = false;
     while let Some(ev) = events.next().await {
         let obj = match ev {
