@@ -969,3 +969,139 @@ EOF"#,
     assert!(!svc_annotations("nginx").contains("kt.dev/"));
     assert!(!svc_annotations("e2e-mesh").contains("kt.dev/"));
 }
+
+/// The testbed's http-echo (HTTP/1.1, h2c and gRPC on one port) on the laptop's loopback;
+/// stopped when dropped.
+struct LocalEcho(Child);
+
+impl LocalEcho {
+    fn start(port: u16, page: &str) -> LocalEcho {
+        let tb = Testbed::default();
+        let mut cmd =
+            machine::command(&tb.layout, Machine::Laptop, tb.layout.bin().join("kt-node"))
+                .expect("command");
+        cmd.args(["http-echo", "--port", &port.to_string(), "--page", page])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let e = LocalEcho(cmd.spawn().expect("http-echo starts"));
+        eventually("the local http-echo", Duration::from_secs(10), || {
+            laptop_reaches(&format!("http://127.0.0.1:{port}/"))
+        });
+        e
+    }
+}
+
+impl Drop for LocalEcho {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A shell line in the client pod; its stdout.
+fn in_cluster_sh(line: &str) -> String {
+    text(&run_in(
+        Machine::Laptop,
+        &["kubectl", "exec", "e2e-client", "--", "sh", "-c", line],
+    ))
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// The mesh router routes per request: HTTP/2 with prior knowledge and gRPC (h2c, trailers),
+/// each with and without the header, and one HTTP/1.1 keep-alive connection carrying both kinds.
+fn mesh_routes_http2_and_grpc_per_request() {
+    let _tb = testbed();
+    client_pod();
+    let fixture = laptop_sh(
+        r#"kubectl apply -f - <<'EOF'
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: e2e-echo}
+spec:
+  selector: {matchLabels: {app: e2e-echo}}
+  template:
+    metadata: {labels: {app: e2e-echo}}
+    spec: {containers: [{name: echo, image: "kt-testbed/http-echo:1", args: ["--port", "9090", "--page", "cluster-echo"], ports: [{containerPort: 9090}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: e2e-echo}
+spec: {selector: {app: e2e-echo}, ports: [{port: 9090}]}
+EOF"#,
+    );
+    assert!(
+        fixture.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fixture.stderr)
+    );
+    kubectl(&["rollout", "status", "deploy/e2e-echo", "--timeout=90s"]);
+    let _local = LocalEcho::start(9090, "local-echo");
+    let mut k = Ktctl::spawn(&[
+        "mesh",
+        "e2e-echo",
+        "--expose",
+        "9090",
+        "--versionMark",
+        "VERSION:h2",
+    ]);
+    k.wait_for(
+        "Now you can access your service by header 'VERSION: h2'",
+        Duration::from_secs(120),
+    );
+    let url = "http://e2e-echo:9090/";
+    eventually("the route", Duration::from_secs(30), || {
+        from_cluster_with(url, "VERSION: h2") == "local-echo"
+    });
+
+    // HTTP/2 with prior knowledge.
+    let h2 = |header: &str| {
+        in_cluster_sh(&format!(
+            "curl -sS -m 5 -i --http2-prior-knowledge {header} {url}"
+        ))
+    };
+    let plain = h2("");
+    assert!(
+        plain.starts_with("HTTP/2 200") && plain.ends_with("cluster-echo"),
+        "{plain}"
+    );
+    assert!(
+        plain.contains("x-proto: HTTP/2.0"),
+        "HTTP/2 end to end: {plain}"
+    );
+    let marked = h2("-H 'VERSION: h2'");
+    assert!(
+        marked.starts_with("HTTP/2 200") && marked.ends_with("local-echo"),
+        "{marked}"
+    );
+    assert!(marked.contains("x-proto: HTTP/2.0"), "{marked}");
+
+    // gRPC: a health check, its trailer included.
+    let grpc = |header: &str| {
+        in_cluster_sh(&format!(
+            "printf '\\0\\0\\0\\0\\0' | curl -sS -m 5 --http2-prior-knowledge -H 'content-type: application/grpc' -H 'te: trailers' {header} --data-binary @- -D - -o /dev/null http://e2e-echo:9090/grpc.health.v1.Health/Check"
+        ))
+    };
+    let g = grpc("");
+    assert!(
+        g.contains("x-served-by: cluster-echo") && g.contains("grpc-status: 0"),
+        "{g}"
+    );
+    let g = grpc("-H 'VERSION: h2'");
+    assert!(
+        g.contains("x-served-by: local-echo") && g.contains("grpc-status: 0"),
+        "{g}"
+    );
+
+    // One HTTP/1.1 keep-alive connection, three requests, routed one by one.
+    let three = in_cluster_sh(&format!(
+        "curl -sS -m 5 --http1.1 {url}a --next -H 'VERSION: h2' {url}b --next {url}c -w '%{{num_connects}}\\n'"
+    ));
+    assert_eq!(
+        three, "cluster-echo\nlocal-echo\ncluster-echo\n0",
+        "one connection, routed per request"
+    );
+
+    assert_eq!(k.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
+    assert!(!svc_annotations("e2e-echo").contains("kt.dev/"));
+}
