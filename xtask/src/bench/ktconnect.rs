@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use kt_testbed::Testbed;
 
-use super::{Bg, bg, laptop};
+use super::process::{Bg, bg, laptop};
 
 /// The shadow image kt-connect v0.3.7 deploys by default (the testbed maps it).
 pub const SHADOW_IMAGE: &str =

@@ -1,30 +1,35 @@
 //! `cargo xtask bench`: every path to the same nginx pod measured side by side in one run on
 //! the testbed, with ratios to the baselines of that run. Numbers are reported, never asserted.
 //!
-//! Paths: `raw` (the laptop given a temporary route to the pod network: the testbed's limit),
-//! `port-forward` (kubectl port-forward to the pod), `kt-connect` (alibaba/kt-connect's
-//! `ktctl connect`, when a binary of it is given; else the report says why not), `ktctl`
-//! (ktctl connect, to the pod IP).
+//! Outbound paths, from the laptop: `raw` (the laptop given a temporary route to the pod
+//! network: the testbed's limit), `port-forward` (kubectl port-forward to the pod),
+//! `kt-connect` (alibaba/kt-connect's `ktctl connect`, when a binary of it is given; else the
+//! report says why not), `ktctl` (ktctl connect, to the pod IP). Inbound paths, from a client
+//! pod in the cluster: see [`inbound`].
 //!
-//! Layout: this file runs the paths; [`report`] makes the table, goals and plot; [`ktconnect`]
-//! runs kt-connect without letting it touch this machine; [`tool`] holds the small clients
-//! the benchmark runs inside the testbed.
+//! Layout: this file runs the outbound paths and the run; [`inbound`] the inbound ones;
+//! [`load`] is the load every path gets; [`report`] makes the table, goals and plot;
+//! [`ktconnect`] runs kt-connect without letting it touch this machine; [`process`] starts and
+//! ends what runs in the laptop; [`tool`] holds the small clients the benchmark runs inside
+//! the testbed.
 
+mod inbound;
 mod ktconnect;
+mod load;
+mod process;
 mod profile;
 mod report;
 pub mod tool;
 
-use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Read};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use kt_testbed::{Machine, Testbed, UpOptions, machine};
 
+use load::{Origin, Sizes, Values, measure_path, push};
+use process::{Bg, Group, Restore, bg, laptop, sh, with_output};
 use profile::{Profile, Workload};
 use report::Report;
 
@@ -68,118 +73,29 @@ impl Args {
     }
 }
 
-/// Raw values of one path: metric -> one value per repeat.
-type Values = BTreeMap<String, Vec<f64>>;
-
-fn push(values: &mut Values, metric: &str, v: Option<f64>) {
-    if let Some(v) = v {
-        values.entry(metric.to_string()).or_default().push(v);
-    }
+/// The benchmark's nginx, whose files every path fetches.
+struct Nginx {
+    pod: String,
+    ip: String,
+    node: String,
+    /// The ClusterIP of its Service ([`SERVICE`]).
+    service_ip: String,
 }
 
-pub(crate) fn laptop(tb: &Testbed, args: &[&str]) -> Result<String> {
-    let o = machine::output(&tb.layout, Machine::Laptop, args)?;
-    if !o.status.success() {
-        bail!("{args:?}: {}", String::from_utf8_lossy(&o.stderr));
-    }
-    Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-}
+/// The Service in front of the benchmark's nginx (the inbound paths go through it).
+const SERVICE: &str = "bench-nginx";
 
-fn sh(tb: &Testbed, line: &str) -> Result<String> {
-    laptop(tb, &["sh", "-c", line])
-}
-
-/// Parses wrk's --latency distribution: the value at `pct` ("50%") in milliseconds.
-fn wrk_percentile(out: &str, pct: &str) -> Option<f64> {
-    let line = out.lines().find(|l| l.trim_start().starts_with(pct))?;
-    let v = line.split_whitespace().nth(1)?;
-    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
-    let n: f64 = num.parse().ok()?;
-    Some(match unit {
-        "us" => n / 1000.0,
-        "ms" => n,
-        "s" => n * 1000.0,
-        "m" => n * 60_000.0,
-        _ => return None,
-    })
-}
-
-fn wrk_rate(out: &str) -> Option<f64> {
-    out.lines()
-        .find(|l| l.starts_with("Requests/sec:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-struct Sizes {
-    secs: u32,
-    bulk_mib: u32,
-    idle_conns: usize,
-    conn_rate_n: usize,
-}
-
-fn measure_path(tb: &Testbed, base: &str, s: &Sizes, results: &mut Values) -> Result<()> {
-    let d = format!("{}s", s.secs);
-    let mut push = |k: &str, v: Option<f64>| push(results, k, v);
-    let ka = sh(tb, &format!("wrk -t1 -c1 -d{d} --latency {base}/1k"))?;
-    push("latency_keepalive_p50_ms", wrk_percentile(&ka, "50%"));
-    push("latency_keepalive_p99_ms", wrk_percentile(&ka, "99%"));
-    let nc = sh(
-        tb,
-        &format!("wrk -t1 -c1 -d{d} --latency -H 'Connection: close' {base}/1k"),
-    )?;
-    push("latency_newconn_p50_ms", wrk_percentile(&nc, "50%"));
-    push("latency_newconn_p99_ms", wrk_percentile(&nc, "99%"));
-    let one = sh(
-        tb,
-        &format!("curl -sS -o /dev/null -m 300 -w '%{{speed_download}}' {base}/bulk"),
-    )?;
-    push(
-        "bulk_1_stream_mib_s",
-        one.trim().parse::<f64>().ok().map(|b| b / 1048576.0),
-    );
-    let start = Instant::now();
-    sh(
-        tb,
-        &format!("seq 8 | xargs -P 8 -I{{}} curl -sS -o /dev/null -m 600 {base}/bulk"),
-    )?;
-    push(
-        "bulk_8_streams_mib_s",
-        Some(8.0 * f64::from(s.bulk_mib) / start.elapsed().as_secs_f64()),
-    );
-    // Four bulk downloads in a loop (a process group of ours, ended by its id) while small
-    // requests are timed.
-    let bulk = Group::start(
-        tb,
-        &format!(
-            "for i in 1 2 3 4; do (while :; do curl -sS -o /dev/null -m 600 {base}/bulk || exit; done) & done; wait"
-        ),
-    )?;
-    std::thread::sleep(Duration::from_secs(1));
-    let fair = sh(tb, &format!("wrk -t1 -c1 -d{d} --latency {base}/1k"));
-    drop(bulk);
-    push("fairness_p99_under_bulk_ms", wrk_percentile(&fair?, "99%"));
-    let conns = sh(
-        tb,
-        &format!("wrk -t2 -c16 -d{d} -H 'Connection: close' {base}/1k"),
-    )?;
-    push("new_connections_per_s", wrk_rate(&conns));
-    Ok(())
-}
-
-/// Creates the benchmark's nginx with a 1 KiB page and a bulk file; returns its pod's name,
-/// IP and node.
-fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String, String)> {
-    let have = machine::output(
-        &tb.layout,
-        Machine::Laptop,
-        &["kubectl", "get", "deploy/bench-nginx"],
-    )?
-    .status
-    .success();
-    if !have {
+/// Creates the benchmark's nginx with a 1 KiB page, a bulk file and a page `where` that says
+/// "pod" (the laptop's says "laptop"), and a Service in front of it.
+fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<Nginx> {
+    let exists = |what: &str| -> Result<bool> {
+        Ok(
+            machine::output(&tb.layout, Machine::Laptop, &["kubectl", "get", what])?
+                .status
+                .success(),
+        )
+    };
+    if !exists("deploy/bench-nginx")? {
         laptop(
             tb,
             &[
@@ -189,6 +105,21 @@ fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String, String)> {
                 "bench-nginx",
                 "--image=nginx:alpine",
                 "--port=80",
+            ],
+        )?;
+    }
+    if !exists(&format!("service/{SERVICE}"))? {
+        laptop(
+            tb,
+            &[
+                "kubectl",
+                "expose",
+                "deployment",
+                "bench-nginx",
+                "--name",
+                SERVICE,
+                "--port=80",
+                "--target-port=80",
             ],
         )?;
     }
@@ -221,152 +152,33 @@ fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<(String, String, String)> {
             "sh",
             "-c",
             &format!(
-                "head -c 1024 /dev/zero | tr '\\0' k > /usr/share/nginx/html/1k; head -c {}M /dev/urandom > /usr/share/nginx/html/bulk",
+                "head -c 1024 /dev/zero | tr '\\0' k > /usr/share/nginx/html/1k; head -c {}M /dev/urandom > /usr/share/nginx/html/bulk; echo pod > /usr/share/nginx/html/where",
                 bulk_mib
             ),
         ],
     )?;
-    Ok((pod, ip, node))
-}
-
-/// A shell line run in the laptop as a process group of its own; the whole group is killed
-/// (by its id) when dropped.
-struct Group(Child);
-
-impl Group {
-    fn start(tb: &Testbed, line: &str) -> Result<Group> {
-        use std::os::unix::process::CommandExt;
-        let mut cmd = machine::command(&tb.layout, Machine::Laptop, "sh")?;
-        cmd.args(["-c", line])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0);
-        Ok(Group(cmd.spawn().context("starting a background group")?))
+    let service_ip = laptop(
+        tb,
+        &[
+            "kubectl",
+            "get",
+            "service",
+            SERVICE,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+    )?
+    .trim()
+    .to_string();
+    if service_ip.is_empty() || service_ip == "None" {
+        bail!("service {SERVICE} has no ClusterIP");
     }
-}
-
-impl Drop for Group {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on the process group this process created.
-        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
-/// Runs a shell line in the laptop when dropped (undoes a setting).
-struct Restore(Testbed, String);
-
-impl Drop for Restore {
-    fn drop(&mut self) {
-        let _ = sh(&self.0, &self.1);
-    }
-}
-
-/// A process started in the laptop, stopped (SIGINT, then SIGKILL) when dropped; keeps the
-/// last lines of its output for error messages.
-pub(crate) struct Bg {
-    child: Child,
-    output: Arc<Mutex<VecDeque<String>>>,
-}
-
-/// Lines of a background process's output kept for its error messages.
-const OUTPUT_LINES: usize = 40;
-
-impl Bg {
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// The last lines it printed.
-    pub(crate) fn output(&self) -> String {
-        let lines = self.output.lock().expect("output lock");
-        lines.iter().cloned().collect::<Vec<_>>().join("\n")
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on a child this process started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let until = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < until {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!(
-            "bench: pid {} did not end within 20 s of SIGINT; killing it",
-            self.child.id()
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `program` in the laptop and waits until a line of its output contains `ready`.
-pub(crate) fn bg(
-    tb: &Testbed,
-    program: &std::path::Path,
-    args: &[&str],
-    ready: &str,
-    timeout: Duration,
-) -> Result<(Bg, Duration)> {
-    let start = Instant::now();
-    let mut cmd = machine::command(&tb.layout, Machine::Laptop, program)?;
-    cmd.args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("starting {}", program.display()))?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    let output = Arc::new(Mutex::new(VecDeque::with_capacity(OUTPUT_LINES)));
-    for s in [
-        Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-        Box::new(child.stderr.take().expect("stderr")),
-    ] {
-        let (tx, output) = (tx.clone(), output.clone());
-        std::thread::spawn(move || {
-            for l in BufReader::new(s).lines().map_while(Result::ok) {
-                {
-                    let mut o = output.lock().expect("output lock");
-                    if o.len() == OUTPUT_LINES {
-                        o.pop_front();
-                    }
-                    o.push_back(l.clone());
-                }
-                let _ = tx.send(l);
-            }
-        });
-    }
-    drop(tx);
-    let child = Bg { child, output };
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) if l.contains(ready) => return Ok((child, start.elapsed())),
-            Ok(_) => {}
-            // Both output pipes closed: it has ended.
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => bail!(
-                "{} ended before printing {ready:?}; its output:\n{}",
-                program.display(),
-                child.output()
-            ),
-            Err(_) if start.elapsed() > timeout => bail!(
-                "{} did not print {ready:?} in {timeout:?}; its output:\n{}",
-                program.display(),
-                child.output()
-            ),
-            Err(_) => {}
-        }
-    }
-}
-
-/// Runs `f`; a failure gets the last lines of `proc`'s output.
-fn with_output<T>(proc: &Bg, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    f().map_err(|e| e.context(format!("its output ended with:\n{}", proc.output())))
+    Ok(Nginx {
+        pod,
+        ip,
+        node,
+        service_ip,
+    })
 }
 
 /// A field of /proc/PID/status in MiB (VmRSS: now, VmHWM: the peak).
@@ -451,6 +263,8 @@ struct Bench {
     /// The nginx pod's node: the shadows go there too (as port-forward goes to that node's
     /// kubelet), so that where the scheduler puts them adds no cross-node hop to some runs.
     node: String,
+    /// The ClusterIP of the nginx's Service.
+    service_ip: String,
     /// This program, for the `bench-tool` helpers.
     xtask: PathBuf,
 }
@@ -470,7 +284,9 @@ impl Bench {
         );
         measure_path(
             &self.tb,
+            &Origin::Laptop,
             &format!("http://{}", self.ip),
+            None,
             &self.sizes,
             values,
         )
@@ -485,7 +301,14 @@ impl Bench {
             "Forwarding from",
             Duration::from_secs(30),
         )?;
-        measure_path(&self.tb, "http://127.0.0.1:18090", &self.sizes, values)
+        measure_path(
+            &self.tb,
+            &Origin::Laptop,
+            "http://127.0.0.1:18090",
+            None,
+            &self.sizes,
+            values,
+        )
     }
 
     /// The loopback server the hooks' cost is measured against.
@@ -765,7 +588,9 @@ impl Bench {
         drop(hold);
         measure_path(
             &self.tb,
+            &Origin::Laptop,
             &format!("http://{}", self.ip),
+            None,
             &self.sizes,
             values,
         )?;
@@ -798,7 +623,7 @@ pub fn run(args: Args) -> Result<()> {
     tb.up(UpOptions {
         nodes: tb.nodes().max(1),
     })?;
-    let (pod, ip, node) = fixtures(&tb, sizes.bulk_mib)?;
+    let nginx = fixtures(&tb, sizes.bulk_mib)?;
     // Thousands of short connections a second from one client: let TIME_WAIT ports be reused
     // (in the testbed's laptop only), or the port range, not the path, sets the rate.
     let tw = sh(&tb, "cat /proc/sys/net/ipv4/tcp_tw_reuse")?
@@ -812,9 +637,10 @@ pub fn run(args: Args) -> Result<()> {
     let bench = Bench {
         tb: tb.clone(),
         sizes,
-        pod,
-        ip,
-        node,
+        pod: nginx.pod,
+        ip: nginx.ip,
+        node: nginx.node,
+        service_ip: nginx.service_ip,
         xtask: std::env::current_exe()?,
     };
     let mut raw: BTreeMap<String, Values> = BTreeMap::new();
@@ -847,6 +673,9 @@ pub fn run(args: Args) -> Result<()> {
         }
     };
     let ktctl = bin_dir.join("ktctl");
+    let inbound_start = Instant::now();
+    let mut inbound = inbound::Inbound::start(&bench)?;
+    let mut inbound_time = inbound_start.elapsed();
     for r in 0..repeats {
         eprintln!("bench: repeat {}/{repeats}: raw", r + 1);
         bench.raw(raw.entry("raw".into()).or_default())?;
@@ -872,7 +701,17 @@ pub fn run(args: Args) -> Result<()> {
                 }
             }
         }
+        let repeat = format!("repeat {}/{repeats}", r + 1);
+        let start = Instant::now();
+        inbound.measure(&bench, &ktctl, &mut raw, &repeat)?;
+        inbound_time += start.elapsed();
     }
+    clients.extend(inbound.describe());
+    drop(inbound);
+    eprintln!(
+        "bench: the inbound paths took {:.0} s",
+        inbound_time.as_secs_f64()
+    );
     let mut notes = vec![];
     if !kt_connect_failures.is_empty() {
         let what = format!(
@@ -921,19 +760,4 @@ pub fn run(args: Args) -> Result<()> {
         report::update_readme(&md, &svg)?;
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    const WRK: &str = "Running 2s test @ http://10.244.1.5/1k\n  1 threads and 1 connections\n  Latency Distribution\n     50%  180.00us\n     75%  210.00us\n     90%    1.20ms\n     99%    2.50ms\n  5000 requests in 2.00s, 6.00MB read\nRequests/sec:   2500.50\nTransfer/sec:      3.00MB\n";
-
-    #[test]
-    fn wrk_output_parses() {
-        assert_eq!(wrk_percentile(WRK, "50%"), Some(0.18));
-        assert_eq!(wrk_percentile(WRK, "99%"), Some(2.5));
-        assert_eq!(wrk_percentile(WRK, "42%"), None);
-        assert_eq!(wrk_rate(WRK), Some(2500.5));
-    }
 }

@@ -16,6 +16,28 @@ pub const PATHS: &[(&str, &str, &str)] = &[
     ("ktctl", "ktctl", "#2c7fb8"),
 ];
 
+/// The inbound paths (from a client pod in the cluster), in the order of their table's
+/// columns: name in the JSON, heading.
+pub const INBOUND_PATHS: &[(&str, &str)] = &[
+    ("cluster-service", "cluster → Service"),
+    ("exchange", "cluster → exchanged Service → laptop"),
+    ("mesh-no-header", "cluster → mesh router → pod"),
+    ("mesh-header", "cluster → mesh router (header) → laptop"),
+];
+
+/// The inbound ratios, as (path, divided by, heading): exchange against ktctl connect's
+/// outbound figures (the tunnel's own cost, the other way), the router against what it stands
+/// in front of.
+const INBOUND_RATIOS: &[(&str, &str, &str)] = &[
+    ("exchange", "ktctl", "exchange / ktctl connect (outbound)"),
+    (
+        "mesh-no-header",
+        "cluster-service",
+        "mesh (no header) / Service",
+    ),
+    ("mesh-header", "exchange", "mesh (header) / exchange"),
+];
+
 /// The baselines ktctl is compared with, as (path, heading).
 const BASELINES: &[(&str, &str)] = &[
     ("port-forward", "port-forward"),
@@ -72,7 +94,8 @@ pub struct Goal {
     pub goal: &'static str,
     pub value: Option<f64>,
     pub met: Option<bool>,
-    /// The workload whose profile explains a miss (none for memory).
+    /// The workload whose profile explains a miss (none for memory, and for the inbound
+    /// paths, which the profiles, of ktctl connect, do not cover).
     pub workload: Option<Workload>,
 }
 
@@ -125,6 +148,13 @@ impl Report {
                     ratios.insert(format!("ktctl/{base} {m}"), k / b);
                 }
             }
+            for (p, base, _) in INBOUND_RATIOS {
+                if let (Some(k), Some(b)) = (median(&paths, p, m), median(&paths, base, m))
+                    && b != 0.0
+                {
+                    ratios.insert(format!("{p}/{base} {m}"), k / b);
+                }
+            }
         }
         Report {
             goals: goals(&paths),
@@ -156,6 +186,13 @@ fn fairness(paths: &BTreeMap<String, PathResults>, path: &str) -> Option<f64> {
 
 pub fn goals(paths: &BTreeMap<String, PathResults>) -> Vec<Goal> {
     let ratio = |m: &str, base: &str| Some(median(paths, "ktctl", m)? / median(paths, base, m)?);
+    // Exchange adds at most the tunnel's own cost: within 1.2x of ktctl connect's outbound
+    // figures, through the same tunnel the other way.
+    let exchange = |m: &str| Some(median(paths, "exchange", m)? / median(paths, "ktctl", m)?);
+    let router_p50 = || {
+        let m = "latency_keepalive_p50_ms";
+        Some(median(paths, "mesh-no-header", m)? - median(paths, "cluster-service", m)?)
+    };
     let check = |goal: &'static str, value: Option<f64>, ok: fn(f64) -> bool, w| Goal {
         goal,
         value,
@@ -210,6 +247,36 @@ pub fn goals(paths: &BTreeMap<String, PathResults>) -> Vec<Goal> {
             median(paths, "ktctl", "hooks_bpf_cpu_percent"),
             |v| v <= 2.0,
             Some(Workload::Hooks),
+        ),
+        check(
+            "exchange: small-request p50 <= 1.2x ktctl connect's (outbound)",
+            exchange("latency_keepalive_p50_ms"),
+            |v| v <= 1.2,
+            None,
+        ),
+        check(
+            "exchange: small-request p99 <= 1.2x ktctl connect's (outbound)",
+            exchange("latency_keepalive_p99_ms"),
+            |v| v <= 1.2,
+            None,
+        ),
+        check(
+            "exchange: bulk throughput (1 stream) >= ktctl connect's (outbound) / 1.2",
+            exchange("bulk_1_stream_mib_s"),
+            |v| v >= 1.0 / 1.2,
+            None,
+        ),
+        check(
+            "exchange: new connections/s >= ktctl connect's (outbound) / 1.2",
+            exchange("new_connections_per_s"),
+            |v| v >= 1.0 / 1.2,
+            None,
+        ),
+        check(
+            "mesh router (no header) adds <= 0.2 ms to the in-cluster small-request p50 (ms)",
+            router_p50(),
+            |v| v <= 0.2,
+            None,
         ),
     ]
 }
@@ -269,13 +336,7 @@ pub fn markdown(r: &Report) -> String {
     for (m, unit) in METRICS {
         s += &format!("| {m} ({unit}) |");
         for (p, _, _) in PATHS {
-            let cell = r
-                .paths
-                .get(*p)
-                .and_then(|x| x.get(*m))
-                .map(|st| format!("{} [{}–{}]", fmt(st.median), fmt(st.min), fmt(st.max)))
-                .unwrap_or_else(|| "–".into());
-            s += &format!(" {cell} |");
+            s += &format!(" {} |", cell(r, p, m));
         }
         for (b, _) in BASELINES {
             let cell = r
@@ -287,6 +348,7 @@ pub fn markdown(r: &Report) -> String {
         }
         s += "\n";
     }
+    s += &inbound_table(r);
     s += "\n| goal | this run | |\n|---|---|---|\n";
     for g in &r.goals {
         let v = g
@@ -324,6 +386,54 @@ pub fn markdown(r: &Report) -> String {
         s += &format!("\n**{p}**: not measured. {why}\n");
     }
     s + &profile::markdown(&r.profiles)
+}
+
+/// The inbound paths' table, with their ratios; empty when none was measured.
+fn inbound_table(r: &Report) -> String {
+    let measured = |m: &str| {
+        INBOUND_PATHS
+            .iter()
+            .any(|(p, _)| r.paths.get(*p).is_some_and(|x| x.contains_key(m)))
+    };
+    let rows: Vec<&(&str, &str)> = METRICS.iter().filter(|(m, _)| measured(m)).collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut s = "\nInbound, from a client pod in the cluster (`ktctl exchange`, `ktctl mesh`):\n\n| metric |".to_string();
+    for (_, heading) in INBOUND_PATHS {
+        s += &format!(" {heading} |");
+    }
+    for (_, _, heading) in INBOUND_RATIOS {
+        s += &format!(" {heading} |");
+    }
+    s += "\n|---|";
+    s += &"---|".repeat(INBOUND_PATHS.len() + INBOUND_RATIOS.len());
+    s += "\n";
+    for (m, unit) in rows {
+        s += &format!("| {m} ({unit}) |");
+        for (p, _) in INBOUND_PATHS {
+            s += &format!(" {} |", cell(r, p, m));
+        }
+        for (p, base, _) in INBOUND_RATIOS {
+            let ratio = r
+                .ratios
+                .get(&format!("{p}/{base} {m}"))
+                .map(|v| format!("{v:.2}×"))
+                .unwrap_or_else(|| "–".into());
+            s += &format!(" {ratio} |");
+        }
+        s += "\n";
+    }
+    s
+}
+
+/// A path's median of a metric, with min–max.
+fn cell(r: &Report, path: &str, metric: &str) -> String {
+    r.paths
+        .get(path)
+        .and_then(|x| x.get(metric))
+        .map(|st| format!("{} [{}–{}]", fmt(st.median), fmt(st.min), fmt(st.max)))
+        .unwrap_or_else(|| "–".into())
 }
 
 /// Bars of the medians of the main metrics, one group per metric, one bar per path.
@@ -484,5 +594,43 @@ mod tests {
             "{md}"
         );
         assert!(svg(&r).contains("kt-connect: not measured"));
+        assert!(!md.contains("Inbound"), "no inbound table: {md}");
+    }
+
+    #[test]
+    fn inbound_goals_compare_exchange_with_connect_and_the_router_with_the_service() {
+        let raw = results(&[
+            ("ktctl", "latency_keepalive_p50_ms", 0.5),
+            ("exchange", "latency_keepalive_p50_ms", 0.55),
+            ("ktctl", "latency_keepalive_p99_ms", 2.0),
+            ("exchange", "latency_keepalive_p99_ms", 3.0),
+            ("ktctl", "bulk_1_stream_mib_s", 120.0),
+            ("exchange", "bulk_1_stream_mib_s", 90.0),
+            ("cluster-service", "latency_keepalive_p50_ms", 0.1),
+            ("mesh-no-header", "latency_keepalive_p50_ms", 0.25),
+        ]);
+        let r = Report::new(raw, BTreeMap::new(), BTreeMap::new(), vec![], true, 1);
+        let goal = |prefix: &str| {
+            let g = r.goals.iter().find(|g| g.goal.starts_with(prefix)).unwrap();
+            (g.value.map(|v| (v * 100.0).round() / 100.0), g.met)
+        };
+        assert_eq!(goal("exchange: small-request p50"), (Some(1.1), Some(true)));
+        assert_eq!(
+            goal("exchange: small-request p99"),
+            (Some(1.5), Some(false))
+        );
+        assert_eq!(goal("exchange: bulk"), (Some(0.75), Some(false)));
+        assert_eq!(goal("exchange: new connections"), (None, None));
+        assert_eq!(goal("mesh router"), (Some(0.15), Some(true)));
+        let md = markdown(&r);
+        assert!(
+            md.contains("| latency_keepalive_p50_ms (ms) | 0.10 [0.10–0.10] | 0.55 [0.55–0.55] | 0.25 [0.25–0.25] | – | 1.10× | 2.50× | – |"),
+            "{md}"
+        );
+        let inbound = &md[md.find("Inbound").unwrap()..md.find("| goal |").unwrap()];
+        assert!(
+            !inbound.contains("new_connections_per_s"),
+            "rows no inbound path has are left out: {md}"
+        );
     }
 }

@@ -1,0 +1,529 @@
+//! The inbound paths (issue 10): a client pod in the cluster calling the nginx's Service by its
+//! ClusterIP, with the load the outbound paths get from the laptop.
+//!
+//! - `cluster-service`: the Service as it is, to the nginx pod (the baseline);
+//! - `exchange`: while `ktctl exchange` sends the Service to the laptop;
+//! - `mesh-no-header` and `mesh-header`: through the router of `ktctl mesh`, without the
+//!   developer's header (on to the nginx pod) and with it (on to the laptop).
+//!
+//! The laptop serves the same files from an nginx on its loopback with the pod's nginx
+//! configuration, so that the server is not what differs from ktctl connect's outbound
+//! figures, which exchange is compared with. The client pod and both shadows run on the nginx
+//! pod's node; the mesh router goes where the scheduler puts it (ktctl gives it no node
+//! selector), and the report says where that was.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use kt_testbed::{Machine, Testbed, machine};
+
+use super::load::{Origin, Values, measure_path, push};
+use super::process::{Bg, bg, laptop, with_output};
+use super::{Bench, SERVICE};
+
+/// The client pod the load runs in.
+const CLIENT: &str = "bench-client";
+/// The laptop's nginx listens on 127.0.0.1 here; exchange and mesh expose it as the Service's
+/// port 80.
+const LOCAL_PORT: u16 = 18070;
+/// `--versionMark` of the mesh, and the header that selects its route.
+const MARK: &str = "VERSION:bench";
+const HEADER: &str = "VERSION: bench";
+
+/// What the inbound paths need in every repeat.
+pub(super) struct Inbound {
+    client: Origin,
+    /// Base URL of the Service, by its ClusterIP.
+    base: String,
+    _local: LocalNginx,
+    /// The Service's selector before the run: what exchange and mesh must put back.
+    selector: String,
+    /// The nodes the mesh router ran on, and the nginx pod's.
+    router_nodes: BTreeSet<String>,
+    node: String,
+}
+
+impl Inbound {
+    /// The client pod (on the nginx pod's node) and the laptop's nginx; fails if the Service is
+    /// still held by an earlier session.
+    pub(super) fn start(b: &Bench) -> Result<Inbound> {
+        let (selector, annotations) = service_state(&b.tb)?;
+        if annotations.contains("kt.dev/") {
+            bail!(
+                "service {SERVICE} is still changed by an earlier ktctl session ({annotations}); wait for its shadow to restore it, or run `ktctl recover {SERVICE}`"
+            );
+        }
+        client_pod(b)?;
+        Ok(Inbound {
+            client: Origin::Pod(CLIENT.to_string()),
+            base: format!("http://{}", b.service_ip),
+            _local: LocalNginx::start(&b.tb, b.sizes.bulk_mib)?,
+            selector,
+            router_nodes: BTreeSet::new(),
+            node: b.node.clone(),
+        })
+    }
+
+    /// One repeat of the four paths.
+    pub(super) fn measure(
+        &mut self,
+        b: &Bench,
+        ktctl: &Path,
+        raw: &mut BTreeMap<String, Values>,
+        repeat: &str,
+    ) -> Result<()> {
+        eprintln!("bench: {repeat}: cluster -> Service");
+        // After a session the Service may still go to the shadow or router for a moment.
+        self.wait_served_by(b, None, "pod")?;
+        measure_path(
+            &b.tb,
+            &self.client,
+            &self.base,
+            None,
+            &b.sizes,
+            raw.entry("cluster-service".into()).or_default(),
+        )?;
+        eprintln!("bench: {repeat}: cluster -> exchanged Service -> laptop");
+        self.exchange(b, ktctl, raw.entry("exchange".into()).or_default())?;
+        eprintln!("bench: {repeat}: cluster -> mesh router (without, with the header)");
+        self.mesh(b, ktctl, raw)
+    }
+
+    /// What each inbound path was, for the report.
+    pub(super) fn describe(&self) -> Vec<(String, String)> {
+        let expose = format!("--expose {LOCAL_PORT}:80");
+        let router = if self.router_nodes.is_empty() {
+            "not started".to_string()
+        } else {
+            let nodes: Vec<&str> = self.router_nodes.iter().map(String::as_str).collect();
+            format!("on {}", nodes.join(", "))
+        };
+        vec![
+            (
+                "cluster-service".into(),
+                format!(
+                    "from pod {CLIENT} (busybox:1, with this machine's wrk and curl) on the nginx pod's node, to service {SERVICE} by its ClusterIP"
+                ),
+            ),
+            (
+                "exchange".into(),
+                format!(
+                    "`ktctl exchange {SERVICE} {expose}`, its shadow on the nginx pod's node; the laptop serves the same files from an nginx with the pod's configuration on 127.0.0.1:{LOCAL_PORT}"
+                ),
+            ),
+            (
+                "mesh-header".into(),
+                format!(
+                    "`ktctl mesh {SERVICE} {expose} --versionMark {MARK}`, each request with `{HEADER}`; its shadow on the nginx pod's node ({}), the router (placed by the scheduler) {router}",
+                    self.node
+                ),
+            ),
+            (
+                "mesh-no-header".into(),
+                "the same mesh, requests without the header".into(),
+            ),
+        ]
+    }
+
+    fn exchange(&self, b: &Bench, ktctl: &Path, values: &mut Values) -> Result<()> {
+        self.wait_released(b)?;
+        let start = Instant::now();
+        let expose = format!("{LOCAL_PORT}:80");
+        let node = b.node_selector();
+        let args = [
+            "exchange",
+            SERVICE,
+            "--expose",
+            &expose,
+            "--nodeSelector",
+            &node,
+        ];
+        let ready = format!("Now all request to service '{SERVICE}' will be redirected to local");
+        let (k, _) = bg(&b.tb, ktctl, &args, &ready, Duration::from_secs(120))?;
+        with_output(&k, || {
+            self.wait_served_by(b, None, "laptop")?;
+            push(
+                values,
+                "time_to_ready_s",
+                Some(start.elapsed().as_secs_f64()),
+            );
+            measure_path(&b.tb, &self.client, &self.base, None, &b.sizes, values)
+        })?;
+        self.stop(b, k, "exchange")
+    }
+
+    fn mesh(&mut self, b: &Bench, ktctl: &Path, raw: &mut BTreeMap<String, Values>) -> Result<()> {
+        self.wait_released(b)?;
+        let start = Instant::now();
+        let expose = format!("{LOCAL_PORT}:80");
+        let node = b.node_selector();
+        let args = [
+            "mesh",
+            SERVICE,
+            "--expose",
+            &expose,
+            "--versionMark",
+            MARK,
+            "--nodeSelector",
+            &node,
+        ];
+        let ready = format!("Now you can access your service by header '{HEADER}'");
+        let (k, _) = bg(&b.tb, ktctl, &args, &ready, Duration::from_secs(180))?;
+        let router = with_output(&k, || {
+            // The header's route reaching the laptop shows the Service goes to the router, so
+            // requests without it go through the router too.
+            self.wait_served_by(b, Some(HEADER), "laptop")?;
+            let with = raw.entry("mesh-header".into()).or_default();
+            push(with, "time_to_ready_s", Some(start.elapsed().as_secs_f64()));
+            let router = laptop(
+                &b.tb,
+                &[
+                    "kubectl",
+                    "get",
+                    "pod",
+                    &format!("{SERVICE}-kt-router"),
+                    "-o",
+                    "jsonpath={.spec.nodeName}",
+                ],
+            )?;
+            let without = raw.entry("mesh-no-header".into()).or_default();
+            measure_path(&b.tb, &self.client, &self.base, None, &b.sizes, without)?;
+            let with = raw.entry("mesh-header".into()).or_default();
+            measure_path(
+                &b.tb,
+                &self.client,
+                &self.base,
+                Some(HEADER),
+                &b.sizes,
+                with,
+            )?;
+            Ok(router)
+        })?;
+        self.router_nodes.insert(router.trim().to_string());
+        self.stop(b, k, "mesh")
+    }
+
+    /// Ctrl-C, as a user ends it; then the Service must be as it was before the run.
+    fn stop(&self, b: &Bench, mut k: Bg, what: &str) -> Result<()> {
+        match k.interrupt(Duration::from_secs(60)) {
+            Some(status) if status.success() => {}
+            Some(status) => bail!(
+                "ktctl {what} ended with {status} on Ctrl-C; its output ended with:\n{}",
+                k.output()
+            ),
+            None => bail!(
+                "ktctl {what} did not end within 60 s of Ctrl-C; its output ended with:\n{}",
+                k.output()
+            ),
+        }
+        let until = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (selector, annotations) = service_state(&b.tb)?;
+            if selector == self.selector && !annotations.contains("kt.dev/") {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                bail!(
+                    "service {SERVICE} was not restored 30 s after ktctl {what} ended: selector {selector} (before: {}), annotations {annotations}",
+                    self.selector
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits until no session holds the Service: the lock of an exchange goes with its session,
+    /// a mesh's lock and router by garbage collection, and a new mesh would join a router that
+    /// is terminating.
+    fn wait_released(&self, b: &Bench) -> Result<()> {
+        let until = Instant::now() + Duration::from_secs(90);
+        loop {
+            let left = laptop(
+                &b.tb,
+                &[
+                    "kubectl",
+                    "get",
+                    "pods,services,configmaps,leases",
+                    "-l",
+                    &format!("kt.dev/mesh-of={SERVICE}"),
+                    "-o",
+                    "name",
+                ],
+            )? + &laptop(
+                &b.tb,
+                &[
+                    "kubectl",
+                    "get",
+                    "lease",
+                    &format!("{SERVICE}-kt-lock"),
+                    "--ignore-not-found",
+                    "-o",
+                    "name",
+                ],
+            )?;
+            if left.trim().is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > until {
+                bail!(
+                    "service {SERVICE} is still held 90 s after the last session ended: {}",
+                    left.split_whitespace().collect::<Vec<_>>().join(", ")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Waits until the client pod's requests (with `header`) to the Service reach the server
+    /// whose `where` page says `want`: until then they may still go to the old endpoints.
+    fn wait_served_by(&self, b: &Bench, header: Option<&str>, want: &str) -> Result<()> {
+        let start = Instant::now();
+        let h = header.map(|h| format!(" -H '{h}'")).unwrap_or_default();
+        let line = format!("curl -sS -m 2{h} {}/where", self.base);
+        loop {
+            if let Ok(page) = self.client.sh(&b.tb, &line)
+                && page.trim() == want
+            {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(60) {
+                bail!(
+                    "requests from pod {CLIENT} to service {SERVICE} did not reach the {want} within 60 s"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The Service's selector and annotations (as JSON).
+fn service_state(tb: &Testbed) -> Result<(String, String)> {
+    let get = |path: &str| -> Result<String> {
+        Ok(laptop(
+            tb,
+            &[
+                "kubectl",
+                "get",
+                "service",
+                SERVICE,
+                "-o",
+                &format!("jsonpath={{{path}}}"),
+            ],
+        )?
+        .trim()
+        .to_string())
+    };
+    Ok((get(".spec.selector")?, get(".metadata.annotations")?))
+}
+
+/// Starts the client pod on the nginx pod's node (again, if it runs elsewhere or has ended)
+/// and waits until it is ready.
+fn client_pod(b: &Bench) -> Result<()> {
+    let found = laptop(
+        &b.tb,
+        &[
+            "kubectl",
+            "get",
+            "pod",
+            CLIENT,
+            "--ignore-not-found",
+            "-o",
+            "jsonpath={.spec.nodeName} {.status.phase}",
+        ],
+    )?;
+    let mut it = found.split_whitespace();
+    let (node, phase) = (it.next(), it.next());
+    let fine = node == Some(b.node.as_str()) && matches!(phase, Some("Running" | "Pending"));
+    if node.is_some() && !fine {
+        laptop(
+            &b.tb,
+            &["kubectl", "delete", "pod", CLIENT, "--timeout=60s"],
+        )?;
+    }
+    if !fine {
+        let overrides = format!(
+            r#"{{"apiVersion":"v1","spec":{{"nodeSelector":{{"kubernetes.io/hostname":"{}"}}}}}}"#,
+            b.node
+        );
+        laptop(
+            &b.tb,
+            &[
+                "kubectl",
+                "run",
+                CLIENT,
+                "--image=busybox:1",
+                "--restart=Never",
+                "--overrides",
+                &overrides,
+                "--",
+                "sleep",
+                "infinity",
+            ],
+        )?;
+    }
+    laptop(
+        &b.tb,
+        &[
+            "kubectl",
+            "wait",
+            &format!("pod/{CLIENT}"),
+            "--for=condition=Ready",
+            "--timeout=90s",
+        ],
+    )?;
+    // As in the laptop (see `run`): let TIME_WAIT ports be reused, or the port range, not the
+    // path, sets the rate. wrk closes first on `Connection: close`, and the baseline alone
+    // opened ~30,000 connections to the ClusterIP within seconds, which left the next path
+    // without ports (its rate fell 9×). A pod may not set this sysctl (it is not in the
+    // kubelet's safe set), so it is set from outside, in the pod's network namespace.
+    let pid = super::pod_pids(&b.tb, &format!("run={CLIENT}"))
+        .and_then(|p| p.first().copied())
+        .with_context(|| format!("no process of pod {CLIENT} found"))?;
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/proc/{pid}/ns/net"))
+        .args(["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"])
+        .output()
+        .context("running nsenter")?;
+    if !out.status.success() {
+        bail!(
+            "setting tcp_tw_reuse in pod {CLIENT}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let tw = Origin::Pod(CLIENT.into()).sh(&b.tb, "cat /proc/sys/net/ipv4/tcp_tw_reuse")?;
+    if tw.trim() != "1" {
+        bail!("tcp_tw_reuse in pod {CLIENT} is {tw:?} after setting it to 1");
+    }
+    Ok(())
+}
+
+/// An nginx on the laptop's loopback with the pod's nginx configuration (testbed/images/
+/// nginx.conf: two workers, sendfile, the access log written) serving files of the same sizes
+/// as the pod's; ended (by its pid) when dropped.
+struct LocalNginx {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl LocalNginx {
+    fn start(tb: &Testbed, bulk_mib: u32) -> Result<LocalNginx> {
+        let dir = std::env::temp_dir().join(format!("ktctl-bench-nginx-{}", std::process::id()));
+        let html = dir.join("html");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&html)?;
+        std::fs::write(html.join("1k"), [b'k'; 1024])?;
+        std::fs::write(html.join("where"), "laptop\n")?;
+        let mut bulk = std::fs::File::create(html.join("bulk"))?;
+        std::io::copy(
+            &mut std::fs::File::open("/dev/urandom")?.take(u64::from(bulk_mib) << 20),
+            &mut bulk,
+        )?;
+        // The workers run as nobody.
+        for (p, mode) in [(&dir, 0o755), (&html, 0o755)] {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+        }
+        for f in ["1k", "where", "bulk"] {
+            std::fs::set_permissions(html.join(f), std::fs::Permissions::from_mode(0o644))?;
+        }
+        let d = dir.display();
+        let conf = format!(
+            "daemon off;
+worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/error.log notice;
+events {{ worker_connections 4096; }}
+http {{
+    include /etc/nginx/mime.types;
+    default_type application/octet-stream;
+    log_format main '$remote_addr - $remote_user [$time_local] \"$request\" '
+                    '$status $body_bytes_sent \"$http_referer\" \"$http_user_agent\"';
+    access_log {d}/access.log main;
+    sendfile on;
+    keepalive_timeout 65;
+    keepalive_requests 1000000;
+    client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};
+    uwsgi_temp_path {d}; scgi_temp_path {d};
+    server {{
+        listen 127.0.0.1:{LOCAL_PORT};
+        location / {{ root {d}/html; }}
+    }}
+}}
+"
+        );
+        let conf_path = dir.join("nginx.conf");
+        std::fs::write(&conf_path, conf)?;
+        let mut cmd = machine::command(&tb.layout, Machine::Laptop, "nginx")?;
+        cmd.arg("-e")
+            .arg(dir.join("error.log"))
+            .arg("-c")
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = cmd.spawn().context("starting the laptop's nginx")?;
+        let mut s = LocalNginx { child, dir };
+        let start = Instant::now();
+        let url = format!("http://127.0.0.1:{LOCAL_PORT}/where");
+        loop {
+            let page = machine::output(
+                &tb.layout,
+                Machine::Laptop,
+                &["curl", "-sf", "-m", "1", &url],
+            )?;
+            if page.status.success() && String::from_utf8_lossy(&page.stdout).trim() == "laptop" {
+                return Ok(s);
+            }
+            let ended = s.child.try_wait()?.is_some();
+            if ended || start.elapsed() > Duration::from_secs(10) {
+                let log = std::fs::read_to_string(s.dir.join("error.log")).unwrap_or_default();
+                bail!(
+                    "the laptop's nginx on 127.0.0.1:{LOCAL_PORT} {}; its error log:\n{log}",
+                    if ended {
+                        "ended"
+                    } else {
+                        "did not answer within 10 s"
+                    }
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for LocalNginx {
+    fn drop(&mut self) {
+        let pid = self.child.id();
+        // SIGTERM: the master ends its workers, then itself. Once reaped its id may belong to
+        // another process: never signal it again.
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on a child this process started and has not reaped.
+            unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        }
+        let until = Instant::now() + Duration::from_secs(10);
+        while let Ok(None) = self.child.try_wait() {
+            if Instant::now() > until {
+                // The workers first (the master's children, by their ids), then the master.
+                let workers = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                    .unwrap_or_default();
+                for w in workers
+                    .split_whitespace()
+                    .filter_map(|w| w.parse::<i32>().ok())
+                {
+                    // SAFETY: kill(2) on a worker of the nginx this process started, whose
+                    // master (its parent) has not been reaped.
+                    unsafe { libc::kill(w, libc::SIGKILL) };
+                }
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,156 @@
+//! The load every path gets: wrk and curl, run from the laptop or from a client pod in the
+//! cluster, and what their output says.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Result;
+use kt_testbed::Testbed;
+
+use super::process::{Group, laptop, sh};
+
+/// Raw values of one path: metric -> one value per repeat.
+pub(super) type Values = BTreeMap<String, Vec<f64>>;
+
+pub(super) fn push(values: &mut Values, metric: &str, v: Option<f64>) {
+    if let Some(v) = v {
+        values.entry(metric.to_string()).or_default().push(v);
+    }
+}
+
+/// Parses wrk's --latency distribution: the value at `pct` ("50%") in milliseconds.
+pub(super) fn wrk_percentile(out: &str, pct: &str) -> Option<f64> {
+    let line = out.lines().find(|l| l.trim_start().starts_with(pct))?;
+    let v = line.split_whitespace().nth(1)?;
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        "m" => n * 60_000.0,
+        _ => return None,
+    })
+}
+
+fn wrk_rate(out: &str) -> Option<f64> {
+    out.lines()
+        .find(|l| l.starts_with("Requests/sec:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// How long each run lasts and how large the files are (the quick run's are smaller).
+pub(super) struct Sizes {
+    pub(super) secs: u32,
+    pub(super) bulk_mib: u32,
+    pub(super) idle_conns: usize,
+    pub(super) conn_rate_n: usize,
+}
+
+/// Where a path's load runs: the laptop, or a client pod in the cluster (through `kubectl
+/// exec`; a pod here sees this machine's tools, wrk and curl among them).
+pub(super) enum Origin {
+    Laptop,
+    Pod(String),
+}
+
+impl Origin {
+    /// Runs a shell line there; its output.
+    pub(super) fn sh(&self, tb: &Testbed, line: &str) -> Result<String> {
+        match self {
+            Origin::Laptop => sh(tb, line),
+            Origin::Pod(pod) => laptop(tb, &["kubectl", "exec", pod, "--", "sh", "-c", line]),
+        }
+    }
+
+    /// Starts a shell line there as a process group of its own, ended when dropped.
+    fn start(&self, tb: &Testbed, line: &str) -> Result<Group> {
+        match self {
+            Origin::Laptop => Group::start(tb, line),
+            Origin::Pod(pod) => Group::start_in_pod(tb, pod, line),
+        }
+    }
+}
+
+/// The load of every path from `from` to `base`, each request with `header` if given (a mesh
+/// route's).
+pub(super) fn measure_path(
+    tb: &Testbed,
+    from: &Origin,
+    base: &str,
+    header: Option<&str>,
+    s: &Sizes,
+    results: &mut Values,
+) -> Result<()> {
+    let d = format!("{}s", s.secs);
+    let h = header.map(|h| format!(" -H '{h}'")).unwrap_or_default();
+    let mut push = |k: &str, v: Option<f64>| push(results, k, v);
+    let ka = from.sh(tb, &format!("wrk -t1 -c1 -d{d} --latency{h} {base}/1k"))?;
+    push("latency_keepalive_p50_ms", wrk_percentile(&ka, "50%"));
+    push("latency_keepalive_p99_ms", wrk_percentile(&ka, "99%"));
+    let nc = from.sh(
+        tb,
+        &format!("wrk -t1 -c1 -d{d} --latency{h} -H 'Connection: close' {base}/1k"),
+    )?;
+    push("latency_newconn_p50_ms", wrk_percentile(&nc, "50%"));
+    push("latency_newconn_p99_ms", wrk_percentile(&nc, "99%"));
+    let one = from.sh(
+        tb,
+        &format!("curl -sS -o /dev/null -m 300{h} -w '%{{speed_download}}' {base}/bulk"),
+    )?;
+    push(
+        "bulk_1_stream_mib_s",
+        one.trim().parse::<f64>().ok().map(|b| b / 1048576.0),
+    );
+    // Timed where the downloads run: a `kubectl exec` takes longer to start than the quick
+    // run's downloads take on the fastest paths.
+    let ns = from.sh(
+        tb,
+        &format!(
+            "s=$(date +%s%N) && seq 8 | xargs -P 8 -I{{}} curl -sS -o /dev/null -m 600{h} {base}/bulk && echo $(($(date +%s%N) - s))"
+        ),
+    )?;
+    push(
+        "bulk_8_streams_mib_s",
+        ns.trim()
+            .parse::<f64>()
+            .ok()
+            .map(|ns| 8.0 * f64::from(s.bulk_mib) / (ns / 1e9)),
+    );
+    // Four bulk downloads in a loop (a process group of ours, ended by its id) while small
+    // requests are timed.
+    let bulk = from.start(
+        tb,
+        &format!(
+            "for i in 1 2 3 4; do (while :; do curl -sS -o /dev/null -m 600{h} {base}/bulk || exit; done) & done; wait"
+        ),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    let fair = from.sh(tb, &format!("wrk -t1 -c1 -d{d} --latency{h} {base}/1k"));
+    drop(bulk);
+    push("fairness_p99_under_bulk_ms", wrk_percentile(&fair?, "99%"));
+    let conns = from.sh(
+        tb,
+        &format!("wrk -t2 -c16 -d{d}{h} -H 'Connection: close' {base}/1k"),
+    )?;
+    push("new_connections_per_s", wrk_rate(&conns));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const WRK: &str = "Running 2s test @ http://10.244.1.5/1k\n  1 threads and 1 connections\n  Latency Distribution\n     50%  180.00us\n     75%  210.00us\n     90%    1.20ms\n     99%    2.50ms\n  5000 requests in 2.00s, 6.00MB read\nRequests/sec:   2500.50\nTransfer/sec:      3.00MB\n";
+
+    #[test]
+    fn wrk_output_parses() {
+        assert_eq!(wrk_percentile(WRK, "50%"), Some(0.18));
+        assert_eq!(wrk_percentile(WRK, "99%"), Some(2.5));
+        assert_eq!(wrk_percentile(WRK, "42%"), None);
+        assert_eq!(wrk_rate(WRK), Some(2500.5));
+    }
+}
