@@ -1105,3 +1105,77 @@ EOF"#,
     assert_eq!(k.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
     assert!(!svc_annotations("e2e-echo").contains("kt.dev/"));
 }
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// manual mode: only a shadow carrying the workload's labels plus `version=<mark>` (for the
+/// user's own Istio rules); the Service is not touched. Also exchange of a pod/x target.
+fn mesh_manual_labels_a_shadow_and_exchange_takes_a_pod_target() {
+    let _tb = testbed();
+    seed_nginx();
+    client_pod();
+    let _local = LocalServer::start(80, LOCAL);
+    let before = svc_spec("nginx");
+    let mut k = Ktctl::spawn(&[
+        "mesh",
+        "deployment/nginx",
+        "--expose",
+        "80",
+        "--mode",
+        "manual",
+        "--versionMark",
+        "v2",
+    ]);
+    k.wait_for(
+        "Now you can update Istio rule by label 'version=v2'",
+        Duration::from_secs(120),
+    );
+    let out = k.output();
+    let at = out
+        .lines()
+        .position(|l| l.contains("Istio rule"))
+        .expect("banner");
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(
+        lines[at - 1].ends_with(&"-".repeat(57)) && !lines[at - 1].ends_with(&"-".repeat(58)),
+        "57 dashes:\n{out}"
+    );
+    let id = session_id(&k);
+    let labels = kubectl(&[
+        "get",
+        "pod",
+        "-l",
+        &format!("kt.dev/session={id}"),
+        "-o",
+        "jsonpath={.items[0].metadata.labels}",
+    ]);
+    assert!(
+        labels.contains(r#""app":"nginx""#) && labels.contains(r#""version":"v2""#),
+        "{labels}"
+    );
+    assert_eq!(
+        svc_spec("nginx"),
+        before,
+        "manual mode leaves the Service alone"
+    );
+    assert_eq!(k.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
+
+    let pod = kubectl(&[
+        "get",
+        "pod",
+        "-l",
+        "app=nginx",
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ]);
+    let mut x = Ktctl::spawn(&["exchange", &format!("pod/{pod}"), "--expose", "80"]);
+    x.wait_for(
+        &format!("Now all request to pod '{pod}' will be redirected to local"),
+        Duration::from_secs(120),
+    );
+    eventually("the local page", Duration::from_secs(30), || {
+        from_cluster("http://nginx:80") == LOCAL
+    });
+    assert_eq!(x.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
+    assert_eq!(svc_spec("nginx"), before);
+}
