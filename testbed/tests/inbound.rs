@@ -529,10 +529,20 @@ fn preview_makes_a_service_and_forward_reaches_it_across_a_deleted_pod() {
 #[test]
 #[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
 /// scale mode: the Deployment goes to 0 while a shadow with its labels answers; on exit its
-/// replicas come back and ktctl waits for them.
+/// replicas come back and ktctl waits for them. Regression: a headless companion Service
+/// selecting the same pods made `deployment/nginx` ambiguous.
 fn exchange_in_scale_mode_restores_the_replicas_and_waits_for_them() {
     let _tb = testbed();
     seed_nginx();
+    let headless = laptop_sh(
+        "kubectl create service clusterip nginx-headless --clusterip=None --tcp=80:80 -o yaml --dry-run=client \
+         | sed 's/app: nginx-headless/app: nginx/' | kubectl apply -f -",
+    );
+    assert!(
+        headless.status.success(),
+        "{}",
+        String::from_utf8_lossy(&headless.stderr)
+    );
     client_pod();
     let _local = LocalServer::start(80, LOCAL);
     let mut k = Ktctl::spawn(&[

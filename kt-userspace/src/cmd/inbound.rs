@@ -189,6 +189,19 @@ pub async fn service_of(kube: &Kube, target: &Target) -> Result<Service> {
                 .is_none_or(|l| !l.contains_key(crate::cluster::session::MANAGED_BY))
         })
         .collect();
+    // A headless companion (for StatefulSets, DNS-based discovery) next to the Service that
+    // carries the traffic is common: when it makes the choice ambiguous, the Service with a
+    // ClusterIP is the target.
+    if matching.len() > 1 {
+        let with_ip: Vec<Service> = matching
+            .iter()
+            .filter(|s| !is_headless(s))
+            .cloned()
+            .collect();
+        if with_ip.len() == 1 {
+            matching = with_ip;
+        }
+    }
     match matching.len() {
         1 => Ok(matching.remove(0)),
         0 => Err(EnvError::new(format!(
@@ -209,6 +222,13 @@ pub async fn service_of(kube: &Kube, target: &Target) -> Result<Service> {
         ))
         .into()),
     }
+}
+
+fn is_headless(s: &Service) -> bool {
+    s.spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.as_deref())
+        .is_some_and(|ip| ip == "None")
 }
 
 /// The Service's selector; a Service without one (its endpoints are managed by hand) cannot
