@@ -31,6 +31,8 @@ pub const ORIGINAL_SELECTOR: &str = "kt.dev/original-selector";
 pub const ORIGINAL_REPLICAS: &str = "kt.dev/original-replicas";
 /// Present while the mesh router holds the Service (its value: the router's name).
 pub const MESH_ROUTER: &str = "kt.dev/mesh-router";
+/// The label of a mesh route ConfigMap (and of the mesh's shared objects): the meshed Service.
+pub const MESH_OF: &str = "kt.dev/mesh-of";
 /// The `CHANGED_BY` value of a Service held by a shared mesh router.
 pub const BY_MESH_ROUTER: &str = "mesh-router";
 
@@ -125,20 +127,56 @@ pub fn original_selector(svc: &Service) -> Option<BTreeMap<String, String>> {
     serde_json::from_str(raw).ok()
 }
 
+/// Why a recorded change cannot be undone: its record is damaged. Nothing is changed then, so
+/// that a person can still see what was there.
+#[derive(Debug, thiserror::Error)]
+pub enum UndoError {
+    /// The original selector is not recorded.
+    #[error(
+        "{object} is recorded as changed by ktctl but has no {ORIGINAL_SELECTOR} annotation: set its selector back by hand and remove the kt.dev/ annotations"
+    )]
+    NoOriginal {
+        /// The object (`service/<name>`).
+        object: String,
+    },
+    /// The recorded original selector does not parse.
+    #[error(
+        "the {ORIGINAL_SELECTOR} annotation of {object} is not a JSON object of strings ({error}): set its selector back by hand and remove the kt.dev/ annotations"
+    )]
+    BadOriginal {
+        /// The object (`service/<name>`).
+        object: String,
+        /// Why it does not parse.
+        #[source]
+        error: serde_json::Error,
+    },
+}
+
 /// Puts back a Service's original selector and removes the record, if `session` changed it
-/// (any session when `None`, as `recover` does). Whether anything changed.
-pub fn undo_selector(svc: &mut Service, session: Option<&str>) -> bool {
+/// (any session when `None`, as `recover` does; [`BY_MESH_ROUTER`] for a mesh). Whether
+/// anything changed; an error, changing nothing, when the record is damaged.
+pub fn undo_selector(svc: &mut Service, session: Option<&str>) -> Result<bool, UndoError> {
     let Some(h) = holder(svc.metadata.annotations.as_ref()) else {
-        return false;
+        return Ok(false);
     };
     if session.is_some_and(|s| s != h.session) {
-        return false;
+        return Ok(false);
     }
-    if let Some(original) = original_selector(svc) {
-        svc.spec.get_or_insert_with(Default::default).selector = Some(original);
-    }
+    let object = || describe("service", svc.metadata.name.as_deref().unwrap_or_default());
+    let raw = svc
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ORIGINAL_SELECTOR))
+        .ok_or_else(|| UndoError::NoOriginal { object: object() })?;
+    let original: BTreeMap<String, String> =
+        serde_json::from_str(raw).map_err(|error| UndoError::BadOriginal {
+            object: object(),
+            error,
+        })?;
+    svc.spec.get_or_insert_with(Default::default).selector = Some(original);
     forget(&mut svc.metadata.annotations);
-    true
+    Ok(true)
 }
 
 /// Scales a Deployment to 0, recording its replicas and `by` first; the replicas it had.
@@ -266,14 +304,57 @@ mod tests {
         assert_eq!(holder(s.metadata.annotations.as_ref()), Some(by("abc")));
         // Taking again (a replay after a reconnect) keeps the first original.
         take_selector(&mut s, &by("abc"), ours).expect("ours");
-        assert!(!undo_selector(&mut s, Some("other")), "not its change");
-        assert!(undo_selector(&mut s, Some("abc")));
+        assert!(
+            !undo_selector(&mut s, Some("other")).expect("sound"),
+            "not its change"
+        );
+        assert!(undo_selector(&mut s, Some("abc")).expect("sound"));
         assert_eq!(s.spec, original.spec);
         assert_eq!(
             s.metadata.annotations.unwrap_or_default(),
             BTreeMap::new(),
             "no record left"
         );
+    }
+
+    #[test]
+    fn a_mesh_is_undone_leaving_only_the_users_annotations() {
+        let mut s = svc(&[("app", "nginx"), ("tier", "web")]);
+        s.metadata.name = Some("nginx".into());
+        s.metadata.annotations = Some(BTreeMap::from([("team".into(), "web".into())]));
+        let original = s.clone();
+        take_selector(&mut s, &by(BY_MESH_ROUTER), BTreeMap::new()).expect("free");
+        s.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(MESH_ROUTER.into(), "nginx-kt-router".into());
+        assert!(
+            !undo_selector(&mut s, Some("abc")).expect("sound"),
+            "a session's undo leaves a mesh"
+        );
+        assert!(undo_selector(&mut s, Some(BY_MESH_ROUTER)).expect("sound"));
+        assert_eq!(s, original);
+    }
+
+    #[test]
+    fn a_damaged_record_is_an_error_that_names_the_service_and_changes_nothing() {
+        let mut s = svc(&[("kt.dev/mesh-router", "nginx")]);
+        s.metadata.name = Some("nginx".into());
+        s.metadata.annotations = Some(BTreeMap::from([(CHANGED_BY.into(), BY_MESH_ROUTER.into())]));
+        let before = s.clone();
+        let e = undo_selector(&mut s, None).expect_err("no original");
+        assert!(matches!(e, UndoError::NoOriginal { .. }), "{e:?}");
+        assert!(e.to_string().contains("service/nginx"), "{e}");
+        assert!(e.to_string().contains("by hand"), "{e}");
+        s.metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .insert(ORIGINAL_SELECTOR.into(), r#"{"app":1}"#.into());
+        let before_bad = s.clone();
+        let e = undo_selector(&mut s, None).expect_err("bad original");
+        assert!(matches!(e, UndoError::BadOriginal { .. }), "{e:?}");
+        assert_eq!(s, before_bad, "nothing changed");
+        assert_ne!(before, before_bad);
     }
 
     #[test]

@@ -1,40 +1,87 @@
-//! Ctrl-C, SIGTERM and SIGHUP, counted from the moment a command starts to change the
+//! Ctrl-C, SIGTERM, SIGHUP and SIGQUIT, and the removal of the command's pid file (as
+//! kt-connect's scripts stop it), counted from the moment a command starts to change the
 //! cluster, so that a signal at any moment (while the shadow schedules, while the
 //! port-forward comes up, during `diagnose`, during the cleanup itself) is seen by whoever is
 //! waiting then, and none is lost between two waits.
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::watch;
+
+use crate::pidfile::PidFile;
+
+/// The "signal" of a removed pid file.
+pub const PID_FILE_REMOVED: i32 = -1;
+/// How often the pid file is looked at.
+const PID_FILE_POLL: Duration = Duration::from_millis(500);
 
 /// Signals received so far: how many, and the last one.
 #[derive(Clone)]
 pub struct Interrupts {
     rx: watch::Receiver<(u64, i32)>,
+    /// Removed when the last clone is dropped (the command has ended).
+    _pid_file: Option<Arc<PidFile>>,
 }
 
 impl Interrupts {
-    /// Starts listening for SIGINT, SIGTERM and SIGHUP (from now on they no longer end the
-    /// process by themselves).
-    pub fn install() -> std::io::Result<Interrupts> {
+    /// Starts listening for SIGINT, SIGTERM, SIGHUP and SIGQUIT (from now on they no longer
+    /// end the process by themselves), and writes `command`'s pid file, whose removal counts
+    /// as a signal. A pid file that cannot be written is a warning, not a failure.
+    pub fn install(command: &str) -> std::io::Result<Interrupts> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut hup = signal(SignalKind::hangup())?;
+        let mut quit = signal(SignalKind::quit())?;
         let (tx, rx) = watch::channel((0u64, 0));
+        let tx = Arc::new(tx);
+        let raise = move |tx: &watch::Sender<(u64, i32)>, sig| {
+            tx.send_modify(|(n, last)| {
+                *n += 1;
+                *last = sig;
+            })
+        };
+        let pid_file = match PidFile::create(command) {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                tracing::warn!(dir = %crate::pidfile::dir().display(), error = %e, "cannot write the pid file; `ktctl stop` will not see this process");
+                None
+            }
+        };
+        if let Some(f) = &pid_file {
+            let path = f.path().to_path_buf();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(PID_FILE_POLL).await;
+                    if tx.is_closed() {
+                        return;
+                    }
+                    if !path.exists() {
+                        tracing::debug!(path = %path.display(), "pid file removed");
+                        raise(&tx, PID_FILE_REMOVED);
+                        return;
+                    }
+                }
+            });
+        }
         tokio::spawn(async move {
             loop {
                 let sig = tokio::select! {
                     Some(()) = int.recv() => libc::SIGINT,
                     Some(()) = term.recv() => libc::SIGTERM,
                     Some(()) = hup.recv() => libc::SIGHUP,
+                    Some(()) = quit.recv() => libc::SIGQUIT,
                     else => return,
                 };
-                tx.send_modify(|(n, last)| {
-                    *n += 1;
-                    *last = sig;
-                });
+                raise(&tx, sig);
             }
         });
-        Ok(Interrupts { rx })
+        Ok(Interrupts {
+            rx,
+            _pid_file: pid_file,
+        })
     }
 
     /// How many signals have come so far (a mark for [`Interrupts::after`]).
@@ -63,6 +110,8 @@ pub fn describe(sig: i32) -> &'static str {
         libc::SIGINT => "Interrupted",
         libc::SIGTERM => "Terminated",
         libc::SIGHUP => "Hung up",
+        libc::SIGQUIT => "Quit",
+        PID_FILE_REMOVED => "Stopped (pid file removed)",
         _ => "Signalled",
     }
 }

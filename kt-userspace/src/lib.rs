@@ -21,6 +21,7 @@ pub mod dns;
 pub mod error;
 pub mod interrupt;
 pub mod logging;
+pub mod pidfile;
 pub mod preflight;
 pub mod progress;
 pub mod proxy;

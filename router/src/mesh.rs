@@ -31,14 +31,8 @@ use tokio::sync::watch;
 use self::routes::{Host, RouteBook, Routes};
 use crate::shadow;
 
-/// The Service's original selector, a JSON object, written by ktctl when it meshed it.
-pub const ANNOTATION_ORIGINAL_SELECTOR: &str = kt_common::changes::ORIGINAL_SELECTOR;
-/// Present while a mesh router holds the Service.
-pub const ANNOTATION_MESH_ROUTER: &str = kt_common::changes::MESH_ROUTER;
-/// Who changed the Service.
-pub const ANNOTATION_CHANGED_BY: &str = kt_common::changes::CHANGED_BY;
 /// The label of a route ConfigMap: the name of the meshed Service.
-pub const LABEL_MESH_OF: &str = "kt.dev/mesh-of";
+pub const LABEL_MESH_OF: &str = kt_common::changes::MESH_OF;
 
 /// `kt-router mesh`.
 #[derive(clap::Args, Debug)]

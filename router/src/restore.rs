@@ -64,13 +64,13 @@ async fn restore_one(
     ns: &str,
     session: &str,
     obj: &Changed,
-) -> Result<bool, ModifyError<std::convert::Infallible>> {
+) -> Result<bool, ModifyError<changes::UndoError>> {
     let mut changed = false;
     match obj {
         Changed::Service(name) => {
             let api: Api<Service> = Api::namespaced(client.clone(), ns);
             changes::modify(&api, name, |s| {
-                changed = changes::undo_selector(s, Some(session));
+                changed = changes::undo_selector(s, Some(session))?;
                 Ok(changed)
             })
             .await?;
@@ -98,7 +98,7 @@ async fn restore_one(
             }
             let api: Api<Service> = Api::namespaced(client.clone(), ns);
             changes::modify(&api, name, |s| {
-                changed = changes::undo_selector(s, Some(changes::BY_MESH_ROUTER));
+                changed = changes::undo_selector(s, Some(changes::BY_MESH_ROUTER))?;
                 Ok(changed)
             })
             .await?;
@@ -107,7 +107,7 @@ async fn restore_one(
             let api: Api<Deployment> = Api::namespaced(client.clone(), ns);
             changes::modify(&api, name, |d| {
                 changed = changes::undo_replicas(d, Some(session)).is_some();
-                Ok(changed)
+                Ok::<_, changes::UndoError>(changed)
             })
             .await?;
         }

@@ -157,17 +157,6 @@ EOF"#,
     assert_eq!(session_objects(&format!("kt.dev/session={id}")), "");
 }
 
-/// Starts the API server again when dropped (also when the test fails).
-struct ApiServerBack;
-
-impl Drop for ApiServerBack {
-    fn drop(&mut self) {
-        Testbed::default()
-            .start_component("kube-apiserver")
-            .expect("the API server starts again");
-    }
-}
-
 use kt_testbed::Testbed;
 
 /// Thaws the API server when dropped (also when the test fails).

@@ -845,17 +845,6 @@ fn the_namespaced_roles_in_deploy_are_enough_for_exchange() {
     ]);
 }
 
-/// Starts the API server again when dropped (also when the test fails).
-struct ApiServerBack;
-
-impl Drop for ApiServerBack {
-    fn drop(&mut self) {
-        Testbed::default()
-            .start_component("kube-apiserver")
-            .expect("the API server starts again");
-    }
-}
-
 #[test]
 #[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
 /// The shadow and the mesh router keep working across an API server outage longer than the

@@ -19,6 +19,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Api;
 use kube::api::ListParams;
@@ -109,15 +110,6 @@ pub async fn deploy_identity(
     restore: &[String],
 ) -> Result<(), ClusterError> {
     let base = format!("kt-connect-shadow-{}", session.id);
-    session
-        .create(
-            Kind::ServiceAccount,
-            &ServiceAccount {
-                metadata: session.meta(&base, role),
-                ..Default::default()
-            },
-        )
-        .await?;
     let mut rules = vec![PolicyRule {
         api_groups: Some(vec!["coordination.k8s.io".into()]),
         resources: Some(vec!["leases".into()]),
@@ -126,31 +118,40 @@ pub async fn deploy_identity(
         ..Default::default()
     }];
     rules.extend(restore_rules(restore));
-    session
-        .create(
-            Kind::Role,
-            &Role {
-                metadata: session.meta(&base, role),
-                rules: Some(rules),
-            },
-        )
-        .await?;
+    let (account, role, binding) = identity(session.meta(&base, role), rules);
+    session.create(Kind::ServiceAccount, &account).await?;
+    session.create(Kind::Role, &role).await?;
+    session.create(Kind::RoleBinding, &binding).await?;
+    Ok(())
+}
+
+/// A pod's identity: a ServiceAccount, a Role granting `rules` and the binding between them,
+/// all three with `meta` (whose name and namespace they share).
+pub fn identity(meta: ObjectMeta, rules: Vec<PolicyRule>) -> (ServiceAccount, Role, RoleBinding) {
+    let name = meta.name.clone().unwrap_or_default();
     let binding = RoleBinding {
-        metadata: session.meta(&base, role),
+        metadata: meta.clone(),
         role_ref: RoleRef {
             api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "Role".into(),
-            name: base.clone(),
+            name: name.clone(),
         },
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
-            name: base.clone(),
-            namespace: Some(session.namespace.clone()),
+            namespace: meta.namespace.clone(),
+            name,
             ..Default::default()
         }]),
     };
-    session.create(Kind::RoleBinding, &binding).await?;
-    Ok(())
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(rules),
+    };
+    let account = ServiceAccount {
+        metadata: meta,
+        ..Default::default()
+    };
+    (account, role, binding)
 }
 
 /// Rules to read and update exactly the objects in `restore` (`service/x`, `deployment/y`).

@@ -63,7 +63,8 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
 
     let grace = Duration::from_secs(args.session.grace);
     let pf_timeout = Duration::from_secs(args.session.port_forward_timeout);
-    let interrupts = Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
+    let interrupts =
+        Interrupts::install("connect").map_err(|e| Error::io("handling signals", e))?;
     // Signals count from here: whoever waits next (setup or the body) sees every one.
     let mark = interrupts.count();
     super::with_shadow(

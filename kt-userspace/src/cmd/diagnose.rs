@@ -107,8 +107,8 @@ pub async fn run(global: &Global, args: &DiagnoseArgs) -> Result<u8> {
     );
     perms?;
     let opts = super::shadow_options(global)?;
-    let interrupts =
-        crate::interrupt::Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
+    let interrupts = crate::interrupt::Interrupts::install("diagnose")
+        .map_err(|e| Error::io("handling signals", e))?;
     let report = super::with_shadow(
         &kube,
         &opts,

@@ -27,7 +27,7 @@ use crate::cli::{ExchangeArgs, ExchangeMode, Global};
 use crate::cluster::session::{self, ROLE_LABEL, SESSION_LABEL, Session};
 use crate::cluster::{CONNECT_PERMISSIONS, ClusterError, Kube};
 use crate::error::{EnvError, Error, Result};
-use crate::interrupt::{self, Interrupts};
+use crate::interrupt::Interrupts;
 use crate::progress::Progress;
 use crate::tunnel::Tunnel;
 
@@ -76,7 +76,8 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
                 .unwrap_or_default();
         }
     }
-    let interrupts = Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
+    let interrupts =
+        Interrupts::install("exchange").map_err(|e| Error::io("handling signals", e))?;
     let mark = interrupts.count();
     let what = format!("{} '{}'", target.kind(), target.name());
     super::with_shadow(
@@ -89,9 +90,7 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
         Signals::Body,
         async |session, tunnel| {
             inbound::take_lock(session, &kube, &svc_name, LockMode::Exclusive).await?;
-            for m in &expose.0 {
-                tunnel.expose(m.remote, m.local).await?;
-            }
+            inbound::expose_all(tunnel, expose).await?;
             let ended = match &deployment {
                 None => by_selector(&kube, session, &svc_name, &what, &interrupts, mark).await,
                 Some(d) => {
@@ -108,13 +107,7 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
                     .await
                 }
             };
-            match ended {
-                Error::Interrupted(sig) => {
-                    tracing::info!("{}", interrupt::describe(sig));
-                    Ok(0)
-                }
-                e => Err(e),
-            }
+            inbound::ended(ended)
         },
     )
     .await
@@ -169,14 +162,13 @@ async fn by_selector(
         e = keep_selector(&api, svc, &ours, &holder) => e,
     };
     let undo = changes::modify(&api, svc, |s: &mut Service| {
-        Ok::<_, changes::Holder>(changes::undo_selector(s, Some(&session.id)))
+        changes::undo_selector(s, Some(&session.id))
     })
     .await;
     match undo {
         Ok(_) => tracing::info!("Restored the selector of service '{svc}'"),
         Err(e) => tracing::error!(
-            "cannot restore the selector of service '{svc}': {}; the shadow restores it once this session ends, or run `ktctl recover {svc}`",
-            modify_error(svc, e)
+            "cannot restore the selector of service '{svc}': {e}; the shadow restores it once this session ends, or run `ktctl recover {svc}`"
         ),
     }
     ended

@@ -70,7 +70,8 @@ pub async fn run(global: &Global, args: &ForwardArgs) -> Result<u8> {
     };
     let listener = bind(local).await?;
     let pods = Arc::new(pods);
-    let interrupts = Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
+    let interrupts =
+        Interrupts::install("forward").map_err(|e| Error::io("handling signals", e))?;
     let mark = interrupts.count();
     // Fail now, not at the first connection, if nothing can serve it.
     pods.resolve(remote).await?;
@@ -347,7 +348,8 @@ async fn forward_address(
     let listener = bind(local).await?;
     let mut opts = super::shadow_options(global)?;
     opts.routes = vec![format!("{}/32", dst.ip())];
-    let interrupts = Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
+    let interrupts =
+        Interrupts::install("forward").map_err(|e| Error::io("handling signals", e))?;
     let mark = interrupts.count();
     super::with_shadow(
         &kube,

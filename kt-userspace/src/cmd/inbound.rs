@@ -17,7 +17,8 @@ use crate::cli::{Expose, PortMap};
 use crate::cluster::session::{Kind, Session};
 use crate::cluster::{ClusterError, Kube, Permission, perm};
 use crate::error::{EnvError, Error, Result};
-use crate::interrupt::Interrupts;
+use crate::interrupt::{self, Interrupts};
+use crate::tunnel::Tunnel;
 
 /// The dashed lines around kt-connect's banners.
 pub const DASHES: &str = "---------------------------------------------------------------";
@@ -473,6 +474,26 @@ pub async fn take_lock(session: &Session, kube: &Kube, svc: &str, mode: LockMode
 /// Waits for the end of an inbound command: a signal (returned as [`Error::Interrupted`]).
 pub async fn until_interrupted(interrupts: &Interrupts, mark: u64) -> Error {
     Error::Interrupted(interrupts.after(mark).await)
+}
+
+/// How an inbound command's body ends: a signal is the normal end (exit 0, saying which
+/// signal); any other error is the command's.
+pub fn ended(why: Error) -> Result<u8> {
+    match why {
+        Error::Interrupted(sig) => {
+            tracing::info!("{}", interrupt::describe(sig));
+            Ok(0)
+        }
+        e => Err(e),
+    }
+}
+
+/// Exposes every `--expose` mapping through the session's tunnel (replayed after reconnects).
+pub async fn expose_all(tunnel: &Tunnel, expose: &Expose) -> Result<()> {
+    for m in &expose.0 {
+        tunnel.expose(m.remote, m.local).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

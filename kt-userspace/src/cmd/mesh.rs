@@ -17,11 +17,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod, PodSpec, Probe, Service,
-    ServiceAccount, ServicePort, ServiceSpec, TCPSocketAction,
+    Affinity, ConfigMap, Container, EnvVar, EnvVarSource, ObjectFieldSelector, Pod, PodAffinity,
+    PodAffinityTerm, PodSpec, Probe, Service, ServiceAccount, ServicePort, ServiceSpec,
+    TCPSocketAction, WeightedPodAffinityTerm,
 };
-use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kt_common::changes::{self, Holder};
 use kube::Api;
@@ -36,11 +37,11 @@ use crate::cluster::session::{self, Kind, MANAGED_BY, ROLE_LABEL, SESSION_LABEL,
 use crate::cluster::shadow::{self, HEALTH_PORT};
 use crate::cluster::{CONNECT_PERMISSIONS, ClusterError, Kube};
 use crate::error::{EnvError, Error, Result};
-use crate::interrupt::{self, Interrupts};
+use crate::interrupt::Interrupts;
 
 const ROLE: &str = "shadow-mesh";
 /// The label of route ConfigMaps: the meshed Service (kt-router mesh's `--service`).
-pub const MESH_OF: &str = "kt.dev/mesh-of";
+pub const MESH_OF: &str = changes::MESH_OF;
 /// The role label of the shared router.
 const ROUTER_ROLE: &str = "mesh-router";
 
@@ -167,7 +168,7 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
         labels.insert(mark.key.clone(), mark.value.clone());
         opts.labels = labels;
     }
-    let interrupts = Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
+    let interrupts = Interrupts::install("mesh").map_err(|e| Error::io("handling signals", e))?;
     let mark_n = interrupts.count();
     let router_image = args
         .router_image
@@ -182,9 +183,7 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
         &interrupts,
         Signals::Body,
         async |session, tunnel| {
-            for m in &expose.0 {
-                tunnel.expose(m.remote, m.local).await?;
-            }
+            inbound::expose_all(tunnel, expose).await?;
             if manual {
                 let dashes = "-".repeat(57);
                 tracing::info!("{dashes}");
@@ -194,9 +193,7 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
                     mark.value
                 );
                 tracing::info!("{dashes}");
-                let sig = interrupts.after(mark_n).await;
-                tracing::info!("{}", interrupt::describe(sig));
-                return Ok(0);
+                return inbound::ended(inbound::until_interrupted(&interrupts, mark_n).await);
             }
             inbound::take_lock(session, &kube, &svc_name, LockMode::Mesh).await?;
             let meshed = Meshed {
@@ -208,6 +205,7 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
                 mark: &mark,
                 image: &router_image,
                 ports: inbound::remote_ports(expose),
+                node_selector: &opts.node_selector,
             };
             let r = async {
                 meshed.route().await?;
@@ -227,13 +225,7 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
                 Err(e) => e,
             };
             meshed.leave().await;
-            match ended {
-                Error::Interrupted(sig) => {
-                    tracing::info!("{}", interrupt::describe(sig));
-                    Ok(0)
-                }
-                e => Err(e),
-            }
+            inbound::ended(ended)
         },
     )
     .await
@@ -253,6 +245,8 @@ struct Meshed<'a> {
     mark: &'a Mark,
     image: &'a str,
     ports: Vec<u16>,
+    /// `--nodeSelector`, which the router obeys as the shadows do.
+    node_selector: &'a BTreeMap<String, String>,
 }
 
 impl Meshed<'_> {
@@ -354,15 +348,6 @@ impl Meshed<'_> {
             .spec
             .and_then(|s| s.cluster_ip)
             .ok_or_else(|| Error::Runtime(format!("service {stuntman} got no ClusterIP")))?;
-        ensure(
-            &Api::<ServiceAccount>::namespaced(client.clone(), ns),
-            &ServiceAccount {
-                metadata: meta(router.clone()),
-                ..Default::default()
-            },
-            &owner,
-        )
-        .await?;
         let rules = vec![
             PolicyRule {
                 api_groups: Some(vec!["".into()]),
@@ -378,31 +363,17 @@ impl Meshed<'_> {
                 ..Default::default()
             },
         ];
+        let (account, role, binding) = shadow::identity(meta(router.clone()), rules);
         ensure(
-            &Api::<Role>::namespaced(client.clone(), ns),
-            &Role {
-                metadata: meta(router.clone()),
-                rules: Some(rules),
-            },
+            &Api::<ServiceAccount>::namespaced(client.clone(), ns),
+            &account,
             &owner,
         )
         .await?;
+        ensure(&Api::<Role>::namespaced(client.clone(), ns), &role, &owner).await?;
         ensure(
             &Api::<RoleBinding>::namespaced(client.clone(), ns),
-            &RoleBinding {
-                metadata: meta(router.clone()),
-                role_ref: RoleRef {
-                    api_group: Some("rbac.authorization.k8s.io".into()),
-                    kind: "Role".into(),
-                    name: router.clone(),
-                },
-                subjects: Some(vec![Subject {
-                    kind: "ServiceAccount".into(),
-                    name: router.clone(),
-                    namespace: Some(ns.clone()),
-                    ..Default::default()
-                }]),
-            },
+            &binding,
             &owner,
         )
         .await?;
@@ -462,6 +433,8 @@ impl Meshed<'_> {
                     ..Default::default()
                 }],
                 service_account_name: Some(router.clone()),
+                node_selector: (!self.node_selector.is_empty()).then(|| self.node_selector.clone()),
+                affinity: Some(near(self.original)),
                 restart_policy: Some("Never".into()),
                 termination_grace_period_seconds: Some(10),
                 security_context: Some(shadow::restricted_pod(&targets)),
@@ -537,7 +510,7 @@ impl Meshed<'_> {
             Ok(0) => {
                 let api = Api::<Service>::namespaced(self.kube.client.clone(), ns);
                 let undo = changes::modify(&api, self.name, |s: &mut Service| {
-                    Ok::<_, Holder>(changes::undo_selector(s, Some(changes::BY_MESH_ROUTER)))
+                    changes::undo_selector(s, Some(changes::BY_MESH_ROUTER))
                 })
                 .await;
                 match undo {
@@ -559,6 +532,30 @@ impl Meshed<'_> {
                 tracing::warn!(error = %e, "cannot list the mesh routes; the router restores the Service once it has no route")
             }
         }
+    }
+}
+
+/// Prefer a node where the original pods run: a request that stays in the cluster then takes
+/// no extra hop between nodes on its way through the router.
+fn near(original: &BTreeMap<String, String>) -> Affinity {
+    Affinity {
+        pod_affinity: Some(PodAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: PodAffinityTerm {
+                        label_selector: Some(LabelSelector {
+                            match_labels: Some(original.clone()),
+                            ..Default::default()
+                        }),
+                        topology_key: "kubernetes.io/hostname".into(),
+                        ..Default::default()
+                    },
+                },
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
     }
 }
 

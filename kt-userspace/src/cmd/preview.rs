@@ -16,7 +16,7 @@ use crate::cli::{Global, PreviewArgs};
 use crate::cluster::session::{self, Kind, ROLE_LABEL, SESSION_LABEL};
 use crate::cluster::{CONNECT_PERMISSIONS, ClusterError};
 use crate::error::{EnvError, Error, Result};
-use crate::interrupt::{self, Interrupts};
+use crate::interrupt::Interrupts;
 
 const ROLE: &str = "shadow-preview";
 
@@ -54,7 +54,8 @@ pub async fn run(global: &Global, args: &PreviewArgs) -> Result<u8> {
     }
     let mut opts = super::shadow_options(global)?;
     opts.ports = inbound::remote_ports(expose);
-    let interrupts = Interrupts::install().map_err(|e| Error::io("handling signals", e))?;
+    let interrupts =
+        Interrupts::install("preview").map_err(|e| Error::io("handling signals", e))?;
     let mark = interrupts.count();
     super::with_shadow(
         &kube,
@@ -65,9 +66,7 @@ pub async fn run(global: &Global, args: &PreviewArgs) -> Result<u8> {
         &interrupts,
         Signals::Body,
         async |session, tunnel| {
-            for m in &expose.0 {
-                tunnel.expose(m.remote, m.local).await?;
-            }
+            inbound::expose_all(tunnel, expose).await?;
             let svc = Service {
                 metadata: session.meta(name, "preview"),
                 spec: Some(ServiceSpec {
@@ -105,9 +104,7 @@ pub async fn run(global: &Global, args: &PreviewArgs) -> Result<u8> {
             inbound::banner(&format!(
                 "Now you can access your local service in cluster by name '{name}'"
             ));
-            let sig = interrupts.after(mark).await;
-            tracing::info!("{}", interrupt::describe(sig));
-            Ok(0)
+            inbound::ended(inbound::until_interrupted(&interrupts, mark).await)
         },
     )
     .await

@@ -5,28 +5,18 @@
 //! gone. A failure to restore (the API server away, a damaged record) is logged and tried
 //! again later; the router keeps routing meanwhile, so the Service keeps working.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use kt_common::changes::{self, ModifyError, UndoError};
 use kube::Api;
-use kube::api::{ListParams, PostParams};
+use kube::api::ListParams;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::LABEL_MESH_OF;
 use super::routes::Route;
-use super::{
-    ANNOTATION_CHANGED_BY, ANNOTATION_MESH_ROUTER, ANNOTATION_ORIGINAL_SELECTOR, LABEL_MESH_OF,
-};
 
-/// The rest of ktctl's record of a change (who and when; see kt-common's `changes`), removed
-/// with it.
-const RECORD_ANNOTATIONS: [&str; 2] = [
-    kt_common::changes::CHANGED_AT,
-    kt_common::changes::CHANGED_BY_OWNER,
-];
-/// Writes of the Service: the first and up to 5 retries after a conflict.
-const ATTEMPTS: usize = 6;
 /// Longest wait for the API calls of one restore.
 const API_TIMEOUT: Duration = Duration::from_secs(30);
 /// After a failed restore, the next try.
@@ -35,59 +25,13 @@ const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Why the Service could not be restored.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
-    #[error(
-        "service {service} has the {ANNOTATION_MESH_ROUTER} annotation but no {ANNOTATION_ORIGINAL_SELECTOR}: set its selector back by hand and remove the kt.dev/ annotations"
-    )]
-    NoOriginal { service: String },
-    #[error(
-        "the {ANNOTATION_ORIGINAL_SELECTOR} annotation of service {service} is not a JSON object of strings ({error}): set its selector back by hand and remove the kt.dev/ annotations"
-    )]
-    BadOriginal {
-        service: String,
-        error: serde_json::Error,
-    },
+    /// ktctl's record on the Service is damaged (see kt-common's `changes`).
+    #[error(transparent)]
+    Undo(#[from] UndoError),
     #[error("service {service}: {error}")]
     Api { service: String, error: kube::Error },
-    #[error(
-        "service {service} kept changing under us: gave up after {ATTEMPTS} conflicting writes"
-    )]
-    Conflict { service: String },
     #[error("the API server did not answer in {API_TIMEOUT:?}")]
     Timeout,
-}
-
-/// Gives a meshed Service its original selector back and removes ktctl's record of the change.
-/// `Ok(false)`: the Service is not meshed (no `kt.dev/mesh-router` annotation), nothing to do.
-pub fn unmesh(svc: &mut Service) -> Result<bool, RestoreError> {
-    let service = || svc.metadata.name.clone().unwrap_or_default();
-    let Some(a) = svc.metadata.annotations.as_ref() else {
-        return Ok(false);
-    };
-    if !a.contains_key(ANNOTATION_MESH_ROUTER) {
-        return Ok(false);
-    }
-    let raw = a
-        .get(ANNOTATION_ORIGINAL_SELECTOR)
-        .ok_or_else(|| RestoreError::NoOriginal { service: service() })?;
-    let original: BTreeMap<String, String> =
-        serde_json::from_str(raw).map_err(|error| RestoreError::BadOriginal {
-            service: service(),
-            error,
-        })?;
-    svc.spec.get_or_insert_with(Default::default).selector = Some(original);
-    if let Some(a) = svc.metadata.annotations.as_mut() {
-        for k in [
-            ANNOTATION_MESH_ROUTER,
-            ANNOTATION_ORIGINAL_SELECTOR,
-            ANNOTATION_CHANGED_BY,
-        ]
-        .into_iter()
-        .chain(RECORD_ANNOTATIONS)
-        {
-            a.remove(k);
-        }
-    }
-    Ok(true)
 }
 
 /// Decides when the mesh has had no route for the grace period, on this pod's monotonic clock.
@@ -133,30 +77,25 @@ pub enum Restored {
     Gone,
 }
 
-/// Reads the Service, unmeshes it and writes it back with the resourceVersion read, retrying
-/// when another writer got in between.
+/// Gives the Service its original selector back, from ktctl's record on it, if the mesh
+/// router holds it; with the resourceVersion read, retrying when another writer got in between.
 pub async fn restore(api: &Api<Service>, name: &str) -> Result<Restored, RestoreError> {
-    let api_error = |error| RestoreError::Api {
-        service: name.to_string(),
-        error,
-    };
-    for _ in 0..ATTEMPTS {
-        let Some(mut svc) = api.get_opt(name).await.map_err(api_error)? else {
-            return Ok(Restored::Gone);
-        };
-        if !unmesh(&mut svc)? {
-            return Ok(Restored::NotMeshed);
-        }
-        match api.replace(name, &PostParams::default(), &svc).await {
-            Ok(_) => return Ok(Restored::Done),
-            Err(kube::Error::Api(s)) if s.code == 409 => continue,
-            Err(kube::Error::Api(s)) if s.code == 404 => return Ok(Restored::Gone),
-            Err(e) => return Err(api_error(e)),
-        }
-    }
-    Err(RestoreError::Conflict {
-        service: name.to_string(),
+    let mut undone = false;
+    let r = changes::modify(api, name, |s: &mut Service| {
+        undone = changes::undo_selector(s, Some(changes::BY_MESH_ROUTER))?;
+        Ok::<_, UndoError>(undone)
     })
+    .await;
+    match r {
+        Ok(None) => Ok(Restored::Gone),
+        Ok(Some(_)) if undone => Ok(Restored::Done),
+        Ok(Some(_)) => Ok(Restored::NotMeshed),
+        Err(ModifyError::Refused(e)) => Err(e.into()),
+        Err(ModifyError::Api(error)) => Err(RestoreError::Api {
+            service: name.to_string(),
+            error,
+        }),
+    }
 }
 
 /// The API calls that end the mesh: the seam tests fake.
@@ -261,7 +200,7 @@ pub async fn when_idle_restore(
             }
             Err(e) => {
                 match e {
-                    RestoreError::NoOriginal { .. } | RestoreError::BadOriginal { .. } => {
+                    RestoreError::Undo(_) => {
                         tracing::error!(error = %e, retry_in = ?RETRY_AFTER, "cannot restore the service; still routing")
                     }
                     _ => {
@@ -330,83 +269,6 @@ pub async fn on_terminate(cluster: &impl Cluster, service: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::ServiceSpec;
-
-    fn meshed(annotations: &[(&str, &str)]) -> Service {
-        let mut svc = Service {
-            spec: Some(ServiceSpec {
-                selector: Some(BTreeMap::from([(
-                    "kt.dev/mesh-router".to_string(),
-                    "nginx".to_string(),
-                )])),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        svc.metadata.name = Some("nginx".into());
-        svc.metadata.annotations = Some(
-            annotations
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        );
-        svc
-    }
-
-    #[test]
-    fn unmeshing_puts_the_original_selector_back_and_removes_the_record() {
-        let mut svc = meshed(&[
-            (ANNOTATION_MESH_ROUTER, "nginx-kt-router"),
-            (
-                ANNOTATION_ORIGINAL_SELECTOR,
-                r#"{"app":"nginx","tier":"web"}"#,
-            ),
-            (ANNOTATION_CHANGED_BY, "mesh-router"),
-            ("kt.dev/changed-at", "2026-12-02T08:00:00Z"),
-            ("kt.dev/changed-by-owner", "alice@laptop"),
-            ("team", "web"),
-        ]);
-        assert!(unmesh(&mut svc).expect("restorable"));
-        assert_eq!(
-            svc.spec.as_ref().and_then(|s| s.selector.clone()),
-            Some(BTreeMap::from([
-                ("app".to_string(), "nginx".to_string()),
-                ("tier".to_string(), "web".to_string()),
-            ]))
-        );
-        assert_eq!(
-            svc.metadata.annotations,
-            Some(BTreeMap::from([("team".to_string(), "web".to_string())])),
-            "only the user's own annotations are left"
-        );
-    }
-
-    #[test]
-    fn a_service_without_the_mesh_router_annotation_is_left_alone() {
-        let mut svc = meshed(&[(ANNOTATION_ORIGINAL_SELECTOR, r#"{"app":"nginx"}"#)]);
-        let before = svc.clone();
-        assert!(!unmesh(&mut svc).expect("nothing to do"));
-        assert_eq!(svc, before);
-        let mut bare = Service::default();
-        assert!(!unmesh(&mut bare).expect("nothing to do"));
-    }
-
-    #[test]
-    fn a_damaged_record_is_an_error_that_names_the_service_and_the_fix() {
-        let mut svc = meshed(&[(ANNOTATION_MESH_ROUTER, "r")]);
-        let e = unmesh(&mut svc).expect_err("no original");
-        assert!(matches!(e, RestoreError::NoOriginal { .. }), "{e:?}");
-        assert!(e.to_string().contains("service nginx"), "{e}");
-        assert!(e.to_string().contains("by hand"), "{e}");
-        let mut svc = meshed(&[
-            (ANNOTATION_MESH_ROUTER, "r"),
-            (ANNOTATION_ORIGINAL_SELECTOR, r#"{"app":1}"#),
-        ]);
-        let before = svc.clone();
-        let e = unmesh(&mut svc).expect_err("bad original");
-        assert!(matches!(e, RestoreError::BadOriginal { .. }), "{e:?}");
-        assert_eq!(svc, before, "nothing changed");
-    }
 
     /// A cluster whose listing finds `live` routes (one value per call, the last repeated),
     /// recording the calls.

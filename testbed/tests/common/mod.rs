@@ -332,3 +332,14 @@ pub fn laptop_cgroup_programs() -> String {
         .expect("bpftool");
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
+
+/// Starts the API server again when dropped (also when the test fails).
+pub struct ApiServerBack;
+
+impl Drop for ApiServerBack {
+    fn drop(&mut self) {
+        Testbed::default()
+            .start_component("kube-apiserver")
+            .expect("the API server starts again");
+    }
+}
