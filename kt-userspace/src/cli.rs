@@ -82,6 +82,10 @@ pub enum Command {
     Preview(PreviewArgs),
     /// Make a cluster Service, pod, Deployment or address reachable on localhost
     Forward(ForwardArgs),
+    /// Undo a leftover exchange or mesh of a Service, from what ktctl wrote on the objects
+    Recover(RecoverArgs),
+    /// Remove what expired sessions left in the namespace, restoring what they changed
+    Clean(CleanArgs),
     /// Check this machine and measure the way to the cluster (round trips, throughput, DNS)
     Diagnose(DiagnoseArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
@@ -304,6 +308,33 @@ pub struct ForwardArgs {
     pub ports: Option<String>,
     #[command(flatten)]
     pub session: SessionArgs,
+}
+
+/// `ktctl recover`.
+#[derive(Args, Debug, Clone)]
+pub struct RecoverArgs {
+    /// <svc>, service/<svc> or svc/<svc>
+    pub target: String,
+}
+
+/// `ktctl clean`.
+#[derive(Args, Debug, Clone)]
+pub struct CleanArgs {
+    /// Only say what would be removed and restored
+    #[arg(long = "dryRun", visible_alias = "dry-run")]
+    pub dry_run: bool,
+    /// Minutes a session must have been silent to be taken for dead (never less than twice its
+    /// --grace, so a live session is never touched)
+    #[arg(
+        long = "thresholdInMinus",
+        visible_alias = "threshold-in-minus",
+        default_value_t = 5,
+        value_parser = clap::value_parser!(u64).range(0..=525_600)
+    )]
+    pub threshold_in_minus: u64,
+    /// Only this machine's leftovers (pid files of ended ktctl processes), not the cluster's
+    #[arg(long = "localOnly", visible_alias = "local-only")]
+    pub local_only: bool,
 }
 
 /// `ktctl diagnose`.

@@ -37,6 +37,8 @@ fn main() -> ExitCode {
             Command::Mesh(args) => ktctl::cmd::mesh::run(&cli.global, args).await,
             Command::Preview(args) => ktctl::cmd::preview::run(&cli.global, args).await,
             Command::Forward(args) => ktctl::cmd::forward::run(&cli.global, args).await,
+            Command::Recover(args) => ktctl::cmd::recover::run(&cli.global, args).await,
+            Command::Clean(args) => ktctl::cmd::clean::run(&cli.global, args).await,
             Command::Diagnose(args) => ktctl::cmd::diagnose::run(&cli.global, args).await,
             Command::Completion { .. } => Ok(0),
         }

@@ -2,6 +2,7 @@
 //! sessions ([`session`]), the shadow pod ([`shadow`]) and the port-forward
 //! to it ([`portforward`]).
 
+pub mod leftovers;
 pub mod portforward;
 pub mod session;
 pub mod shadow;

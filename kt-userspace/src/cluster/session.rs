@@ -453,17 +453,20 @@ pub fn is_expired(l: &Lease, server_now: Timestamp) -> bool {
             .unwrap_or(30)
             .max(1),
     );
-    let Some(changed) = l
+    idle_seconds(l, server_now).is_some_and(|idle| idle > 2 * grace)
+}
+
+/// Seconds since the API server last changed a Lease (`managedFields[].time`, which it stamps
+/// on every renewal), on its own clock; `None` without managedFields.
+pub fn idle_seconds(l: &Lease, server_now: Timestamp) -> Option<i64> {
+    let changed = l
         .metadata
         .managed_fields
         .iter()
         .flatten()
         .filter_map(|m| m.time.as_ref().map(|t| t.0))
-        .max()
-    else {
-        return false;
-    };
-    server_now.as_second() - changed.as_second() > 2 * grace
+        .max()?;
+    Some(server_now.as_second() - changed.as_second())
 }
 
 fn base_labels(id: &str, role: &str) -> BTreeMap<String, String> {

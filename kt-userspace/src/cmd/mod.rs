@@ -1,5 +1,6 @@
 //! One module per command, and what they share: a session with a shadow and its tunnel.
 
+pub mod clean;
 pub mod connect;
 pub mod diagnose;
 pub mod exchange;
@@ -7,6 +8,7 @@ pub mod forward;
 pub mod inbound;
 pub mod mesh;
 pub mod preview;
+pub mod recover;
 
 use std::sync::Arc;
 use std::time::Duration;
