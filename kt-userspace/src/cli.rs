@@ -12,7 +12,9 @@ pub const DEFAULT_IMAGE: &str = concat!("kt-router:", env!("CARGO_PKG_VERSION"))
 #[derive(Parser, Debug)]
 #[command(
     name = "ktctl",
-    version,
+    // kt-connect prints `ktctl version <v>` for -v/--version.
+    version = concat!("version ", env!("CARGO_PKG_VERSION")),
+    disable_version_flag = true,
     about = "Reach a Kubernetes cluster from this machine as if it were local",
     long_about = "Reach a Kubernetes cluster from this machine as if it were local.\n\n\
         `ktctl connect` makes every program here reach cluster Services by name, ClusterIP and pod IP, \
@@ -29,7 +31,7 @@ pub struct Cli {
 #[derive(Args, Debug, Clone)]
 pub struct Global {
     /// Path to the kubeconfig file (default: $KUBECONFIG, then ~/.kube/config)
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(short = 'c', long, global = true, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
     /// The kubeconfig context to use (default: the current context)
     #[arg(long, global = true)]
@@ -37,15 +39,70 @@ pub struct Global {
     /// Namespace for ktctl's objects (default: the context's namespace)
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
-    /// More output: -v debug, -vv trace (KT_LOG overrides, e.g. KT_LOG=ktctl=trace)
-    #[arg(short = 'v', long = "verbose", action = ArgAction::Count, global = true)]
+    /// Print the version (`-v`, as kt-connect; more output is -d/--debug or --verbose)
+    #[arg(short = 'v', long = "version", action = ArgAction::Version)]
+    pub version: (),
+    /// More output: once debug, twice trace (KT_LOG overrides, e.g. KT_LOG=ktctl=trace)
+    #[arg(long = "verbose", action = ArgAction::Count, global = true)]
     pub verbose: u8,
-    /// Debug output (same as -v)
+    /// Debug output (same as --verbose)
     #[arg(short = 'd', long, global = true)]
     pub debug: bool,
     /// Image of the shadow (kt-router)
-    #[arg(long, global = true, default_value = DEFAULT_IMAGE, env = "KT_IMAGE")]
+    #[arg(short = 'i', long, global = true, default_value = DEFAULT_IMAGE, env = "KT_IMAGE")]
     pub image: String,
+    /// Pull the shadow's image every time (imagePullPolicy Always)
+    #[arg(
+        short = 'f',
+        long = "forceUpdate",
+        visible_alias = "force-update",
+        global = true
+    )]
+    pub force_update: bool,
+    /// Extra labels of ktctl's pods, as key=value[,key=value]
+    #[arg(
+        short = 'l',
+        long = "withLabel",
+        visible_alias = "with-label",
+        global = true
+    )]
+    pub with_label: Option<String>,
+    /// Extra annotations of ktctl's pods, as key=value[,key=value]
+    #[arg(
+        long = "withAnnotation",
+        visible_alias = "with-annotation",
+        global = true
+    )]
+    pub with_annotation: Option<String>,
+    /// Accepted for kt-connect's scripts: the shadow always runs as a ServiceAccount of its own
+    /// session, which may touch only that session's objects
+    #[arg(
+        long = "serviceAccount",
+        visible_alias = "service-account",
+        global = true
+    )]
+    pub service_account: Option<String>,
+    /// Accepted for kt-connect's scripts: the shadow is always a bare pod owned by the
+    /// session, which ktctl replaces itself (a restarted shadow would have a new key)
+    #[arg(
+        long = "useShadowDeployment",
+        visible_alias = "use-shadow-deployment",
+        global = true
+    )]
+    pub use_shadow_deployment: bool,
+    /// Accepted for kt-connect's scripts: liveness is read on the API server's clock alone,
+    /// so no machine's local time is ever compared
+    #[arg(long = "useLocalTime", visible_alias = "use-local-time", global = true)]
+    pub use_local_time: bool,
+    /// Seconds to wait for the port-forward to the shadow
+    #[arg(
+        long = "portForwardTimeout",
+        visible_alias = "port-forward-timeout",
+        global = true,
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=600)
+    )]
+    pub port_forward_timeout: u64,
     /// Secret for pulling the shadow's image
     #[arg(
         long = "imagePullSecret",
@@ -56,7 +113,8 @@ pub struct Global {
     /// Where the shadow may run, as key=value[,key=value]
     #[arg(long = "nodeSelector", visible_alias = "node-selector", global = true)]
     pub node_selector: Option<String>,
-    /// CPU and memory limits of the shadow, as cpu,memory (e.g. 0.5,256Mi)
+    /// CPU and memory of the shadow: 0.5c,512m (c: CPU; k/m/g: KiB/MiB/GiB; either may be
+    /// left out) or Kubernetes quantities (0.5,256Mi)
     #[arg(long = "podQuota", visible_alias = "pod-quota", global = true)]
     pub pod_quota: Option<String>,
     /// Seconds to wait for the shadow pod to be ready
@@ -86,6 +144,12 @@ pub enum Command {
     Recover(RecoverArgs),
     /// Remove what expired sessions left in the namespace, restoring what they changed
     Clean(CleanArgs),
+    /// Show and change the defaults of ktctl's flags (~/.kt/config) and their profiles
+    Config(ConfigArgs),
+    /// List this machine's running ktctl processes and what each changed in the cluster
+    Status(StatusArgs),
+    /// End running ktctl processes gracefully, as Ctrl-C would
+    Stop(StopArgs),
     /// Check this machine and measure the way to the cluster (round trips, throughput, DNS)
     Diagnose(DiagnoseArgs),
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
@@ -141,14 +205,6 @@ pub struct SessionArgs {
     /// Do not remove the objects of expired sessions at start
     #[arg(long = "skipCleanup", visible_alias = "skip-cleanup")]
     pub skip_cleanup: bool,
-    /// Seconds to wait for the port-forward to the shadow
-    #[arg(
-        long = "portForwardTimeout",
-        visible_alias = "port-forward-timeout",
-        default_value_t = 10,
-        value_parser = clap::value_parser!(u64).range(1..=600)
-    )]
-    pub port_forward_timeout: u64,
     /// Seconds the shadow waits for a vanished ktctl before it ends the session (and restores
     /// what the session changed)
     #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=86_400))]
@@ -335,6 +391,85 @@ pub struct CleanArgs {
     /// Only this machine's leftovers (pid files of ended ktctl processes), not the cluster's
     #[arg(long = "localOnly", visible_alias = "local-only")]
     pub local_only: bool,
+}
+
+/// `ktctl config`.
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArgs {
+    #[command(subcommand)]
+    pub action: ConfigAction,
+}
+
+/// What `ktctl config` does. Items are `<group>.<item>`: `global.namespace`,
+/// `connect.dns-cache-ttl` (`config show --all` lists them).
+#[derive(Subcommand, Debug, Clone)]
+pub enum ConfigAction {
+    /// Show the items set (--all: every item, with its built-in default)
+    Show {
+        #[arg(short = 'a', long)]
+        all: bool,
+    },
+    /// Print the value of items
+    Get {
+        #[arg(required = true)]
+        items: Vec<String>,
+    },
+    /// Set an item: `set <item> <value>`, `set <item>=<value>` or `set <item> = <value>`
+    Set {
+        #[arg(required = true, num_args = 1..=3, allow_hyphen_values = true)]
+        words: Vec<String>,
+    },
+    /// Remove items, so that their flags have their built-in defaults again
+    Unset {
+        items: Vec<String>,
+        /// Every item
+        #[arg(short = 'a', long, conflicts_with = "items")]
+        all: bool,
+    },
+    /// List the saved profiles
+    ListProfile,
+    /// Save the current config as a profile
+    SaveProfile { name: String },
+    /// Make a profile the current config
+    LoadProfile {
+        name: String,
+        /// Print the profile instead of loading it
+        #[arg(long = "dryRun", visible_alias = "dry-run")]
+        dry_run: bool,
+    },
+    /// Delete a profile
+    DropProfile { name: String },
+}
+
+/// How a listing is printed.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum OutputFormat {
+    /// Columns for people
+    #[default]
+    Table,
+    /// JSON for scripts
+    Json,
+}
+
+/// `ktctl status`.
+#[derive(Args, Debug, Clone)]
+pub struct StatusArgs {
+    /// table or json
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+}
+
+/// `ktctl stop`.
+#[derive(Args, Debug, Clone)]
+pub struct StopArgs {
+    /// Pids of ktctl processes (`ktctl status` lists them)
+    pub pids: Vec<u32>,
+    /// Every ktctl of this machine
+    #[arg(long, conflicts_with = "pids")]
+    pub all: bool,
+    /// Seconds to wait for each to finish its cleanup
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3_600))]
+    pub timeout: u64,
 }
 
 /// `ktctl diagnose`.
@@ -582,7 +717,7 @@ mod tests {
         ] {
             refused(&["diagnose", flag, bad], flag);
         }
-        let a = connect(parse(&[
+        let cli = parse(&[
             "--podCreationTimeout",
             "3600",
             "connect",
@@ -592,15 +727,10 @@ mod tests {
             "0",
             "--portForwardTimeout",
             "600",
-        ]));
-        assert_eq!(
-            (
-                a.session.grace,
-                a.dns_cache_ttl,
-                a.session.port_forward_timeout
-            ),
-            (86_400, 0, 600)
-        );
+        ]);
+        assert_eq!(cli.global.port_forward_timeout, 600);
+        let a = connect(cli);
+        assert_eq!((a.session.grace, a.dns_cache_ttl), (86_400, 0));
         match parse(&["diagnose", "--mib", "16384"]).command {
             Command::Diagnose(d) => assert_eq!(d.mib, 16_384),
             other => panic!("not diagnose: {other:?}"),

@@ -17,6 +17,7 @@ pub mod cidr;
 pub mod cli;
 pub mod cluster;
 pub mod cmd;
+pub mod config;
 pub mod dns;
 pub mod error;
 pub mod interrupt;

@@ -1,37 +1,75 @@
 //! kt-connect's pid files: `~/.kt/pid/<command>-<pid>.pid`, holding the pid. A running ktctl
 //! writes its own and removes it when it ends; removing it from outside ends that ktctl
 //! gracefully, exactly as Ctrl-C would (kt-connect's scripts and tests stop ktctl this way).
+//!
+//! Beside it, `<command>-<pid>.json` says what the process is doing for `ktctl status`: its
+//! context, namespace, session and what it changed in the cluster ([`Record`]), rewritten as
+//! that changes.
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
-/// `~/.kt/pid` (`$KT_HOME/pid` when set, as for tests). Under sudo, the invoking user's home, as
-/// kt-connect does, so that the user's own scripts find the files.
+/// What a running ktctl is doing, as `ktctl status` shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Record {
+    pub pid: u32,
+    pub command: String,
+    /// The command line.
+    pub args: Vec<String>,
+    pub context: String,
+    pub namespace: String,
+    /// When it started (RFC 3339).
+    pub since: String,
+    /// Its session, once it has one.
+    pub session: Option<String>,
+    /// What it created and changed in the cluster (`pod/x`, `selector of service/y`).
+    pub changed: Vec<String>,
+}
+
+/// This process's record, and where it is written once the pid file exists.
+static CURRENT: Mutex<(Option<PathBuf>, Option<Record>)> = Mutex::new((None, None));
+
+/// Updates this process's record (kept in memory until the pid file is written, then
+/// written beside it). Failures to write are ignored: the record is for people to read.
+pub fn update(f: impl FnOnce(&mut Record)) {
+    let mut cur = CURRENT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let (path, record) = &mut *cur;
+    let r = record.get_or_insert_with(|| Record {
+        pid: std::process::id(),
+        args: std::env::args().collect(),
+        since: k8s_openapi::jiff::Timestamp::now()
+            .round(k8s_openapi::jiff::Unit::Second)
+            .map(|t| t.to_string())
+            .unwrap_or_default(),
+        ..Default::default()
+    });
+    f(r);
+    if let Some(p) = path {
+        write_record(p, r);
+    }
+}
+
+fn write_record(path: &Path, r: &Record) {
+    if let Ok(json) = serde_json::to_vec_pretty(r) {
+        let tmp = path.with_extension("json.tmp");
+        if std::fs::write(&tmp, json).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
+/// The record of a running ktctl, if it wrote one.
+pub fn read_record(e: &Entry) -> Option<Record> {
+    let raw = std::fs::read(e.path.with_extension("json")).ok()?;
+    serde_json::from_slice(&raw).ok()
+}
+
+/// `~/.kt/pid`.
 pub fn dir() -> PathBuf {
-    if let Some(h) = std::env::var_os("KT_HOME") {
-        return PathBuf::from(h).join("pid");
-    }
-    home().join(".kt").join("pid")
-}
-
-fn home() -> PathBuf {
-    if let Ok(user) = std::env::var("SUDO_USER")
-        && let Some(h) = passwd_home(&user)
-    {
-        return h;
-    }
-    std::env::var_os("HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/root"))
-}
-
-/// The home directory of `user` in /etc/passwd.
-fn passwd_home(user: &str) -> Option<PathBuf> {
-    let passwd = std::fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.len() >= 6 && f[0] == user).then(|| PathBuf::from(f[5]))
-    })
+    crate::config::kt_home().join("pid")
 }
 
 /// This process's pid file; removed on drop.
@@ -48,6 +86,12 @@ impl PidFile {
         let pid = std::process::id();
         let path = dir.join(format!("{command}-{pid}.pid"));
         std::fs::write(&path, pid.to_string())?;
+        let json = path.with_extension("json");
+        CURRENT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0 = Some(json);
+        update(|r| r.command = command.to_string());
         Ok(PidFile { path })
     }
 
@@ -58,6 +102,11 @@ impl PidFile {
 
 impl Drop for PidFile {
     fn drop(&mut self) {
+        CURRENT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .0 = None;
+        let _ = std::fs::remove_file(self.path.with_extension("json"));
         let _ = std::fs::remove_file(&self.path);
     }
 }
@@ -122,6 +171,7 @@ pub fn clean_stale(dry_run: bool) -> crate::error::Result<Vec<PathBuf>> {
             continue;
         }
         if !dry_run {
+            let _ = std::fs::remove_file(e.path.with_extension("json"));
             match std::fs::remove_file(&e.path) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => continue,

@@ -133,6 +133,11 @@ impl Layout {
     pub fn pids(&self) -> PathBuf {
         self.state().join("pids")
     }
+    /// ktctl's home in a machine (`KT_HOME`: its pid files and config), so that tests never
+    /// touch the real machine's `~/.kt`.
+    pub fn kt_home(&self, m: Machine) -> PathBuf {
+        self.state().join("kt-home").join(m.name())
+    }
     /// kubectl, the control plane's symlinks and the workspace's binaries (PATH in machines).
     pub fn bin(&self) -> PathBuf {
         self.dir.join("bin")

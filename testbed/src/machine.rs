@@ -200,6 +200,7 @@ pub fn machine_env(layout: &Layout, m: Machine, cmd: &mut Command) -> Result<()>
     )
     .env("KUBECONFIG", layout.kubeconfig())
     .env("KT_CGROUP", cgroup(m)?)
+    .env("KT_HOME", layout.kt_home(m))
     .env("KT_TESTBED_MACHINE", m.name());
     Ok(())
 }

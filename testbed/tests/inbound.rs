@@ -3,127 +3,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
 use kt_testbed::{Machine, Testbed, machine};
-
-/// The seed walkthrough's local page.
-const LOCAL: &str = "kt-connect local nginx service";
-
-/// An nginx on the laptop's loopback serving `page` on `port`; stopped when dropped.
-struct LocalServer {
-    child: Child,
-    dir: PathBuf,
-}
-
-impl LocalServer {
-    fn start(port: u16, page: &str) -> LocalServer {
-        let dir = std::env::temp_dir().join(format!("kt-e2e-local-{port}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("dir");
-        std::fs::write(dir.join("index.html"), format!("{page}\n")).expect("page");
-        let d = dir.display();
-        let conf = format!(
-            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log stderr;\n\
-             events {{ worker_connections 1024; }}\n\
-             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
-             uwsgi_temp_path {d}; scgi_temp_path {d};\n\
-             server {{ listen 127.0.0.1:{port}; root {d}; }} }}\n"
-        );
-        std::fs::write(dir.join("nginx.conf"), conf).expect("conf");
-        let tb = Testbed::default();
-        let mut cmd = machine::command(&tb.layout, Machine::Laptop, "nginx").expect("command");
-        cmd.args(["-e", "stderr", "-c"])
-            .arg(dir.join("nginx.conf"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null());
-        let child = cmd.spawn().expect("nginx starts");
-        let s = LocalServer { child, dir };
-        eventually("the local nginx", Duration::from_secs(10), || {
-            laptop_reaches(&format!("http://127.0.0.1:{port}/"))
-        });
-        s
-    }
-}
-
-impl Drop for LocalServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A long-running client pod in the cluster (curl from inside).
-fn client_pod() -> &'static str {
-    let exists = run_in(Machine::Laptop, &["kubectl", "get", "pod", "e2e-client"])
-        .status
-        .success();
-    if !exists {
-        kubectl(&[
-            "run",
-            "e2e-client",
-            "--image=busybox:1",
-            "--restart=Never",
-            "--",
-            "sleep",
-            "infinity",
-        ]);
-    }
-    kubectl(&[
-        "wait",
-        "pod/e2e-client",
-        "--for=condition=Ready",
-        "--timeout=60s",
-    ]);
-    "e2e-client"
-}
-
-/// What a curl from the client pod gets (empty on failure).
-fn from_cluster(url: &str) -> String {
-    let o = run_in(
-        Machine::Laptop,
-        &[
-            "kubectl",
-            "exec",
-            "e2e-client",
-            "--",
-            "curl",
-            "-sS",
-            "-m",
-            "5",
-            url,
-        ],
-    );
-    text(&o)
-}
-
-fn from_laptop(url: &str) -> String {
-    text(&run_in(Machine::Laptop, &["curl", "-sS", "-m", "5", url]))
-}
-
-fn svc_spec(name: &str) -> String {
-    kubectl(&["get", "svc", name, "-o", "jsonpath={.spec}"])
-}
-
-fn svc_annotations(name: &str) -> String {
-    kubectl(&["get", "svc", name, "-o", "jsonpath={.metadata.annotations}"])
-}
-
-/// The exchange's shadow pod.
-fn shadow_of(id: &str) -> String {
-    kubectl(&[
-        "get",
-        "pods",
-        "-l",
-        &format!("kt.dev/session={id}"),
-        "-o",
-        "jsonpath={.items[0].metadata.name}",
-    ])
-}
 
 const BANNER: &str = "Now all request to service 'nginx' will be redirected to local";
 
@@ -593,13 +477,6 @@ fn exchange_in_scale_mode_restores_the_replicas_and_waits_for_them() {
     eventually("the cluster page", Duration::from_secs(30), || {
         from_cluster("http://nginx:80") == PAGE
     });
-}
-
-/// Runs ktctl to its end; the exit code and output.
-fn ktctl_exit(args: &[&str]) -> (Option<i32>, String) {
-    let mut k = Ktctl::spawn(args);
-    let code = k.wait(Duration::from_secs(60));
-    (code, k.output())
 }
 
 #[test]

@@ -139,6 +139,7 @@ impl Session {
             .create(&PostParams::default(), &obj)
             .await
             .map_err(|e| ClusterError::api(format!("creating lease {lease}"), e))?;
+        crate::pidfile::update(|r| r.session = Some(id.clone()));
         Ok(Session {
             id,
             namespace: kube.namespace.clone(),
@@ -210,6 +211,7 @@ impl Session {
             .create(&PostParams::default(), obj)
             .await
             .map_err(|e| ClusterError::api(format!("creating {} {name}", kind.name()), e))?;
+        crate::pidfile::update(|r| r.changed.push(format!("{}/{name}", kind.name())));
         self.created
             .lock()
             .expect("session lock")

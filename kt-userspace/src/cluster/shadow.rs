@@ -40,9 +40,14 @@ pub const SHADOW_UID: i64 = 65532;
 pub struct ShadowOptions {
     pub image: String,
     pub image_pull_secret: Option<String>,
+    /// imagePullPolicy Always (`--forceUpdate`).
+    pub pull_always: bool,
+    /// The user's extra pod labels and annotations (`--withLabel`, `--withAnnotation`).
+    pub user_labels: BTreeMap<String, String>,
+    pub user_annotations: BTreeMap<String, String>,
     pub node_selector: BTreeMap<String, String>,
-    /// Limits, as `--podQuota cpu,memory` (e.g. `0.5,256Mi`).
-    pub quota: Option<(String, String)>,
+    /// Requests and limits (`--podQuota`).
+    pub quota: Quota,
     pub creation_timeout: Duration,
     /// The CIDRs the session routes and those cut out of them: the only destinations the
     /// shadow dials (`--routes`, `--except`).
@@ -59,38 +64,83 @@ pub struct ShadowOptions {
     pub restore: Vec<String>,
 }
 
-/// Parses `--nodeSelector key=value,key2=value2`.
-pub fn parse_node_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+/// Parses `key=value,key2=value2` (`--nodeSelector`, `--withLabel`, `--withAnnotation`).
+pub fn parse_pairs(flag: &str, s: &str) -> Result<BTreeMap<String, String>, String> {
     let mut out = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let (k, v) = part
             .split_once('=')
-            .ok_or_else(|| format!("--nodeSelector: {part:?} is not key=value"))?;
+            .ok_or_else(|| format!("{flag}: {part:?} is not key=value"))?;
         if k.is_empty() {
-            return Err(format!("--nodeSelector: {part:?} has an empty key"));
+            return Err(format!("{flag}: {part:?} has an empty key"));
         }
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)
 }
 
-/// Parses `--podQuota cpu,memory`.
-pub fn parse_quota(s: &str) -> Result<(String, String), String> {
-    let (cpu, mem) = s
-        .split_once(',')
-        .ok_or_else(|| format!("--podQuota: {s:?} is not cpu,memory (e.g. 0.5,256Mi)"))?;
-    let ok = |q: &str| {
-        !q.is_empty()
-            && q.chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_digit() || c == '.')
+/// Parses `--nodeSelector key=value,key2=value2`.
+pub fn parse_node_selector(s: &str) -> Result<BTreeMap<String, String>, String> {
+    parse_pairs("--nodeSelector", s)
+}
+
+/// The shadow's CPU and memory (`--podQuota`), as Kubernetes quantities; requests = limits.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Quota {
+    pub cpu: Option<String>,
+    pub memory: Option<String>,
+}
+
+/// Parses `--podQuota` in kt-connect's syntax, `0.5c,512m`: a part ending in `c` is CPU, one
+/// ending in `k`, `m` or `g` is memory in KiB, MiB or GiB; either may be left out, in any
+/// order. Kubernetes quantities work too: `0.5,256Mi` (CPU first when the part does not say),
+/// `256Mi`, `1Gi`. Note that `512m` is kt-connect's 512 MiB, not 0.512 CPU: write `0.5c`.
+pub fn parse_quota(s: &str) -> Result<Quota, String> {
+    let bad = |why: &str| {
+        format!(
+            "--podQuota: {s:?} {why}; give e.g. 0.5c,512m (CPU with c, memory with k/m/g) or 0.5,256Mi"
+        )
     };
-    if !ok(cpu) || !ok(mem) {
-        return Err(format!(
-            "--podQuota: {s:?} is not cpu,memory (e.g. 0.5,256Mi)"
-        ));
+    let number =
+        |n: &str| !n.is_empty() && n.parse::<f64>().is_ok_and(|v| v.is_finite() && v > 0.0);
+    let mut q = Quota::default();
+    for part in s.split(',').map(str::trim) {
+        let (slot, value) = if let Some(n) = part.strip_suffix(['c', 'C']) {
+            (&mut q.cpu, n.to_string())
+        } else if let Some(n) = part.strip_suffix(['k', 'K']) {
+            (&mut q.memory, format!("{n}Ki"))
+        } else if let Some(n) = part.strip_suffix(['m', 'M']) {
+            (&mut q.memory, format!("{n}Mi"))
+        } else if let Some(n) = part.strip_suffix(['g', 'G']) {
+            (&mut q.memory, format!("{n}Gi"))
+        } else if let Some(n) = ["Ki", "Mi", "Gi", "Ti"]
+            .iter()
+            .find_map(|u| part.strip_suffix(u).map(|n| (n, *u)))
+        {
+            (&mut q.memory, format!("{}{}", n.0, n.1))
+        } else if number(part) {
+            // A bare number: CPU if not given yet, else memory in bytes.
+            if q.cpu.is_none() {
+                (&mut q.cpu, part.to_string())
+            } else {
+                (&mut q.memory, part.to_string())
+            }
+        } else {
+            return Err(bad(&format!(
+                "has {part:?}, which is neither CPU nor memory"
+            )));
+        };
+        let n = value.trim_end_matches(|c: char| c.is_ascii_alphabetic());
+        if !number(n) {
+            return Err(bad(&format!(
+                "has {part:?}, whose amount is not a positive number"
+            )));
+        }
+        if slot.replace(value).is_some() {
+            return Err(bad("gives the same resource twice"));
+        }
     }
-    Ok((cpu.to_string(), mem.to_string()))
+    Ok(q)
 }
 
 /// The shadow's pod name for the session's `n`th shadow (0: the first; a replacement gets a
@@ -257,20 +307,20 @@ fn pod_spec(
         protocol: Some("TCP".into()),
         ..Default::default()
     }));
-    let resources = opts.quota.as_ref().map(|(cpu, mem)| ResourceRequirements {
-        limits: Some(BTreeMap::from([
-            ("cpu".to_string(), Quantity(cpu.clone())),
-            ("memory".to_string(), Quantity(mem.clone())),
-        ])),
-        requests: Some(BTreeMap::from([
-            ("cpu".to_string(), Quantity(cpu.clone())),
-            ("memory".to_string(), Quantity(mem.clone())),
-        ])),
+    let amounts: BTreeMap<String, Quantity> =
+        [("cpu", &opts.quota.cpu), ("memory", &opts.quota.memory)]
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_string(), Quantity(v.clone()?))))
+            .collect();
+    let resources = (!amounts.is_empty()).then(|| ResourceRequirements {
+        limits: Some(amounts.clone()),
+        requests: Some(amounts),
         ..Default::default()
     });
     let container = Container {
         name: "shadow".into(),
         image: Some(opts.image.clone()),
+        image_pull_policy: opts.pull_always.then(|| "Always".to_string()),
         args: Some(args),
         env: Some(vec![
             field_env("POD_NAMESPACE", "metadata.namespace"),
@@ -301,10 +351,13 @@ fn pod_spec(
         ..Default::default()
     };
     let mut metadata = session.meta(name, role);
-    if !opts.labels.is_empty() {
-        let mut labels = opts.labels.clone();
-        labels.extend(metadata.labels.take().unwrap_or_default());
-        metadata.labels = Some(labels);
+    // The user's labels, then the command's, then the session's: the later win.
+    let mut labels = opts.user_labels.clone();
+    labels.extend(opts.labels.clone());
+    labels.extend(metadata.labels.take().unwrap_or_default());
+    metadata.labels = Some(labels);
+    if !opts.user_annotations.is_empty() {
+        metadata.annotations = Some(opts.user_annotations.clone());
     }
     Pod {
         metadata,
@@ -526,12 +579,24 @@ mod tests {
     }
 
     #[test]
-    fn quotas_parse() {
+    fn quotas_parse_in_kt_connects_syntax_and_as_kubernetes_quantities() {
+        let q = |cpu: Option<&str>, memory: Option<&str>| Quota {
+            cpu: cpu.map(str::to_string),
+            memory: memory.map(str::to_string),
+        };
+        assert_eq!(parse_quota("0.5c,512m"), Ok(q(Some("0.5"), Some("512Mi"))));
         assert_eq!(
-            parse_quota("0.5,256Mi").unwrap(),
-            ("0.5".into(), "256Mi".into())
+            parse_quota("512m,0.5c"),
+            Ok(q(Some("0.5"), Some("512Mi"))),
+            "any order"
         );
-        assert!(parse_quota("0.5").is_err());
-        assert!(parse_quota("lots,256Mi").is_err());
+        assert_eq!(parse_quota("1g"), Ok(q(None, Some("1Gi"))));
+        assert_eq!(parse_quota("2c"), Ok(q(Some("2"), None)));
+        assert_eq!(parse_quota("100k"), Ok(q(None, Some("100Ki"))));
+        assert_eq!(parse_quota("0.5,256Mi"), Ok(q(Some("0.5"), Some("256Mi"))));
+        assert_eq!(parse_quota("0.5"), Ok(q(Some("0.5"), None)));
+        for bad in ["lots,256Mi", "1c,2c", "512m,1g", "", "c", "-1c", "0.5x"] {
+            assert!(parse_quota(bad).is_err(), "{bad:?}");
+        }
     }
 }

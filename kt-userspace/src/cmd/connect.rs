@@ -62,7 +62,7 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
     shadow_opts.except = plan.excluded.iter().map(|n| n.to_string()).collect();
 
     let grace = Duration::from_secs(args.session.grace);
-    let pf_timeout = Duration::from_secs(args.session.port_forward_timeout);
+    let pf_timeout = Duration::from_secs(global.port_forward_timeout);
     let interrupts =
         Interrupts::install("connect").map_err(|e| Error::io("handling signals", e))?;
     // Signals count from here: whoever waits next (setup or the body) sees every one.

@@ -85,7 +85,7 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
         &opts,
         "exchange",
         Duration::from_secs(args.session.grace),
-        Duration::from_secs(args.session.port_forward_timeout),
+        Duration::from_secs(global.port_forward_timeout),
         &interrupts,
         Signals::Body,
         async |session, tunnel| {
@@ -154,6 +154,7 @@ async fn by_selector(
         "Service '{svc}' now selects shadow pod(s) {}",
         fmt_selector(&ours)
     );
+    crate::pidfile::update(|r| r.changed.push(format!("selector of service/{svc}")));
     inbound::banner(&format!(
         "Now all request to {what} will be redirected to local"
     ));
@@ -331,6 +332,10 @@ async fn by_scale(
         Err(e) => return modify_error(&format!("deployment '{name}'"), e),
     }
     tracing::info!("Deployment '{name}' scaled from {original} to 0 replicas");
+    crate::pidfile::update(|r| {
+        r.changed
+            .push(format!("replicas of deployment/{name} ({original} to 0)"))
+    });
     inbound::banner(&format!(
         "Now all request to {what} will be redirected to local"
     ));

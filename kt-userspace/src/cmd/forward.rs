@@ -356,7 +356,7 @@ async fn forward_address(
         &opts,
         "forward",
         Duration::from_secs(args.session.grace),
-        Duration::from_secs(args.session.port_forward_timeout),
+        Duration::from_secs(global.port_forward_timeout),
         &interrupts,
         Signals::Body,
         async |_session, tunnel| {

@@ -179,7 +179,7 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
         &opts,
         "mesh",
         Duration::from_secs(args.session.grace),
-        Duration::from_secs(args.session.port_forward_timeout),
+        Duration::from_secs(global.port_forward_timeout),
         &interrupts,
         Signals::Body,
         async |session, tunnel| {
@@ -205,7 +205,7 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
                 mark: &mark,
                 image: &router_image,
                 ports: inbound::remote_ports(expose),
-                node_selector: &opts.node_selector,
+                opts: &opts,
             };
             let r = async {
                 meshed.route().await?;
@@ -245,8 +245,9 @@ struct Meshed<'a> {
     mark: &'a Mark,
     image: &'a str,
     ports: Vec<u16>,
-    /// `--nodeSelector`, which the router obeys as the shadows do.
-    node_selector: &'a BTreeMap<String, String>,
+    /// The shadows' options: the router obeys the same node selector, pull secret, pull
+    /// policy and user labels and annotations.
+    opts: &'a shadow::ShadowOptions,
 }
 
 impl Meshed<'_> {
@@ -378,12 +379,20 @@ impl Meshed<'_> {
         )
         .await?;
         let ports_arg: Vec<String> = targets.iter().map(u16::to_string).collect();
+        let mut pod_meta = meta(router.clone());
+        let mut labels = self.opts.user_labels.clone();
+        labels.extend(pod_meta.labels.take().unwrap_or_default());
+        pod_meta.labels = Some(labels);
+        if !self.opts.user_annotations.is_empty() {
+            pod_meta.annotations = Some(self.opts.user_annotations.clone());
+        }
         let pod = Pod {
-            metadata: meta(router.clone()),
+            metadata: pod_meta,
             spec: Some(PodSpec {
                 containers: vec![Container {
                     name: "router".into(),
                     image: Some(self.image.to_string()),
+                    image_pull_policy: self.opts.pull_always.then(|| "Always".to_string()),
                     args: Some(vec![
                         "mesh".into(),
                         format!("--ports={}", ports_arg.join(",")),
@@ -433,7 +442,11 @@ impl Meshed<'_> {
                     ..Default::default()
                 }],
                 service_account_name: Some(router.clone()),
-                node_selector: (!self.node_selector.is_empty()).then(|| self.node_selector.clone()),
+                node_selector: (!self.opts.node_selector.is_empty())
+                    .then(|| self.opts.node_selector.clone()),
+                image_pull_secrets: self.opts.image_pull_secret.as_ref().map(|s| {
+                    vec![k8s_openapi::api::core::v1::LocalObjectReference { name: s.clone() }]
+                }),
                 affinity: Some(near(self.original)),
                 restart_policy: Some("Never".into()),
                 termination_grace_period_seconds: Some(10),
@@ -478,6 +491,10 @@ impl Meshed<'_> {
                     "Service '{}' goes through the mesh router {router}",
                     self.name
                 );
+                crate::pidfile::update(|r| {
+                    r.changed
+                        .push(format!("selector of service/{} (mesh router)", self.name))
+                });
                 Ok(())
             }
             Ok(None) => Err(EnvError::new(format!("service '{}' was deleted", self.name)).into()),

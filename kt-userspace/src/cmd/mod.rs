@@ -1,6 +1,7 @@
 //! One module per command, and what they share: a session with a shadow and its tunnel.
 
 pub mod clean;
+pub mod config;
 pub mod connect;
 pub mod diagnose;
 pub mod exchange;
@@ -9,6 +10,7 @@ pub mod inbound;
 pub mod mesh;
 pub mod preview;
 pub mod recover;
+pub mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -197,6 +199,10 @@ pub(crate) async fn connect_kube(global: &Global) -> Result<Kube> {
         namespace: global.namespace.clone(),
     })
     .await?;
+    crate::pidfile::update(|r| {
+        r.context = kube.context.clone();
+        r.namespace = kube.namespace.clone();
+    });
     tracing::info!(
         "Using cluster context {} ({}), namespace {}",
         kube.context,
@@ -215,7 +221,18 @@ pub(crate) async fn connect_kube(global: &Global) -> Result<Kube> {
 
 /// The shadow's options from the global flags (image, pull secret, node selector, quota).
 pub(crate) fn shadow_options(global: &Global) -> Result<ShadowOptions> {
+    let pairs = |flag: &str, v: &Option<String>| {
+        v.as_deref()
+            .map(|s| shadow::parse_pairs(flag, s))
+            .transpose()
+            .map_err(EnvError)
+            .map(Option::unwrap_or_default)
+    };
+    compatibility_notes(global);
     Ok(ShadowOptions {
+        pull_always: global.force_update,
+        user_labels: pairs("--withLabel", &global.with_label)?,
+        user_annotations: pairs("--withAnnotation", &global.with_annotation)?,
         image: global.image.clone(),
         image_pull_secret: global.image_pull_secret.clone(),
         node_selector: global
@@ -230,10 +247,31 @@ pub(crate) fn shadow_options(global: &Global) -> Result<ShadowOptions> {
             .as_deref()
             .map(shadow::parse_quota)
             .transpose()
-            .map_err(EnvError)?,
+            .map_err(EnvError)?
+            .unwrap_or_default(),
         creation_timeout: Duration::from_secs(global.pod_creation_timeout),
         ..Default::default()
     })
+}
+
+/// kt-connect's flags that ktctl accepts but that change nothing here: one line each, saying
+/// why.
+fn compatibility_notes(global: &Global) {
+    if let Some(sa) = &global.service_account {
+        tracing::info!(
+            "--serviceAccount {sa}: accepted for compatibility; the shadow runs as a ServiceAccount of its own session, which may touch only that session's objects"
+        );
+    }
+    if global.use_shadow_deployment {
+        tracing::info!(
+            "--useShadowDeployment: accepted for compatibility; the shadow is a bare pod owned by the session, which ktctl replaces itself if it dies"
+        );
+    }
+    if global.use_local_time {
+        tracing::info!(
+            "--useLocalTime: accepted for compatibility; ktctl reads session liveness on the API server's clock alone"
+        );
+    }
 }
 
 fn interrupted(sig: i32) -> Error {

@@ -62,7 +62,7 @@ pub async fn run(global: &Global, args: &PreviewArgs) -> Result<u8> {
         &opts,
         "preview",
         Duration::from_secs(args.session.grace),
-        Duration::from_secs(args.session.port_forward_timeout),
+        Duration::from_secs(global.port_forward_timeout),
         &interrupts,
         Signals::Body,
         async |session, tunnel| {

@@ -343,3 +343,125 @@ impl Drop for ApiServerBack {
             .expect("the API server starts again");
     }
 }
+
+/// The seed walkthrough's local page.
+pub const LOCAL: &str = "kt-connect local nginx service";
+
+/// An nginx on the laptop's loopback serving `page` on `port`; stopped when dropped.
+pub struct LocalServer {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl LocalServer {
+    pub fn start(port: u16, page: &str) -> LocalServer {
+        let dir = std::env::temp_dir().join(format!("kt-e2e-local-{port}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        std::fs::write(dir.join("index.html"), format!("{page}\n")).expect("page");
+        let d = dir.display();
+        let conf = format!(
+            "daemon off; master_process off; worker_processes 1; pid {d}/nginx.pid; error_log stderr;\n\
+             events {{ worker_connections 1024; }}\n\
+             http {{ access_log off; client_body_temp_path {d}; proxy_temp_path {d}; fastcgi_temp_path {d};\n\
+             uwsgi_temp_path {d}; scgi_temp_path {d};\n\
+             server {{ listen 127.0.0.1:{port}; root {d}; }} }}\n"
+        );
+        std::fs::write(dir.join("nginx.conf"), conf).expect("conf");
+        let tb = Testbed::default();
+        let mut cmd = machine::command(&tb.layout, Machine::Laptop, "nginx").expect("command");
+        cmd.args(["-e", "stderr", "-c"])
+            .arg(dir.join("nginx.conf"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        let child = cmd.spawn().expect("nginx starts");
+        let s = LocalServer { child, dir };
+        eventually("the local nginx", Duration::from_secs(10), || {
+            laptop_reaches(&format!("http://127.0.0.1:{port}/"))
+        });
+        s
+    }
+}
+
+impl Drop for LocalServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A long-running client pod in the cluster (curl from inside).
+pub fn client_pod() -> &'static str {
+    let exists = run_in(Machine::Laptop, &["kubectl", "get", "pod", "e2e-client"])
+        .status
+        .success();
+    if !exists {
+        kubectl(&[
+            "run",
+            "e2e-client",
+            "--image=busybox:1",
+            "--restart=Never",
+            "--",
+            "sleep",
+            "infinity",
+        ]);
+    }
+    kubectl(&[
+        "wait",
+        "pod/e2e-client",
+        "--for=condition=Ready",
+        "--timeout=60s",
+    ]);
+    "e2e-client"
+}
+
+/// What a curl from the client pod gets (empty on failure).
+pub fn from_cluster(url: &str) -> String {
+    let o = run_in(
+        Machine::Laptop,
+        &[
+            "kubectl",
+            "exec",
+            "e2e-client",
+            "--",
+            "curl",
+            "-sS",
+            "-m",
+            "5",
+            url,
+        ],
+    );
+    text(&o)
+}
+
+pub fn from_laptop(url: &str) -> String {
+    text(&run_in(Machine::Laptop, &["curl", "-sS", "-m", "5", url]))
+}
+
+pub fn svc_spec(name: &str) -> String {
+    kubectl(&["get", "svc", name, "-o", "jsonpath={.spec}"])
+}
+
+pub fn svc_annotations(name: &str) -> String {
+    kubectl(&["get", "svc", name, "-o", "jsonpath={.metadata.annotations}"])
+}
+
+/// The exchange's shadow pod.
+pub fn shadow_of(id: &str) -> String {
+    kubectl(&[
+        "get",
+        "pods",
+        "-l",
+        &format!("kt.dev/session={id}"),
+        "-o",
+        "jsonpath={.items[0].metadata.name}",
+    ])
+}
+
+/// Runs ktctl to its end; the exit code and output.
+pub fn ktctl_exit(args: &[&str]) -> (Option<i32>, String) {
+    let mut k = Ktctl::spawn(args);
+    let code = k.wait(Duration::from_secs(60));
+    (code, k.output())
+}
