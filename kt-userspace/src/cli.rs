@@ -144,6 +144,8 @@ pub enum Command {
     Recover(RecoverArgs),
     /// Remove what expired sessions left in the namespace, restoring what they changed
     Clean(CleanArgs),
+    /// Show which Services of the namespace are exchanged, meshed or previewed, and by whom
+    Birdseye(BirdseyeArgs),
     /// Show and change the defaults of ktctl's flags (~/.kt/config) and their profiles
     Config(ConfigArgs),
     /// List this machine's running ktctl processes and what each changed in the cluster
@@ -449,6 +451,37 @@ pub enum OutputFormat {
     Table,
     /// JSON for scripts
     Json,
+}
+
+/// How birdseye orders the Services.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SortBy {
+    /// By state, then name
+    Status,
+    /// By name
+    Name,
+}
+
+/// `ktctl birdseye`.
+#[derive(Args, Debug, Clone)]
+pub struct BirdseyeArgs {
+    /// status or name
+    #[arg(
+        long = "sortBy",
+        visible_alias = "sort-by",
+        value_enum,
+        default_value = "status"
+    )]
+    pub sort_by: SortBy,
+    /// Also list the users connected to the cluster
+    #[arg(long = "showConnector", visible_alias = "show-connector")]
+    pub show_connector: bool,
+    /// Only the Services that are exchanged, meshed or previewed
+    #[arg(long = "hideNaturalService", visible_alias = "hide-natural-service")]
+    pub hide_natural_service: bool,
+    /// table or json
+    #[arg(short = 'o', long, value_enum, default_value = "table")]
+    pub output: OutputFormat,
 }
 
 /// `ktctl status`.

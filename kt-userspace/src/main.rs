@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             Command::Forward(args) => ktctl::cmd::forward::run(&cli.global, args).await,
             Command::Recover(args) => ktctl::cmd::recover::run(&cli.global, args).await,
             Command::Clean(args) => ktctl::cmd::clean::run(&cli.global, args).await,
+            Command::Birdseye(args) => ktctl::cmd::birdseye::run(&cli.global, args).await,
             Command::Diagnose(args) => ktctl::cmd::diagnose::run(&cli.global, args).await,
             Command::Completion { .. }
             | Command::Status(_)

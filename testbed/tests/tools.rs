@@ -257,3 +257,53 @@ fn status_lists_running_ktctls_and_stop_ends_them_gracefully() {
     let (_, out) = ktctl_exit(&["status"]);
     assert!(!out.contains(&pid), "{out}");
 }
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// `ktctl birdseye` names what each live session does to which Service, and who is connected.
+fn birdseye_shows_exchanged_and_previewed_services_and_who_is_connected() {
+    let _tb = testbed();
+    seed_nginx();
+    let _local = LocalServer::start(80, LOCAL);
+    let connected = Ktctl::connect(&[]);
+    let connect_id = session_id(&connected);
+    let mut ex = Ktctl::spawn(&["exchange", "nginx", "--expose", "80"]);
+    ex.wait_for(EXCHANGED, Duration::from_secs(120));
+    let ex_id = session_id(&ex);
+    let mut pv = Ktctl::spawn(&["preview", "e2e-birdseye", "--expose", "80"]);
+    pv.wait_for(
+        "Now you can access your local service in cluster by name 'e2e-birdseye'",
+        Duration::from_secs(120),
+    );
+    let pv_id = session_id(&pv);
+
+    let (code, out) = ktctl_exit(&["birdseye", "--showConnector", "--sortBy", "name"]);
+    assert_eq!(code, Some(0), "{out}");
+    let line = |svc: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("> {svc} - ")))
+            .unwrap_or_else(|| panic!("a line for {svc}: {out}"))
+            .to_string()
+    };
+    assert!(
+        out.contains("---- Service in namespace default ----"),
+        "{out}"
+    );
+    let l = line("nginx");
+    assert!(l.contains("exchanged by [") && l.contains(&ex_id), "{l}");
+    let l = line("e2e-birdseye");
+    assert!(l.contains("previewing by [") && l.contains(&pv_id), "{l}");
+    assert_eq!(line("kubernetes"), "> kubernetes - normal");
+    assert!(
+        out.contains("---- User connecting to cluster ----"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("session {connect_id})")), "{out}");
+
+    let (code, out) = ktctl_exit(&["birdseye", "--hideNaturalService", "-o", "json"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("\"kubernetes\""), "{out}");
+    assert!(out.contains("\"state\": \"exchanged\""), "{out}");
+    drop(pv);
+    drop(ex);
+}

@@ -52,10 +52,12 @@ pub struct Anchor {
     pub grace_secs: i64,
     /// Seconds since the API server last saw it renewed; `None` if it cannot tell.
     pub idle_secs: Option<i64>,
+    /// When it began (the anchor's creation, RFC 3339).
+    pub since: String,
 }
 
 impl Anchor {
-    fn from_lease(l: &Lease, now: Timestamp) -> Anchor {
+    pub fn from_lease(l: &Lease, now: Timestamp) -> Anchor {
         let a = l.metadata.annotations.clone().unwrap_or_default();
         let get = |k: &str| a.get(k).cloned().unwrap_or_default();
         let lease = l.metadata.name.clone().unwrap_or_default();
@@ -78,6 +80,12 @@ impl Anchor {
                 )
             }),
             idle_secs: session::idle_seconds(l, now),
+            since: l
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -86,7 +94,7 @@ impl Anchor {
         self.idle_secs.is_none_or(|idle| idle <= secs)
     }
 
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let mut s = format!("session {}", self.id);
         if !self.command.is_empty() {
             s.push_str(&format!(" ({}", self.command));
@@ -171,7 +179,7 @@ fn human_secs(s: i64) -> String {
 
 /// Why `recover` does nothing: a session that still holds the Service is alive.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Alive(pub Anchor);
+pub struct Alive(pub Box<Anchor>);
 
 impl std::fmt::Display for Alive {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -366,7 +374,7 @@ impl Survey {
             if let Some(a) = self.anchor(id)
                 && alive(a)
             {
-                return Err(Alive(a.clone()));
+                return Err(Alive(Box::new(a.clone())));
             }
         }
         let mut steps = vec![];

@@ -1,5 +1,6 @@
 //! One module per command, and what they share: a session with a shadow and its tunnel.
 
+pub mod birdseye;
 pub mod clean;
 pub mod config;
 pub mod connect;

@@ -10,6 +10,7 @@ fn anchor(id: &str, idle: i64) -> Anchor {
         owner: "alice@laptop".into(),
         grace_secs: 30,
         idle_secs: Some(idle),
+        since: "2026-12-02T08:00:00Z".into(),
     }
 }
 
