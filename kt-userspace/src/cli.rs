@@ -185,12 +185,40 @@ pub struct ConnectArgs {
         value_parser = clap::value_parser!(u64).range(0..=86_400)
     )]
     pub dns_cache_ttl: u64,
-    /// Share one shadow among users of the namespace (kt-connect); see the README
+    /// kt-connect's shared shadow: refused, as every session's shadow holds credentials only
+    /// that session has
     #[arg(long = "shareShadow", visible_alias = "share-shadow")]
     pub share_shadow: bool,
     /// Do not route pod IPs, only Service IPs
     #[arg(long = "disablePodIp", visible_alias = "disable-pod-ip")]
     pub disable_pod_ip: bool,
+    /// localDNS: cluster names answered here, the rest by this machine's resolvers;
+    /// podDNS: every name by the cluster's DNS (hosts is refused: ktctl never edits /etc/hosts)
+    #[arg(
+        long = "dnsMode",
+        visible_alias = "dns-mode",
+        default_value = "localDNS",
+        value_parser = parse_dns_mode
+    )]
+    pub dns_mode: DnsMode,
+    /// Answer the host names of the namespace's Ingresses with this address
+    #[arg(long = "ingressIp", visible_alias = "ingress-ip")]
+    pub ingress_ip: Option<std::net::Ipv4Addr>,
+    /// kt-connect's tun2socks or sshuttle: accepted; ktctl redirects with eBPF socket hooks
+    #[arg(long, value_enum, hide_possible_values = false)]
+    pub mode: Option<ConnectMode>,
+    /// Accepted for kt-connect's scripts: ktctl has no TUN device
+    #[arg(long = "disableTunDevice", visible_alias = "disable-tun-device")]
+    pub disable_tun_device: bool,
+    /// Accepted for kt-connect's scripts: ktctl adds no routes
+    #[arg(long = "disableTunRoute", visible_alias = "disable-tun-route")]
+    pub disable_tun_route: bool,
+    /// Accepted for kt-connect's scripts: ktctl runs no SOCKS proxy
+    #[arg(long = "proxyPort", visible_alias = "proxy-port")]
+    pub proxy_port: Option<u16>,
+    /// Accepted for kt-connect's scripts: ktctl runs no SOCKS proxy
+    #[arg(long = "proxyAddr", visible_alias = "proxy-addr")]
+    pub proxy_addr: Option<String>,
     #[command(flatten)]
     pub session: SessionArgs,
     /// cgroup v2 to hook machine-wide (default: $KT_CGROUP, else the cgroup v2 root)
@@ -199,6 +227,39 @@ pub struct ConnectArgs {
     /// Run CMD with the cluster reachable for it (and its children) only; ends with CMD
     #[arg(last = true, value_name = "CMD")]
     pub cmd: Vec<String>,
+}
+
+/// kt-connect's connect modes.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+#[value(rename_all = "lower")]
+pub enum ConnectMode {
+    Tun2socks,
+    Sshuttle,
+}
+
+/// `--dnsMode`, in kt-connect's forms (`localDNS[:order]`, `podDNS`, `hosts[:namespaces]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DnsMode {
+    /// With kt-connect's optional order (ktctl's is fixed; see connect).
+    Local(Option<String>),
+    Pod,
+    Hosts(Option<String>),
+}
+
+/// Parses `--dnsMode` (mode names are case-insensitive).
+pub fn parse_dns_mode(s: &str) -> Result<DnsMode, String> {
+    let (mode, param) = match s.split_once(':') {
+        Some((m, p)) => (m, Some(p.to_string()).filter(|p| !p.is_empty())),
+        None => (s, None),
+    };
+    match mode.to_ascii_lowercase().as_str() {
+        "localdns" => Ok(DnsMode::Local(param)),
+        "poddns" => Ok(DnsMode::Pod),
+        "hosts" => Ok(DnsMode::Hosts(param)),
+        _ => Err(format!(
+            "{s:?}: give localDNS, podDNS or hosts (kt-connect's modes)"
+        )),
+    }
 }
 
 /// What every command that runs a shadow takes.
@@ -319,7 +380,7 @@ pub struct ExchangeArgs {
 pub enum MeshMode {
     /// A shared header router takes the Service; your header's requests come to you
     Auto,
-    /// Only a shadow with the workload's labels plus version=<mark>, for your Istio rules
+    /// Only a shadow with the Service's selector labels plus <key>=<mark>, for your Istio rules
     Manual,
 }
 
@@ -333,7 +394,7 @@ pub struct MeshArgs {
     /// auto or manual
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: MeshMode,
-    /// key:val, val (key VERSION) or key: (a random val): requests with header key=val come here
+    /// key:val, val (key version) or key: (a random val): requests with header key: val come here
     #[arg(long = "versionMark", visible_alias = "version-mark")]
     pub version_mark: Option<String>,
     /// Image of the mesh router (default: the shadow's image)
@@ -408,21 +469,25 @@ pub struct ConfigArgs {
 pub enum ConfigAction {
     /// Show the items set (--all: every item, with its built-in default)
     Show {
+        /// Every item, also those not set (with the built-in default when there is one)
         #[arg(short = 'a', long)]
         all: bool,
     },
     /// Print the value of items
     Get {
+        /// Items, as <group>.<item> (global.namespace)
         #[arg(required = true)]
         items: Vec<String>,
     },
     /// Set an item: `set <item> <value>`, `set <item>=<value>` or `set <item> = <value>`
     Set {
+        /// <group>.<item> <value>, <group>.<item>=<value> or <group>.<item> = <value>
         #[arg(required = true, num_args = 1..=3, allow_hyphen_values = true)]
         words: Vec<String>,
     },
     /// Remove items, so that their flags have their built-in defaults again
     Unset {
+        /// Items, as <group>.<item>
         items: Vec<String>,
         /// Every item
         #[arg(short = 'a', long, conflicts_with = "items")]
@@ -431,16 +496,23 @@ pub enum ConfigAction {
     /// List the saved profiles
     ListProfile,
     /// Save the current config as a profile
-    SaveProfile { name: String },
+    SaveProfile {
+        /// Letters, digits, '-', '_' and '.'
+        name: String,
+    },
     /// Make a profile the current config
     LoadProfile {
+        /// A saved profile (list-profile lists them)
         name: String,
         /// Print the profile instead of loading it
         #[arg(long = "dryRun", visible_alias = "dry-run")]
         dry_run: bool,
     },
     /// Delete a profile
-    DropProfile { name: String },
+    DropProfile {
+        /// A saved profile
+        name: String,
+    },
 }
 
 /// How a listing is printed.
@@ -567,6 +639,88 @@ mod tests {
             Command::Connect(a) => a,
             other => panic!("not connect: {other:?}"),
         }
+    }
+
+    #[test]
+    fn dns_modes_parse_in_kt_connects_forms() {
+        assert_eq!(parse_dns_mode("localDNS"), Ok(DnsMode::Local(None)));
+        assert_eq!(
+            parse_dns_mode("localDNS:upstream,cluster"),
+            Ok(DnsMode::Local(Some("upstream,cluster".into())))
+        );
+        assert_eq!(parse_dns_mode("podDNS"), Ok(DnsMode::Pod));
+        assert_eq!(parse_dns_mode("PODDNS"), Ok(DnsMode::Pod));
+        assert_eq!(
+            parse_dns_mode("hosts:default,dev"),
+            Ok(DnsMode::Hosts(Some("default,dev".into())))
+        );
+        assert!(parse_dns_mode("tun").is_err());
+        let cli = parse(&["connect"]);
+        assert_eq!(connect(cli).dns_mode, DnsMode::Local(None), "the default");
+    }
+
+    #[test]
+    fn kt_connects_global_flags_parse_before_or_after_the_command() {
+        for args in [
+            &[
+                "-c",
+                "/k",
+                "-i",
+                "img",
+                "-f",
+                "-l",
+                "a=b",
+                "--portForwardTimeout",
+                "20",
+                "connect",
+            ][..],
+            &[
+                "connect",
+                "-c",
+                "/k",
+                "-i",
+                "img",
+                "-f",
+                "-l",
+                "a=b",
+                "--port-forward-timeout",
+                "20",
+            ],
+        ] {
+            let cli = parse(args);
+            assert_eq!(
+                cli.global.kubeconfig.as_deref(),
+                Some(std::path::Path::new("/k"))
+            );
+            assert_eq!(cli.global.image, "img");
+            assert!(cli.global.force_update);
+            assert_eq!(cli.global.with_label.as_deref(), Some("a=b"));
+            assert_eq!(cli.global.port_forward_timeout, 20);
+        }
+        let cli = parse(&[
+            "connect",
+            "--mode",
+            "sshuttle",
+            "--disableTunDevice",
+            "--disable-tun-route",
+            "--proxyPort",
+            "2223",
+            "--proxyAddr",
+            "127.0.0.1",
+            "--ingressIp",
+            "10.0.0.1",
+            "--serviceAccount",
+            "default",
+            "--useShadowDeployment",
+            "--useLocalTime",
+        ]);
+        assert_eq!(connect(cli).mode, Some(ConnectMode::Sshuttle));
+        let e = Cli::try_parse_from(["ktctl", "-v"]).expect_err("prints the version");
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert_eq!(
+            e.to_string().trim(),
+            format!("ktctl version {}", env!("CARGO_PKG_VERSION"))
+        );
     }
 
     #[test]

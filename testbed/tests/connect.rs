@@ -611,3 +611,181 @@ fn diagnose_measures_the_tunnel_and_cleans_up() {
     }
     assert!(out.contains("Deleted lease/ktctl-"), "{out}");
 }
+
+/// What the laptop's resolver path gives for `name` (empty when it does not resolve).
+fn resolve(name: &str) -> String {
+    text(&run_in(Machine::Laptop, &["getent", "ahostsv4", name]))
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// kt-connect's connect flags: `--dnsMode hosts` is refused with its reason and creates
+/// nothing; `--ingressIp` answers the namespace's Ingress hosts with that address (here the
+/// nginx Service's, so the page comes through the tunnel); `--dnsMode podDNS` asks the
+/// cluster's DNS for every name (one only the cluster knows resolves, and not without it);
+/// the flags without meaning here are accepted and said so.
+fn kt_connects_connect_flags_do_what_they_mean_here() {
+    let _tb = testbed();
+    seed_nginx();
+    let leases = kubectl(&["get", "leases", "-l", "kt.dev/role=anchor", "-o", "name"]);
+    let (code, out) = ktctl_exit(&["connect", "--dnsMode", "hosts:default"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("never edits /etc/hosts"), "{out}");
+    assert_eq!(
+        kubectl(&["get", "leases", "-l", "kt.dev/role=anchor", "-o", "name"]),
+        leases,
+        "no session"
+    );
+
+    let ip = kubectl(&["get", "svc", "nginx", "-o", "jsonpath={.spec.clusterIP}"]);
+    laptop_sh("kubectl delete ingress e2e-shop --ignore-not-found");
+    laptop_ok(&[
+        "kubectl",
+        "create",
+        "ingress",
+        "e2e-shop",
+        "--rule=shop.kt.test/*=nginx:80",
+    ]);
+    let k = Ktctl::connect(&[
+        "--ingressIp",
+        &ip,
+        "--mode",
+        "tun2socks",
+        "--disableTunDevice",
+        "--proxyPort",
+        "2223",
+        "--dnsMode",
+        "localDNS:upstream,cluster",
+    ]);
+    let out = k.output();
+    for flag in [
+        "--mode tun2socks",
+        "--disableTunDevice",
+        "--proxyPort",
+        "--dnsMode localDNS:upstream,cluster",
+    ] {
+        assert!(
+            out.lines()
+                .any(|l| l.contains(flag) && l.contains("accepted")),
+            "{flag} is said to be accepted: {out}"
+        );
+    }
+    assert_eq!(resolve("shop.kt.test"), ip, "{}", k.output());
+    assert_eq!(curl("http://shop.kt.test/"), PAGE);
+    assert_eq!(
+        resolve("pod-dns-only.kt.test"),
+        "",
+        "localDNS: this machine's resolver"
+    );
+    drop(k);
+    kubectl(&["delete", "ingress", "e2e-shop"]);
+
+    let k = Ktctl::connect(&["--dnsMode", "podDNS"]);
+    assert_eq!(
+        resolve("pod-dns-only.kt.test"),
+        "10.96.200.200",
+        "the cluster's DNS answers every name: {}",
+        k.output()
+    );
+    assert_eq!(curl("http://nginx/"), PAGE, "cluster names still resolve");
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// kt-connect's global flags reach the shadow pod: `--podQuota` in kt-connect's syntax,
+/// `-l/--withLabel`, `--withAnnotation`, `-f/--forceUpdate`; `--portForwardTimeout` and
+/// `-c` are taken before the command as kt-connect's cobra flags are; a config default from
+/// `~/.kt/config` applies and the command line wins over it.
+fn kt_connects_global_flags_shape_the_shadow_and_config_gives_defaults() {
+    let tb = testbed();
+    seed_nginx();
+    let home = tb.layout.kt_home(Machine::Laptop);
+    std::fs::create_dir_all(&home).expect("kt home");
+    let config = home.join("config");
+    // Whatever happens, the next tests run without this config.
+    struct Forget(std::path::PathBuf);
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _forget = Forget(config.clone());
+    std::fs::write(
+        &config,
+        "global:\n    with-annotation: from=config\n    pod-quota: 0.25c,96m\n",
+    )
+    .expect("config");
+    let kubeconfig = tb.layout.kubeconfig();
+    let k = Ktctl::connect_with(&[
+        "-c",
+        &kubeconfig.display().to_string(),
+        "--portForwardTimeout",
+        "20",
+        "--podQuota",
+        "0.5c,128m",
+        "-l",
+        "team=qa,tier=dev",
+        "-f",
+        "connect",
+    ]);
+    let id = session_id(&k);
+    let pod = format!("kt-connect-shadow-{id}");
+    let get = |path: &str| kubectl(&["get", "pod", &pod, "-o", &format!("jsonpath={path}")]);
+    assert_eq!(get("{.spec.containers[0].resources.limits.cpu}"), "500m");
+    assert_eq!(
+        get("{.spec.containers[0].resources.limits.memory}"),
+        "128Mi"
+    );
+    assert_eq!(
+        get("{.spec.containers[0].resources.requests.memory}"),
+        "128Mi"
+    );
+    assert_eq!(get("{.spec.containers[0].imagePullPolicy}"), "Always");
+    assert_eq!(get("{.metadata.labels.team}"), "qa");
+    assert_eq!(get("{.metadata.labels.tier}"), "dev");
+    assert_eq!(
+        get("{.metadata.labels.kt\\.dev/session}"),
+        id,
+        "the session's labels win"
+    );
+    assert_eq!(
+        get("{.metadata.annotations.from}"),
+        "config",
+        "a config default"
+    );
+    assert_eq!(curl("http://nginx/"), PAGE);
+    drop(k);
+    std::fs::remove_file(&config).expect("remove config");
+
+    // `config set global.namespace team-a`, then a plain `ktctl connect` works in team-a.
+    laptop_sh("kubectl create namespace e2e-team-a");
+    let (code, out) = ktctl_exit(&["config", "set", "global.namespace", "e2e-team-a"]);
+    assert_eq!(code, Some(0), "{out}");
+    let k = Ktctl::connect(&[]);
+    assert!(
+        k.output().contains("namespace e2e-team-a"),
+        "{}",
+        k.output()
+    );
+    let id = session_id(&k);
+    let pods = kubectl(&[
+        "-n",
+        "e2e-team-a",
+        "get",
+        "pods",
+        "-l",
+        &format!("kt.dev/session={id}"),
+        "-o",
+        "name",
+    ]);
+    assert_eq!(pods, format!("pod/kt-connect-shadow-{id}"));
+    drop(k);
+    let (code, out) = ktctl_exit(&["config", "unset", "global.namespace"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (_, out) = ktctl_exit(&["config", "show"]);
+    assert!(!out.contains("global.namespace"), "{out}");
+}

@@ -77,6 +77,11 @@ fn exchange_redirects_a_service_to_local_and_restores_it_exactly() {
     // Cut the tunnel (the port-forward's leg into the shadow): requests work again within 5 s
     // of the reconnect, without restarting ktctl.
     let shadow = shadow_of(&id);
+    assert_eq!(
+        shadow,
+        format!("nginx-kt-exchange-{id}"),
+        "kt-connect's name"
+    );
     let node = kubectl(&["get", "pod", &shadow, "-o", "jsonpath={.spec.nodeName}"]);
     let node = Machine::parse(&node).expect("node");
     let lines_before = k.output().lines().count();
@@ -363,6 +368,7 @@ fn preview_makes_a_service_and_forward_reaches_it_across_a_deleted_pod() {
 
     // The pod forward uses goes away; A's ktctl starts a new shadow and B's forward finds it.
     let shadow = shadow_of(&id);
+    assert_eq!(shadow, format!("nginx-v2-kt-{id}"), "kt-connect's name");
     kubectl(&["delete", "pod", &shadow, "--wait=false"]);
     eventually(
         "forward to recover on its own",
@@ -370,7 +376,7 @@ fn preview_makes_a_service_and_forward_reaches_it_across_a_deleted_pod() {
         || from_laptop("http://localhost:6060") == LOCAL,
     );
     b.wait_for(
-        &format!("Forwarding to pod kt-connect-shadow-{id}-1"),
+        &format!("Forwarding to pod {shadow}-1"),
         Duration::from_secs(5),
     );
 

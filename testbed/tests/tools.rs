@@ -19,6 +19,21 @@ fn crash(k: &mut Ktctl, id: &str) {
     assert_eq!(k.stop(libc::SIGKILL, Duration::from_secs(10)), None);
 }
 
+/// A second Service to exchange or mesh beside nginx (same image, its own page).
+fn second_service() {
+    if !exists("deploy/e2e-tools") {
+        kubectl(&[
+            "create",
+            "deployment",
+            "e2e-tools",
+            "--image=nginx:alpine",
+            "--port=80",
+        ]);
+        kubectl(&["expose", "deployment", "e2e-tools", "--port=80"]);
+    }
+    kubectl(&["rollout", "status", "deploy/e2e-tools", "--timeout=90s"]);
+}
+
 fn exists(what: &str) -> bool {
     run_in(Machine::Laptop, &["kubectl", "get", what])
         .status
@@ -98,17 +113,26 @@ fn recover_undoes_a_crashed_exchange_once_its_session_is_silent() {
 /// `ktctl clean` after a crashed mesh, while another developer is connected: the dry run changes
 /// nothing; the real run restores the Service and removes the dead session (its route, the
 /// router and the stuntman with it) and never touches the live session.
-fn clean_restores_a_crashed_mesh_and_leaves_a_live_session_alone() {
+fn clean_restores_a_crashed_mesh_and_exchange_and_leaves_a_live_session_alone() {
     let _tb = testbed();
     seed_nginx();
+    second_service();
     client_pod();
     let _local = LocalServer::start(80, LOCAL);
     let before = svc_spec("nginx");
+    let tools_before = svc_spec("e2e-tools");
     let live = Ktctl::connect(&[]);
     let live_id = session_id(&live);
+    let mut x = Ktctl::spawn(&["exchange", "e2e-tools", "--expose", "80", "--grace", "5"]);
+    x.wait_for(
+        "Now all request to service 'e2e-tools' will be redirected to local",
+        Duration::from_secs(120),
+    );
+    let x_id = session_id(&x);
     let mut k = Ktctl::spawn(&["mesh", "nginx", "--expose", "80", "--grace", "5"]);
     k.wait_for(MESHED, Duration::from_secs(120));
     let id = session_id(&k);
+    crash(&mut x, &x_id);
     crash(&mut k, &id);
 
     let (code, out) = ktctl_exit(&["clean", "--thresholdInMinus", "0", "--dryRun"]);
@@ -143,9 +167,13 @@ fn clean_restores_a_crashed_mesh_and_leaves_a_live_session_alone() {
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains("Restored the selector of service 'nginx' (meshed)")
-            && out.contains(&format!("Removed session {id}")),
+            && out.contains(&format!("Removed session {id}"))
+            && out.contains("Restored the selector of service 'e2e-tools' (taken by session")
+            && out.contains(&format!("Removed session {x_id}"))
+            && out.contains("Removed lock e2e-tools-kt-lock"),
         "{out}"
     );
+    assert_eq!(svc_spec("e2e-tools"), tools_before);
     assert!(!out.contains(&live_id), "{out}");
     assert_eq!(svc_spec("nginx"), before);
     assert!(!svc_annotations("nginx").contains("kt.dev/"));
@@ -245,7 +273,7 @@ fn status_lists_running_ktctls_and_stop_ends_them_gracefully() {
     assert_eq!(code, Some(2), "pid 1 is not a ktctl: {out}");
     let (code, out) = ktctl_exit(&["stop"]);
     assert_eq!(code, Some(2), "{out}");
-    let (code, out) = ktctl_exit(&["stop", &pid]);
+    let (code, out) = ktctl_exit(&["stop", "--all"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
         out.contains(&format!("Stopped connect (pid {pid})")),
@@ -276,6 +304,18 @@ fn birdseye_shows_exchanged_and_previewed_services_and_who_is_connected() {
         Duration::from_secs(120),
     );
     let pv_id = session_id(&pv);
+    second_service();
+    let _b_page = LocalServer::start(8081, "birdseye mesh");
+    let mut me = Ktctl::spawn(&[
+        "mesh",
+        "e2e-tools",
+        "--expose",
+        "8081:80",
+        "--versionMark",
+        "e2e",
+    ]);
+    me.wait_for(MESHED, Duration::from_secs(120));
+    let me_id = session_id(&me);
 
     let (code, out) = ktctl_exit(&["birdseye", "--showConnector", "--sortBy", "name"]);
     assert_eq!(code, Some(0), "{out}");
@@ -294,16 +334,74 @@ fn birdseye_shows_exchanged_and_previewed_services_and_who_is_connected() {
     let l = line("e2e-birdseye");
     assert!(l.contains("previewing by [") && l.contains(&pv_id), "{l}");
     assert_eq!(line("kubernetes"), "> kubernetes - normal");
+    let l = line("e2e-tools");
+    assert!(
+        l.contains("meshed (auto) by [") && l.contains(&me_id),
+        "{l}"
+    );
+    assert!(
+        !out.contains("e2e-tools-kt-stuntman") && !out.contains("e2e-tools-kt-mesh-e2e"),
+        "ktctl's helpers are not listed: {out}"
+    );
     assert!(
         out.contains("---- User connecting to cluster ----"),
         "{out}"
     );
     assert!(out.contains(&format!("session {connect_id})")), "{out}");
 
-    let (code, out) = ktctl_exit(&["birdseye", "--hideNaturalService", "-o", "json"]);
+    let (code, out) = ktctl_exit(&[
+        "birdseye",
+        "--hideNaturalService",
+        "--showConnector",
+        "-o",
+        "json",
+    ]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(!out.contains("\"kubernetes\""), "{out}");
-    assert!(out.contains("\"state\": \"exchanged\""), "{out}");
+    // stdout's JSON, without the log lines stderr interleaves (they start with the time).
+    let json: String = out
+        .lines()
+        .filter(|l| !l.starts_with(|c: char| c.is_ascii_digit()))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let doc: serde_json::Value = serde_json::from_str(&json).expect(&json);
+    let state = |svc: &str| {
+        doc["services"]
+            .as_array()
+            .expect("services")
+            .iter()
+            .find(|s| s["service"] == svc)
+            .map(|s| {
+                (
+                    s["state"].as_str().unwrap_or_default().to_string(),
+                    s["by"][0]["session"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_string(),
+                )
+            })
+    };
+    assert_eq!(state("nginx"), Some(("exchanged".into(), ex_id.clone())));
+    assert_eq!(
+        state("e2e-tools"),
+        Some(("meshed (auto)".into(), me_id.clone()))
+    );
+    assert_eq!(
+        state("e2e-birdseye"),
+        Some(("previewing".into(), pv_id.clone()))
+    );
+    assert_eq!(state("kubernetes"), None, "--hideNaturalService");
+    assert!(
+        doc["connectors"]
+            .as_array()
+            .expect("connectors")
+            .iter()
+            .any(|c| c["session"] == connect_id.as_str()),
+        "{json}"
+    );
+    // As it happens: the mesh ends, and birdseye says so.
+    drop(me);
+    let (_, out) = ktctl_exit(&["birdseye"]);
+    assert!(out.contains("> e2e-tools - normal"), "{out}");
     drop(pv);
     drop(ex);
 }

@@ -38,6 +38,10 @@ pub const SHADOW_UID: i64 = 65532;
 /// How to run the shadow (kt-connect's flags).
 #[derive(Clone, Debug, Default)]
 pub struct ShadowOptions {
+    /// The shadow pod's name, as kt-connect names it for the command (`<svc>-kt-exchange-{id}`,
+    /// `<svc>-kt-mesh-<mark>`, `<name>-kt-{id}`; `{id}` is the session's id);
+    /// `kt-connect-shadow-{id}` when unset.
+    pub name: Option<String>,
     pub image: String,
     pub image_pull_secret: Option<String>,
     /// imagePullPolicy Always (`--forceUpdate`).
@@ -143,12 +147,31 @@ pub fn parse_quota(s: &str) -> Result<Quota, String> {
     Ok(q)
 }
 
+/// Requests and limits (equal) of a pod of ktctl's, from `--podQuota`; none when not given.
+pub fn resources(quota: &Quota) -> Option<ResourceRequirements> {
+    let amounts: BTreeMap<String, Quantity> = [("cpu", &quota.cpu), ("memory", &quota.memory)]
+        .into_iter()
+        .filter_map(|(k, v)| Some((k.to_string(), Quantity(v.clone()?))))
+        .collect();
+    (!amounts.is_empty()).then(|| ResourceRequirements {
+        limits: Some(amounts.clone()),
+        requests: Some(amounts),
+        ..Default::default()
+    })
+}
+
 /// The shadow's pod name for the session's `n`th shadow (0: the first; a replacement gets a
-/// new name, so that nothing can mistake it for the pod it replaces).
-pub fn pod_name(session: &Session, n: u32) -> String {
+/// new name, so that nothing can mistake it for the pod it replaces). kt-connect's names:
+/// `kt-connect-shadow-<id>` unless the command names it ([`ShadowOptions::name`]).
+pub fn pod_name(session: &Session, opts: &ShadowOptions, n: u32) -> String {
+    let base = opts
+        .name
+        .as_deref()
+        .unwrap_or("kt-connect-shadow-{id}")
+        .replace("{id}", &session.id);
     match n {
-        0 => format!("kt-connect-shadow-{}", session.id),
-        n => format!("kt-connect-shadow-{}-{n}", session.id),
+        0 => base,
+        n => format!("{base}-{n}"),
     }
 }
 
@@ -251,7 +274,7 @@ pub async fn deploy_pod(
     client_ca_pem: &str,
     n: u32,
 ) -> Result<Pod, ClusterError> {
-    let name = pod_name(session, n);
+    let name = pod_name(session, opts, n);
     let pod = pod_spec(session, role, &name, opts, client_ca_pem);
     session.create(Kind::Pod, &pod).await?;
     wait_ready(kube, &name, opts.creation_timeout).await
@@ -307,16 +330,7 @@ fn pod_spec(
         protocol: Some("TCP".into()),
         ..Default::default()
     }));
-    let amounts: BTreeMap<String, Quantity> =
-        [("cpu", &opts.quota.cpu), ("memory", &opts.quota.memory)]
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.to_string(), Quantity(v.clone()?))))
-            .collect();
-    let resources = (!amounts.is_empty()).then(|| ResourceRequirements {
-        limits: Some(amounts.clone()),
-        requests: Some(amounts),
-        ..Default::default()
-    });
+    let resources = resources(&opts.quota);
     let container = Container {
         name: "shadow".into(),
         image: Some(opts.image.clone()),

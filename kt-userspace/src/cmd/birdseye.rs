@@ -238,7 +238,11 @@ pub fn render(namespace: &str, rows: &[Row], connectors: Option<&[Connector]>) -
 
 pub async fn run(global: &Global, args: &BirdseyeArgs) -> Result<u8> {
     let kube = super::connect_kube(global).await?;
-    kube.require(PERMISSIONS).await?;
+    kube.require_from(
+        PERMISSIONS,
+        "deploy/rbac-connect.yaml with deploy/rbac-inbound.yaml",
+    )
+    .await?;
     let c = &kube.client;
     let ns = &kube.namespace;
     let ours = ListParams::default().labels(&format!("{MANAGED_BY}=ktctl"));

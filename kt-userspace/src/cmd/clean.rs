@@ -15,8 +15,11 @@ pub async fn run(global: &Global, args: &CleanArgs) -> Result<u8> {
         return clean_local(args.dry_run);
     }
     let kube = super::connect_kube(global).await?;
-    kube.require_from(leftovers::PERMISSIONS, "deploy/rbac-inbound.yaml")
-        .await?;
+    kube.require_from(
+        leftovers::PERMISSIONS,
+        "deploy/rbac-connect.yaml with deploy/rbac-inbound.yaml",
+    )
+    .await?;
     let survey = Survey::take(&kube).await?;
     let threshold = i64::try_from(args.threshold_in_minus * 60).unwrap_or(i64::MAX);
     // Never less than twice the session's grace: its shadow gets the first chance, and a

@@ -15,7 +15,7 @@ use super::{AbortOnDrop, Signals};
 use crate::bpf::{HookConfig, Hooks};
 use crate::cgroup::{self, ChildCgroup};
 use crate::cidr::Plan;
-use crate::cli::{ConnectArgs, Global};
+use crate::cli::{ConnectArgs, DnsMode, Global};
 use crate::cluster::session::{self, Session};
 use crate::cluster::{CONNECT_PERMISSIONS, Kube};
 use crate::dns::{self, index::Index, names::Rules};
@@ -38,6 +38,13 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
         )
         .into());
     }
+    if let DnsMode::Hosts(_) = args.dns_mode {
+        return Err(EnvError::new(
+            "--dnsMode hosts: ktctl never edits /etc/hosts; it answers cluster names itself, to the programs it redirects (use --dnsMode localDNS, the default, or podDNS)",
+        )
+        .into());
+    }
+    compatibility_notes(args);
     crate::preflight::check()?;
     let mut shadow_opts = super::shadow_options(global)?;
     let attach_to = cgroup::target(args.cgroup.as_deref())?;
@@ -92,6 +99,31 @@ pub async fn run(global: &Global, args: &ConnectArgs) -> Result<u8> {
     .await
 }
 
+/// kt-connect's connect flags that mean nothing here: one line each, saying why.
+fn compatibility_notes(args: &ConnectArgs) {
+    if let Some(m) = args.mode {
+        tracing::info!(
+            "--mode {}: accepted for compatibility; ktctl redirects with eBPF socket hooks, without a TUN device or sshuttle",
+            format!("{m:?}").to_lowercase()
+        );
+    }
+    if let DnsMode::Local(Some(order)) = &args.dns_mode {
+        tracing::info!(
+            "--dnsMode localDNS:{order}: accepted; ktctl's order is fixed: cluster names are answered from the cluster, every other name by this machine's resolvers"
+        );
+    }
+    if args.disable_tun_device || args.disable_tun_route {
+        tracing::info!(
+            "--disableTunDevice/--disableTunRoute: accepted for compatibility; ktctl makes no TUN device and adds no routes"
+        );
+    }
+    if args.proxy_port.is_some() || args.proxy_addr.is_some() {
+        tracing::info!(
+            "--proxyPort/--proxyAddr: accepted for compatibility; ktctl runs no SOCKS proxy"
+        );
+    }
+}
+
 /// The cluster's CIDRs plus --includeIps, minus --excludeIps and the API server.
 async fn plan(kube: &Kube, args: &ConnectArgs) -> Result<Plan> {
     let mut include = kube.cidrs(!args.disable_pod_ip).await?;
@@ -138,11 +170,19 @@ async fn connected(
         .filter(|r| !plan.is_cluster(*r))
         .take(15)
         .collect();
-    let index = Index::start(kube).await?;
+    let mut index = Index::start(kube).await?;
+    if let Some(ip) = args.ingress_ip {
+        index.watch_ingresses(kube, ip).await?;
+        tracing::info!(
+            "Ingress hosts of namespace {} resolve to {ip}",
+            kube.namespace
+        );
+    }
     let rules = Rules {
         cluster_domain: args.cluster_domain.clone(),
         namespace: kube.namespace.clone(),
         host_search: search,
+        pod_dns: args.dns_mode == DnsMode::Pod,
     };
     let shared = dns::Shared::new(
         rules,

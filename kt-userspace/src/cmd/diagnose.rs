@@ -114,7 +114,7 @@ pub async fn run(global: &Global, args: &DiagnoseArgs) -> Result<u8> {
         &opts,
         "diagnose",
         Duration::from_secs(30),
-        Duration::from_secs(20),
+        Duration::from_secs(global.port_forward_timeout),
         &interrupts,
         super::Signals::EndBody,
         async |_session, tunnel| measure(tunnel, args).await,

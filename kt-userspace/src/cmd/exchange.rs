@@ -24,7 +24,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use super::Signals;
 use super::inbound::{self, LockMode, Target};
 use crate::cli::{ExchangeArgs, ExchangeMode, Global};
-use crate::cluster::session::{self, ROLE_LABEL, SESSION_LABEL, Session};
+use crate::cluster::session::{ROLE_LABEL, SESSION_LABEL, Session};
 use crate::cluster::{CONNECT_PERMISSIONS, ClusterError, Kube};
 use crate::error::{EnvError, Error, Result};
 use crate::interrupt::Interrupts;
@@ -51,15 +51,12 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
         ExchangeMode::Scale => Some(deployment_of(&kube, &target, &svc).await?),
     };
     inbound::check_local_ports(expose, args.expose.skip_port_checking).await?;
-    if !args.session.skip_cleanup {
-        for id in session::clean_expired(&kube).await? {
-            tracing::info!("Removed expired session {id}");
-        }
-    }
+    inbound::clean_dead(&kube, args.session.skip_cleanup).await?;
     inbound::check_lock(&kube, &svc_name, LockMode::Exclusive).await?;
 
     let mut opts = super::shadow_options(global)?;
     opts.ports = inbound::remote_ports(expose);
+    opts.name = Some(format!("{svc_name}-kt-exchange-{{id}}"));
     match &deployment {
         None => opts.restore = vec![format!("service/{svc_name}")],
         Some(d) => {
@@ -197,8 +194,7 @@ async fn keep_selector(
         let obj = match ev {
             Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => o,
             Ok(watcher::Event::Delete(_)) => {
-                return EnvError::new(format!("service '{svc}' was deleted while exchanged"))
-                    .into();
+                return Error::Runtime(format!("service '{svc}' was deleted while exchanged"));
             }
             Ok(_) => continue,
             Err(e) => {

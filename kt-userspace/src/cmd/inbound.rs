@@ -471,6 +471,24 @@ pub async fn take_lock(session: &Session, kube: &Kube, svc: &str, mode: LockMode
     }
 }
 
+/// Before an inbound command changes anything: what sessions that are gone left behind
+/// (anchors silent for twice their grace) is undone and removed, as `ktctl clean` does, so
+/// that a dead session's lock or selector does not stand in the way. `skip`: `--skipCleanup`.
+pub async fn clean_dead(kube: &Kube, skip: bool) -> Result<()> {
+    if skip {
+        return Ok(());
+    }
+    let survey = crate::cluster::leftovers::Survey::take(kube).await?;
+    for step in survey.clean(|a| a.alive_within(2 * a.grace_secs)) {
+        match crate::cluster::leftovers::apply(kube, &step).await {
+            Ok(true) => tracing::info!("{}", step.describe(true)),
+            Ok(false) => {}
+            Err(e) => tracing::warn!("{}: {e}", step.describe(false)),
+        }
+    }
+    Ok(())
+}
+
 /// Waits for the end of an inbound command: a signal (returned as [`Error::Interrupted`]).
 pub async fn until_interrupted(interrupts: &Interrupts, mark: u64) -> Error {
     Error::Interrupted(interrupts.after(mark).await)

@@ -33,7 +33,7 @@ use serde::de::DeserializeOwned;
 use super::Signals;
 use super::inbound::{self, LockMode, Target};
 use crate::cli::{Global, MeshArgs, MeshMode};
-use crate::cluster::session::{self, Kind, MANAGED_BY, ROLE_LABEL, SESSION_LABEL, Session};
+use crate::cluster::session::{Kind, MANAGED_BY, ROLE_LABEL, SESSION_LABEL, Session};
 use crate::cluster::shadow::{self, HEALTH_PORT};
 use crate::cluster::{CONNECT_PERMISSIONS, ClusterError, Kube};
 use crate::error::{EnvError, Error, Result};
@@ -81,7 +81,7 @@ pub fn parse_mark(s: Option<&str>, manual: bool) -> std::result::Result<Mark, En
     let label_ok = value.len() <= 63
         && value
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
         && value
             .bytes()
             .next()
@@ -92,7 +92,7 @@ pub fn parse_mark(s: Option<&str>, manual: bool) -> std::result::Result<Mark, En
             .is_some_and(|b| b.is_ascii_alphanumeric());
     if !label_ok {
         return Err(EnvError::new(format!(
-            "--versionMark: {value:?} must also work as a label value and a name part: up to 63 of [A-Za-z0-9-_.], starting and ending alphanumeric"
+            "--versionMark: {value:?} must also work as a label value and part of object names: up to 63 of [A-Za-z0-9-], starting and ending alphanumeric"
         )));
     }
     if manual
@@ -138,9 +138,26 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
     let selector = inbound::selector_of(&svc)?;
     inbound::check_remote_ports(&svc, expose)?;
     inbound::check_local_ports(expose, args.expose.skip_port_checking).await?;
-    if !args.session.skip_cleanup {
-        for id in session::clean_expired(&kube).await? {
-            tracing::info!("Removed expired session {id}");
+    inbound::clean_dead(&kube, args.session.skip_cleanup).await?;
+    let name = route_name(&svc_name, &mark);
+    if name.len() > 63 {
+        return Err(EnvError::new(format!(
+            "--versionMark: {:?} makes the name {name} longer than Kubernetes' 63 characters; use a shorter mark",
+            mark.value
+        ))
+        .into());
+    }
+    if manual {
+        let taken = Api::<Pod>::namespaced(kube.client.clone(), &kube.namespace)
+            .get_opt(&name)
+            .await
+            .map_err(|e| ClusterError::api("reading the shadow pods", e))?;
+        if taken.is_some() {
+            return Err(EnvError::new(format!(
+                "another developer meshes service '{svc_name}' with mark '{}' already (pod {name}); choose another --versionMark",
+                mark.value
+            ))
+            .into());
         }
     }
     if !manual {
@@ -159,6 +176,7 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
     }
     let mut opts = super::shadow_options(global)?;
     opts.ports = inbound::remote_ports(expose);
+    opts.name = Some(route_name(&svc_name, &mark));
     if !manual {
         // If this ktctl dies, its shadow puts the selector back when no other session meshes.
         opts.restore = vec![format!("mesh/{svc_name}")];
@@ -439,6 +457,7 @@ impl Meshed<'_> {
                         ..Default::default()
                     }),
                     security_context: Some(shadow::restricted_container()),
+                    resources: shadow::resources(&self.opts.quota),
                     ..Default::default()
                 }],
                 service_account_name: Some(router.clone()),
@@ -456,7 +475,7 @@ impl Meshed<'_> {
             ..Default::default()
         };
         ensure(&Api::<Pod>::namespaced(client.clone(), ns), &pod, &owner).await?;
-        shadow::wait_ready(self.kube, &router, Duration::from_secs(60)).await?;
+        shadow::wait_ready(self.kube, &router, self.opts.creation_timeout).await?;
         Ok(())
     }
 
@@ -472,9 +491,11 @@ impl Meshed<'_> {
             (MESH_OF.to_string(), self.name.to_string()),
         ]);
         let router = self.router_name();
+        let mut took = false;
         let r = changes::modify(&api, self.name, |s: &mut Service| {
             let current = s.spec.as_ref().and_then(|s| s.selector.as_ref());
-            if current == Some(&router_selector) {
+            took = current != Some(&router_selector);
+            if !took {
                 return Ok::<_, Holder>(false);
             }
             changes::take_selector(s, &by, router_selector.clone())?;
@@ -486,7 +507,7 @@ impl Meshed<'_> {
         })
         .await;
         match r {
-            Ok(Some(_)) => {
+            Ok(Some(_)) if took => {
                 tracing::info!(
                     "Service '{}' goes through the mesh router {router}",
                     self.name
@@ -495,6 +516,13 @@ impl Meshed<'_> {
                     r.changed
                         .push(format!("selector of service/{} (mesh router)", self.name))
                 });
+                Ok(())
+            }
+            Ok(Some(_)) => {
+                tracing::info!(
+                    "Service '{}' already goes through the mesh router {router}",
+                    self.name
+                );
                 Ok(())
             }
             Ok(None) => Err(EnvError::new(format!("service '{}' was deleted", self.name)).into()),
@@ -636,7 +664,15 @@ mod tests {
         assert!(random.value.bytes().all(|b| b.is_ascii_lowercase()));
         let default = parse_mark(None, false).expect("default");
         assert_eq!(default.key, "version");
-        for bad in ["bad header:v", "x:two words", "x:é", ":v", "x:-v"] {
+        for bad in [
+            "bad header:v",
+            "x:two words",
+            "x:é",
+            ":v",
+            "x:-v",
+            "x:a_b",
+            "x:a.b",
+        ] {
             assert!(parse_mark(Some(bad), false).is_err(), "{bad:?} accepted");
         }
         assert!(

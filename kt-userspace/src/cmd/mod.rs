@@ -86,9 +86,10 @@ pub(crate) async fn with_shadow<T>(
                 SessionPki::generate(&session.id, 30).map_err(|e| Error::Runtime(e.to_string()))?;
             let role = format!("shadow-{command}");
             tracing::info!(
-                "Deploying shadow pod {} in namespace {}",
-                shadow::pod_name(&session, 0),
-                session.namespace
+                "Deploying shadow pod {} in namespace {} (session {})",
+                shadow::pod_name(&session, opts, 0),
+                session.namespace,
+                session.id
             );
             shadow::deploy_identity(&session, &role, &opts.restore).await?;
             let pod =

@@ -13,7 +13,7 @@ use kube::Api;
 use super::Signals;
 use super::inbound;
 use crate::cli::{Global, PreviewArgs};
-use crate::cluster::session::{self, Kind, ROLE_LABEL, SESSION_LABEL};
+use crate::cluster::session::{Kind, ROLE_LABEL, SESSION_LABEL};
 use crate::cluster::{CONNECT_PERMISSIONS, ClusterError};
 use crate::error::{EnvError, Error, Result};
 use crate::interrupt::Interrupts;
@@ -47,13 +47,10 @@ pub async fn run(global: &Global, args: &PreviewArgs) -> Result<u8> {
         .into());
     }
     inbound::check_local_ports(expose, args.expose.skip_port_checking).await?;
-    if !args.session.skip_cleanup {
-        for id in session::clean_expired(&kube).await? {
-            tracing::info!("Removed expired session {id}");
-        }
-    }
+    inbound::clean_dead(&kube, args.session.skip_cleanup).await?;
     let mut opts = super::shadow_options(global)?;
     opts.ports = inbound::remote_ports(expose);
+    opts.name = Some(format!("{name}-kt-{{id}}"));
     let interrupts =
         Interrupts::install("preview").map_err(|e| Error::io("handling signals", e))?;
     let mark = interrupts.count();

@@ -24,8 +24,11 @@ pub async fn run(global: &Global, args: &RecoverArgs) -> Result<u8> {
         }
     };
     let kube = super::connect_kube(global).await?;
-    kube.require_from(leftovers::PERMISSIONS, "deploy/rbac-inbound.yaml")
-        .await?;
+    kube.require_from(
+        leftovers::PERMISSIONS,
+        "deploy/rbac-connect.yaml with deploy/rbac-inbound.yaml",
+    )
+    .await?;
     let survey = Survey::take(&kube).await?;
     // A session is alive while its shadow would still wait for it (renewed within its grace).
     let steps = survey

@@ -8,6 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::Ingress;
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Resource};
@@ -44,6 +45,9 @@ pub struct Index {
     /// None: every namespace is watched; Some(ns): only that one.
     only: Option<String>,
     tasks: std::sync::Arc<Vec<tokio::task::AbortHandle>>,
+    /// `--ingressIp`: the address every Ingress host of the namespace is answered with, and
+    /// the watch of those Ingresses.
+    ingresses: Option<(std::net::Ipv4Addr, Store<Ingress>)>,
 }
 
 impl Drop for Index {
@@ -81,6 +85,33 @@ where
         }
     });
     (reader, task.abort_handle())
+}
+
+/// What `--ingressIp` needs.
+pub const INGRESS_PERMISSIONS: &[Permission] = &[
+    Permission {
+        verb: "list",
+        group: "networking.k8s.io",
+        resource: "ingresses",
+    },
+    Permission {
+        verb: "watch",
+        group: "networking.k8s.io",
+        resource: "ingresses",
+    },
+];
+
+/// An Ingress host (`app.example.com`, or `*.example.com` for exactly one more label) against
+/// a query name, both lowercase without the root dot.
+pub fn host_matches(host: &str, q: &str) -> bool {
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    match host.strip_prefix("*.") {
+        Some(base) => q
+            .strip_suffix(base)
+            .and_then(|rest| rest.strip_suffix('.'))
+            .is_some_and(|label| !label.is_empty() && !label.contains('.')),
+        None => host == q,
+    }
 }
 
 impl Index {
@@ -144,7 +175,50 @@ impl Index {
             namespaces,
             only,
             tasks: std::sync::Arc::new(tasks),
+            ingresses: None,
         })
+    }
+
+    /// Answers the host names of the namespace's Ingresses with `ip` (`--ingressIp`), as the
+    /// watch of them finds them.
+    pub async fn watch_ingresses(
+        &mut self,
+        kube: &Kube,
+        ip: std::net::Ipv4Addr,
+    ) -> Result<(), ClusterError> {
+        kube.require_from(INGRESS_PERMISSIONS, "deploy/rbac-ingress.yaml")
+            .await?;
+        let (store, task) = watch(Api::<Ingress>::namespaced(
+            kube.client.clone(),
+            &kube.namespace,
+        ));
+        if tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the watch of Ingresses is slow to start");
+        }
+        // The watch lives as long as the Index's other watches.
+        let mut tasks = (*self.tasks).clone();
+        tasks.push(task);
+        self.tasks = std::sync::Arc::new(tasks);
+        self.ingresses = Some((ip, store));
+        Ok(())
+    }
+
+    /// The `--ingressIp` address if `qname` is the host of an Ingress (exactly, or under a
+    /// `*.` wildcard host, one label deep).
+    pub fn ingress(&self, qname: &str) -> Option<IpAddr> {
+        let (ip, store) = self.ingresses.as_ref()?;
+        let q = qname.trim_end_matches('.').to_ascii_lowercase();
+        let hit = store.state().iter().any(|ing| {
+            ing.spec
+                .iter()
+                .flat_map(|s| s.rules.iter().flatten())
+                .filter_map(|r| r.host.as_deref())
+                .any(|h| host_matches(h, &q))
+        });
+        hit.then_some(IpAddr::V4(*ip))
     }
 
     fn covers(&self, ns: &str) -> bool {
@@ -242,5 +316,21 @@ impl Index {
             v if v.is_empty() => Lookup::Missing,
             v => Lookup::Found(Answer::Addresses(v)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_matches;
+
+    #[test]
+    fn ingress_hosts_match_exactly_or_one_label_under_a_wildcard() {
+        assert!(host_matches("shop.kt.test", "shop.kt.test"));
+        assert!(host_matches("Shop.KT.test.", "shop.kt.test"));
+        assert!(!host_matches("shop.kt.test", "www.shop.kt.test"));
+        assert!(host_matches("*.kt.test", "shop.kt.test"));
+        assert!(!host_matches("*.kt.test", "kt.test"));
+        assert!(!host_matches("*.kt.test", "a.shop.kt.test"));
+        assert!(!host_matches("*.kt.test", "shopkt.test"));
     }
 }

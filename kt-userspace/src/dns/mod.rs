@@ -121,7 +121,13 @@ impl RequestHandler for Handler {
             .trim_end_matches('.')
             .to_ascii_lowercase()
             .ends_with(s.rules.cluster_domain.trim_matches('.'));
-        let decision = match s.rules.classify(&qstr, |ns| s.index.is_namespace(ns)) {
+        let classified = s.rules.classify(&qstr, |ns| s.index.is_namespace(ns));
+        // --ingressIp: an Ingress's host, whatever domain it is in.
+        let ingress = s.index.ingress(&qstr);
+        let decision = match classified {
+            _ if ingress.is_some() => {
+                Decision::Answer(Answer::Addresses(ingress.into_iter().collect()))
+            }
             Name::Service { name, namespace } => match s.index.service(&name, &namespace) {
                 Lookup::Found(a) => Decision::Answer(a),
                 Lookup::Missing if !in_domain => Decision::Upstream,
@@ -143,6 +149,13 @@ impl RequestHandler for Handler {
             },
             Name::Cluster { fqdn } => Decision::Relay(fqdn),
             Name::Upstream => Decision::Upstream,
+        };
+        // --dnsMode podDNS: the cluster's DNS answers every name.
+        let decision = match decision {
+            Decision::Upstream if s.rules.pod_dns => {
+                Decision::Relay(format!("{}.", qstr.trim_end_matches('.')))
+            }
+            d => d,
         };
         tracing::debug!(name = %qstr, ?qtype, ?decision, "dns query");
         let result = match decision {

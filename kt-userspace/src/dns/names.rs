@@ -33,6 +33,9 @@ pub struct Rules {
     pub cluster_domain: String,
     pub namespace: String,
     pub host_search: Vec<String>,
+    /// `--dnsMode podDNS`: names that are not the cluster's are asked of the cluster's DNS too,
+    /// not of this machine's resolvers.
+    pub pod_dns: bool,
 }
 
 fn is_label(s: &str) -> bool {
@@ -132,6 +135,7 @@ mod tests {
             cluster_domain: "cluster.local".into(),
             namespace: "default".into(),
             host_search: vec!["lan".into(), "corp.example.com".into()],
+            pod_dns: false,
         }
     }
 

@@ -196,7 +196,13 @@ impl Ktctl {
     pub fn connect(args: &[&str]) -> Ktctl {
         let mut all = vec!["connect"];
         all.extend_from_slice(args);
-        let mut k = Ktctl::spawn(&all);
+        Ktctl::connect_with(&all)
+    }
+
+    /// `ktctl ARGS` (a command line that runs connect, with flags before the command),
+    /// returned once connect's banner is printed.
+    pub fn connect_with(args: &[&str]) -> Ktctl {
+        let mut k = Ktctl::spawn(args);
         k.wait_for(
             "All looks good, now you can access to resources in the kubernetes cluster",
             Duration::from_secs(120),
@@ -296,12 +302,22 @@ pub fn session_id(k: &Ktctl) -> String {
     let out = k.output();
     let line = out
         .lines()
-        .find(|l| l.contains("Deploying shadow pod kt-connect-shadow-"))
+        .find(|l| l.contains("Deploying shadow pod "))
         .expect("the deploy line");
-    line.split("kt-connect-shadow-")
+    line.split("(session ")
         .nth(1)
-        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.split(')').next())
         .expect("an id")
+        .to_string()
+}
+
+/// The name of a running ktctl's first shadow pod, from its "Deploying shadow pod" line.
+pub fn shadow_name(k: &Ktctl) -> String {
+    let out = k.output();
+    out.lines()
+        .find_map(|l| l.split("Deploying shadow pod ").nth(1))
+        .and_then(|s| s.split_whitespace().next())
+        .expect("the deploy line")
         .to_string()
 }
 

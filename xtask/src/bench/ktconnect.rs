@@ -28,6 +28,9 @@ pub struct KtConnect {
 }
 
 /// The binary to measure, or why kt-connect is not measured.
+/// The kt-connect release the benchmark compares with.
+const WANTED: &str = "0.3.7";
+
 pub fn locate(given: Option<&Path>) -> Result<KtConnect, String> {
     let Some(bin) = given else {
         return Err(format!(
@@ -49,12 +52,20 @@ pub fn locate(given: Option<&Path>) -> Result<KtConnect, String> {
             out.status
         ));
     }
+    let version = version
+        .trim_start_matches("ktctl version")
+        .trim()
+        .to_string();
+    // The figures are kt-connect v0.3.7's: another version is refused, not measured.
+    if version.trim_start_matches('v') != WANTED {
+        return Err(format!(
+            "{} is kt-connect {version}; the benchmark measures v{WANTED} (build it from its tag: see `cargo xtask bench --help`)",
+            bin.display()
+        ));
+    }
     Ok(KtConnect {
         bin: bin.to_path_buf(),
-        version: version
-            .trim_start_matches("ktctl version")
-            .trim()
-            .to_string(),
+        version,
     })
 }
 

@@ -45,8 +45,12 @@ pub struct Args {
     #[arg(long)]
     pub readme: bool,
     /// kt-connect's ktctl binary (v0.3.7) to measure beside ktctl; without it the report says
-    /// why kt-connect is not measured
-    #[arg(long, env = "KT_CONNECT_BIN")]
+    /// why kt-connect is not measured. Build it from its tag with Go 1.18 (its go.mod's
+    /// version; newer Go may fail on its old golang.org/x modules):
+    /// `git clone --depth 1 --branch v0.3.7 https://github.com/alibaba/kt-connect &&
+    /// cd kt-connect && GOTOOLCHAIN=go1.18.10 go build -ldflags "-X main.version=v0.3.7" -o
+    /// ktctl ./cmd/ktctl`. The benchmark runs `ktctl --version` and refuses any other version
+    #[arg(long, env = "KT_CONNECT_BIN", verbatim_doc_comment)]
     pub kt_connect: Option<PathBuf>,
     /// Which workloads to profile with perf (flame graphs beside the report): those of the
     /// goals ktctl missed, all, or none. The quick run profiles one, to keep the path working
