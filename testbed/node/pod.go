@@ -292,7 +292,11 @@ func (rt *podRuntime) snapshot() *corev1.Pod {
 	}
 	start := metav1.NewTime(rt.startTime)
 	st.StartTime = &start
-	st.QOSClass = corev1.PodQOSBestEffort
+	// The API server set the QoS class when it admitted the pod (Guaranteed when requests
+	// equal limits), and it is immutable: keep it.
+	if st.QOSClass == "" {
+		st.QOSClass = corev1.PodQOSBestEffort
+	}
 
 	st.InitContainerStatuses = nil
 	for _, c := range rt.initCtrs {
