@@ -351,6 +351,8 @@ pub enum ExchangeMode {
     Selector,
     /// The workload is scaled to 0 and the shadow carries its pod labels
     Scale,
+    /// kt-connect's ephemeral-container mode: refused, with the reason
+    Ephemeral,
 }
 
 /// `ktctl exchange`.

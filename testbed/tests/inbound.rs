@@ -198,27 +198,6 @@ fn a_killed_exchange_is_restored_by_its_shadow_and_a_second_exchange_names_the_h
     });
 }
 
-/// A curl from the client pod with a header.
-fn from_cluster_with(url: &str, header: &str) -> String {
-    let o = run_in(
-        Machine::Laptop,
-        &[
-            "kubectl",
-            "exec",
-            "e2e-client",
-            "--",
-            "curl",
-            "-sS",
-            "-m",
-            "5",
-            "-H",
-            header,
-            url,
-        ],
-    );
-    text(&o)
-}
-
 #[test]
 #[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
 /// `ktctl mesh nginx --expose 80`: requests with the developer's header come to the laptop,
@@ -561,6 +540,14 @@ EOF"#,
         (
             vec!["exchange", "nginx", "--expose", "80", "--mode", "sideways"],
             "--mode",
+        ),
+        (
+            vec!["exchange", "nginx", "--expose", "80", "--mode", "ephemeral"],
+            "--mode ephemeral is not offered",
+        ),
+        (
+            vec!["mesh", "nginx", "--expose", "80", "--versionMark", "a_b"],
+            "--versionMark",
         ),
         (
             vec![

@@ -405,3 +405,72 @@ fn birdseye_shows_exchanged_and_previewed_services_and_who_is_connected() {
     drop(pv);
     drop(ex);
 }
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// `ktctl config` as kt-connect's users type it: `set` in its three forms, `get`, `show`,
+/// `unset`, and the profile commands; the file is kt-connect's YAML layout.
+fn config_and_its_profiles_work_in_kt_connects_forms() {
+    let tb = testbed();
+    let home = tb.layout.kt_home(Machine::Laptop);
+    let _ = std::fs::remove_file(home.join("config"));
+    let _ = std::fs::remove_dir_all(home.join("profile"));
+    // Whatever happens, the next tests run without this config.
+    struct Forget(std::path::PathBuf);
+    impl Drop for Forget {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0.join("config"));
+            let _ = std::fs::remove_dir_all(self.0.join("profile"));
+        }
+    }
+    let _forget = Forget(home.clone());
+    let ok = |args: &[&str]| {
+        let (code, out) = ktctl_exit(args);
+        assert_eq!(code, Some(0), "{args:?}: {out}");
+        out
+    };
+    ok(&["config", "set", "connect.dns-cache-ttl", "30"]);
+    ok(&["config", "set", "exchange.recover-wait-time=60"]);
+    ok(&["config", "set", "clean.threshold-in-minus", "=", "15"]);
+    let yaml = std::fs::read_to_string(home.join("config")).expect("the config file");
+    assert!(
+        yaml.contains("connect:") && yaml.contains("dns-cache-ttl:") && yaml.contains("30"),
+        "kt-connect's layout: {yaml}"
+    );
+    let out = ok(&[
+        "config",
+        "get",
+        "exchange.recover-wait-time",
+        "global.pod-creation-timeout",
+    ]);
+    assert!(out.contains("exchange.recover-wait-time = 60"), "{out}");
+    assert!(
+        out.contains("global.pod-creation-timeout = 60  (default)"),
+        "{out}"
+    );
+    let out = ok(&["config", "show"]);
+    assert!(out.contains("clean.threshold-in-minus = 15"), "{out}");
+    let (code, out) = ktctl_exit(&["config", "set", "connect.dnsCacheTtl", "3"]);
+    assert_eq!(code, Some(2), "camelCase is not an item name: {out}");
+    let (code, out) = ktctl_exit(&["config", "set", "connect.dns-cache-ttl", "lots"]);
+    assert_eq!(code, Some(2), "checked as the flag checks it: {out}");
+
+    ok(&["config", "save-profile", "team-a"]);
+    let out = ok(&["config", "list-profile"]);
+    assert!(out.contains("team-a"), "{out}");
+    ok(&["config", "unset", "--all"]);
+    assert!(!ok(&["config", "show"]).contains("dns-cache-ttl"));
+    let out = ok(&["config", "load-profile", "team-a", "--dryRun"]);
+    assert!(out.contains("dns-cache-ttl"), "the profile's text: {out}");
+    assert!(
+        !ok(&["config", "show"]).contains("dns-cache-ttl"),
+        "a dry run"
+    );
+    ok(&["config", "load-profile", "team-a"]);
+    assert!(ok(&["config", "show"]).contains("connect.dns-cache-ttl = 30"));
+    ok(&["config", "unset", "connect.dns-cache-ttl"]);
+    assert!(!ok(&["config", "show"]).contains("dns-cache-ttl"));
+    ok(&["config", "drop-profile", "team-a"]);
+    let (code, out) = ktctl_exit(&["config", "load-profile", "team-a"]);
+    assert_eq!(code, Some(2), "{out}");
+}

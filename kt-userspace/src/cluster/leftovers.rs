@@ -213,12 +213,7 @@ impl Survey {
     pub async fn take(kube: &Kube) -> Result<Survey, ClusterError> {
         let ns = &kube.namespace;
         let c = &kube.client;
-        let ours = ListParams::default().labels(&format!("{MANAGED_BY}=ktctl"));
-        let leases = Api::<Lease>::namespaced(c.clone(), ns)
-            .list(&ours)
-            .await
-            .map_err(|e| ClusterError::api("listing ktctl's leases", e))?;
-        let now = session::server_now(c).await?;
+        let (anchors, locks) = sessions(kube).await?;
         let recorded = |a: Option<&BTreeMap<String, String>>| {
             a.is_some_and(|a| a.contains_key(changes::CHANGED_BY))
         };
@@ -230,39 +225,16 @@ impl Survey {
             .list(&ListParams::default())
             .await
             .map_err(|e| ClusterError::api("listing deployments", e))?;
-        let routes = Api::<ConfigMap>::namespaced(c.clone(), ns)
-            .list(&ListParams::default().labels(changes::MESH_OF))
-            .await
-            .map_err(|e| ClusterError::api("listing mesh routes", e))?;
-        let role = |l: &Lease, r: &str| label(l, ROLE_LABEL) == Some(r);
         Ok(Survey {
-            anchors: leases
-                .items
-                .iter()
-                .filter(|l| role(l, "anchor"))
-                .map(|l| Anchor::from_lease(l, now))
-                .collect(),
-            locks: leases
-                .items
-                .iter()
-                .filter(|l| role(l, "lock"))
-                .cloned()
-                .collect(),
-            services: services
-                .items
-                .into_iter()
-                .filter(|s| recorded(s.metadata.annotations.as_ref()))
-                .collect(),
+            anchors,
+            locks,
+            services: services.items,
             deployments: deployments
                 .items
                 .into_iter()
                 .filter(|d| recorded(d.metadata.annotations.as_ref()))
                 .collect(),
-            routes: routes
-                .items
-                .into_iter()
-                .filter(|r| r.metadata.deletion_timestamp.is_none())
-                .collect(),
+            routes: routes(kube).await?,
         })
     }
 
@@ -404,6 +376,43 @@ impl Survey {
         }
         Ok(steps)
     }
+}
+
+/// The namespace's sessions (their anchors, read on the API server's clock) and locks.
+pub async fn sessions(kube: &Kube) -> Result<(Vec<Anchor>, Vec<Lease>), ClusterError> {
+    let ours = ListParams::default().labels(&format!("{MANAGED_BY}=ktctl"));
+    let leases = Api::<Lease>::namespaced(kube.client.clone(), &kube.namespace)
+        .list(&ours)
+        .await
+        .map_err(|e| ClusterError::api("listing ktctl's leases", e))?;
+    let now = session::server_now(&kube.client).await?;
+    let role = |l: &Lease, r: &str| label(l, ROLE_LABEL) == Some(r);
+    let anchors = leases
+        .items
+        .iter()
+        .filter(|l| role(l, "anchor"))
+        .map(|l| Anchor::from_lease(l, now))
+        .collect();
+    let locks = leases
+        .items
+        .into_iter()
+        .filter(|l| role(l, "lock"))
+        .collect();
+    Ok((anchors, locks))
+}
+
+/// The namespace's mesh routes that are not being deleted.
+pub async fn routes(kube: &Kube) -> Result<Vec<ConfigMap>, ClusterError> {
+    Ok(
+        Api::<ConfigMap>::namespaced(kube.client.clone(), &kube.namespace)
+            .list(&ListParams::default().labels(changes::MESH_OF))
+            .await
+            .map_err(|e| ClusterError::api("listing mesh routes", e))?
+            .items
+            .into_iter()
+            .filter(|r| r.metadata.deletion_timestamp.is_none())
+            .collect(),
+    )
 }
 
 /// Runs one step. `Ok(false)`: nothing was left to do (someone else did it meanwhile).

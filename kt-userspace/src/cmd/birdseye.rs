@@ -12,8 +12,8 @@ use kube::Api;
 use kube::api::ListParams;
 
 use crate::cli::{BirdseyeArgs, Global, OutputFormat, SortBy};
-use crate::cluster::leftovers::Anchor;
-use crate::cluster::session::{self, MANAGED_BY, ROLE_LABEL, SESSION_LABEL};
+use crate::cluster::leftovers::{self, Anchor};
+use crate::cluster::session::{MANAGED_BY, ROLE_LABEL, SESSION_LABEL};
 use crate::cluster::{ClusterError, Permission, perm};
 use crate::error::Result;
 
@@ -245,38 +245,18 @@ pub async fn run(global: &Global, args: &BirdseyeArgs) -> Result<u8> {
     .await?;
     let c = &kube.client;
     let ns = &kube.namespace;
-    let ours = ListParams::default().labels(&format!("{MANAGED_BY}=ktctl"));
-    let leases = Api::<Lease>::namespaced(c.clone(), ns)
-        .list(&ours)
-        .await
-        .map_err(|e| ClusterError::api("listing ktctl's leases", e))?;
-    let now = session::server_now(c).await?;
-    let role = |l: &Lease, r: &str| label(l, ROLE_LABEL) == Some(r);
+    let (anchors, locks) = leftovers::sessions(&kube).await?;
     let view = View {
-        anchors: leases
-            .items
-            .iter()
-            .filter(|l| role(l, "anchor"))
-            .map(|l| Anchor::from_lease(l, now))
-            .collect(),
-        locks: leases
-            .items
-            .iter()
-            .filter(|l| role(l, "lock"))
-            .cloned()
-            .collect(),
+        anchors,
+        locks,
         services: Api::<Service>::namespaced(c.clone(), ns)
             .list(&ListParams::default())
             .await
             .map_err(|e| ClusterError::api("listing services", e))?
             .items,
-        routes: Api::<ConfigMap>::namespaced(c.clone(), ns)
-            .list(&ListParams::default().labels(changes::MESH_OF))
-            .await
-            .map_err(|e| ClusterError::api("listing mesh routes", e))?
-            .items,
+        routes: leftovers::routes(&kube).await?,
         shadows: Api::<Pod>::namespaced(c.clone(), ns)
-            .list(&ours)
+            .list(&ListParams::default().labels(&format!("{MANAGED_BY}=ktctl")))
             .await
             .map_err(|e| ClusterError::api("listing ktctl's pods", e))?
             .items,

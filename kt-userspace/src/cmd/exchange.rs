@@ -35,6 +35,12 @@ const ROLE: &str = "shadow-exchange";
 
 /// Runs the command; the exit code.
 pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
+    if args.mode == ExchangeMode::Ephemeral {
+        return Err(EnvError::new(
+            "--mode ephemeral is not offered: it needs an ephemeral container with NET_ADMIN in each of the workload's pods, which a restricted namespace forbids; --mode selector (the default) or scale sends the same traffic here",
+        )
+        .into());
+    }
     let target = Target::parse(&args.target)?;
     let expose = &args.expose.expose;
     let kube = super::connect_kube(global).await?;
@@ -49,6 +55,7 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
     let deployment = match args.mode {
         ExchangeMode::Selector => None,
         ExchangeMode::Scale => Some(deployment_of(&kube, &target, &svc).await?),
+        ExchangeMode::Ephemeral => unreachable!("refused above"),
     };
     inbound::check_local_ports(expose, args.expose.skip_port_checking).await?;
     inbound::clean_dead(&kube, args.session.skip_cleanup).await?;

@@ -434,21 +434,28 @@ pub fn client_pod() -> &'static str {
 
 /// What a curl from the client pod gets (empty on failure).
 pub fn from_cluster(url: &str) -> String {
-    let o = run_in(
-        Machine::Laptop,
-        &[
-            "kubectl",
-            "exec",
-            "e2e-client",
-            "--",
-            "curl",
-            "-sS",
-            "-m",
-            "5",
-            url,
-        ],
-    );
-    text(&o)
+    curl_in_cluster(url, &[])
+}
+
+/// A curl from the client pod with a header.
+pub fn from_cluster_with(url: &str, header: &str) -> String {
+    curl_in_cluster(url, &["-H", header])
+}
+
+fn curl_in_cluster(url: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "kubectl",
+        "exec",
+        "e2e-client",
+        "--",
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+    ];
+    args.extend_from_slice(extra);
+    args.push(url);
+    text(&run_in(Machine::Laptop, &args))
 }
 
 pub fn from_laptop(url: &str) -> String {
