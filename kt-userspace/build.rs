@@ -1,6 +1,7 @@
-//! Builds kt-ebpf for the BPF target with aya-build and leaves it in OUT_DIR for
-//! `include_bytes_aligned!`. The BPF target is tier 3: core is built from source, which stable
-//! rustc allows with RUSTC_BOOTSTRAP=1 (and the rust-src component; `cargo xtask setup`).
+//! Builds kt-ebpf's `kt-laptop` object (feature `laptop`, so nothing else) for the BPF target with
+//! aya-build and leaves it in OUT_DIR for `include_bytes_aligned!`. The BPF target is tier 3:
+//! core is built from source, which stable rustc allows with RUSTC_BOOTSTRAP=1 (and the
+//! rust-src component; `cargo xtask setup`).
 
 use std::path::Path;
 
@@ -20,6 +21,7 @@ fn main() -> anyhow::Result<()> {
         [aya_build::Package {
             name: "kt-ebpf",
             root_dir: root.to_str().expect("utf-8 path"),
+            features: &["laptop"],
             ..Default::default()
         }],
         aya_build::Toolchain::Custom(&toolchain),

@@ -16,6 +16,7 @@
 extern crate std;
 
 pub mod bpf;
+pub mod steer;
 
 #[cfg(feature = "std")]
 pub mod wire;

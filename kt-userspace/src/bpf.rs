@@ -22,7 +22,7 @@ use kt_common::bpf::{
 use crate::cidr::Plan;
 
 /// The compiled programs, embedded at build time.
-static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kt-ebpf"));
+static PROGRAMS: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kt-laptop"));
 
 /// The cgroup programs, attached in this order (the ones that undo rewrites first, so that no
 /// rewritten socket exists before its answers can be restored).

@@ -277,10 +277,20 @@ func (c *containerRuntime) start() error {
 		logf.Close()
 		return err
 	}
+	// pod-init holds builtW (fd 4, close-on-exec) until it execs the container's command: the
+	// container counts as running only once its root and mounts are in place, so that no
+	// `kubectl exec` enters it while it still sees the node's root.
+	builtR, builtW, err := os.Pipe()
+	if err != nil {
+		specR.Close()
+		specW.Close()
+		logf.Close()
+		return err
+	}
 	outR, outW, _ := os.Pipe()
 	errR, errW, _ := os.Pipe()
 	cmd := exec.Command(rt.p.cfg.SelfExe, "pod-init")
-	cmd.ExtraFiles = []*os.File{specR}
+	cmd.ExtraFiles = []*os.File{specR, builtW}
 	cmd.Stdout, cmd.Stderr = outW, errW
 	flags := uintptr(syscall.CLONE_NEWNS)
 	if hostname != "" {
@@ -291,10 +301,12 @@ func (c *containerRuntime) start() error {
 	}
 	err = cmd.Start()
 	specR.Close()
+	builtW.Close()
 	outW.Close()
 	errW.Close()
 	if err != nil {
 		specW.Close()
+		builtR.Close()
 		outR.Close()
 		errR.Close()
 		logf.Close()
@@ -309,6 +321,10 @@ func (c *containerRuntime) start() error {
 	copies.Add(2)
 	go func() { defer copies.Done(); lw.copy("stdout", outR) }()
 	go func() { defer copies.Done(); lw.copy("stderr", errR) }()
+	// EOF once pod-init has exec'd the command (or failed); bounded in case it hangs.
+	_ = builtR.SetReadDeadline(time.Now().Add(30 * time.Second))
+	_, _ = io.Copy(io.Discard, builtR)
+	builtR.Close()
 
 	exited := make(chan struct{})
 	c.mu.Lock()

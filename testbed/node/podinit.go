@@ -54,6 +54,8 @@ func PodInitMain() {
 		fail("reading the container spec: %v", err)
 	}
 	f.Close()
+	// fd 4 tells the node when the container is built: it closes when the command is exec'd.
+	syscall.CloseOnExec(4)
 	if err := buildContainer(&spec); err != nil {
 		fail("%v", err)
 	}

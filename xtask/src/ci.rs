@@ -93,6 +93,22 @@ pub fn run(lint: bool) -> Result<()> {
             "--test-threads=1",
         ])
     });
+    s.run(
+        "root tests (the router's tc programs on crafted packets)",
+        || {
+            cargo(&[
+                "test",
+                "--quiet",
+                "-p",
+                "kt-router",
+                "--bin",
+                "kt-router",
+                "--",
+                "--ignored",
+                "steer::",
+            ])
+        },
+    );
     s.run("go vet, go test (the testbed's node agent)", || {
         kt_testbed::gobuild::test(&Testbed::default().layout)
     });
@@ -117,6 +133,7 @@ fn clippy_ebpf() -> Result<()> {
             "--quiet",
             "-p",
             "kt-ebpf",
+            "--all-features",
             "--target",
             "bpfel-unknown-none",
             "-Z",

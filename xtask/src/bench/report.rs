@@ -71,16 +71,23 @@ pub struct Stat {
     pub max: f64,
 }
 
-/// Min, median and max of the finite values; `None` when there are none.
+/// Min, median and max of the finite values; `None` when there are none. The median of an
+/// even count is the mean of the middle two (of two repeats: their mean, not the larger one).
 pub fn stat(mut v: Vec<f64>) -> Option<Stat> {
     v.retain(|x| x.is_finite());
     if v.is_empty() {
         return None;
     }
     v.sort_by(|a, b| a.partial_cmp(b).expect("finite"));
+    let mid = v.len() / 2;
+    let median = if v.len().is_multiple_of(2) {
+        (v[mid - 1] + v[mid]) / 2.0
+    } else {
+        v[mid]
+    };
     Some(Stat {
         min: v[0],
-        median: v[v.len() / 2],
+        median,
         max: v[v.len() - 1],
     })
 }
@@ -549,6 +556,8 @@ mod tests {
     fn stats_are_min_median_max() {
         let s = stat(vec![3.0, 1.0, 2.0]).unwrap();
         assert_eq!((s.min, s.median, s.max), (1.0, 2.0, 3.0));
+        let s = stat(vec![1.0, f64::NAN, 0.5]).unwrap();
+        assert_eq!((s.min, s.median, s.max), (0.5, 0.75, 1.0));
         assert!(stat(vec![]).is_none());
         assert!(stat(vec![f64::NAN]).is_none());
     }

@@ -1,80 +1,23 @@
-//! ktctl's eBPF programs (see `kt_common::bpf` for the maps' contract).
-//!
-//! Laptop side, attached to a cgroup v2 through bpf_links owned by ktctl:
-//! - `kt_connect4`/`kt_connect6` (TCP and connected UDP) and `kt_sendmsg4`/`kt_sendmsg6`
-//!   (unconnected UDP) rewrite a cluster address to its loopback alias and DNS to a known
-//!   resolver to ktctl's DNS server;
-//! - `kt_recvmsg4`/`kt_recvmsg6` and `kt_getpeername4`/`kt_getpeername6` show the application
-//!   the original address again.
-//!
-//! They touch only sockets in ktctl's own network namespace (a cgroup holds processes of every
-//! namespace: containers on the developer's machine keep their own routes and resolvers) and
-//! never a socket that ktctl marked as its own ([`KT_SELF_MARK`]).
-//!
-//! With `connect -- CMD` the hooks sit on CMD's cgroup and the `kt_guard_*` programs on its
-//! parent: they refuse (EPERM) a connect()/sendmsg() to an alias from any task outside CMD's
-//! cgroup, since sk_lookup would hand it to the proxy whatever cgroup it came from. A parent's
-//! programs run after the child's, so for CMD's own tasks the guard sees the alias its hooks
-//! have just written, and lets it pass.
-//!
-//! Network-namespace wide: `kt_sk_lookup` steers every alias into the proxy's TCP listener or
-//! UDP socket. The `*6` programs handle IPv4-mapped IPv6 addresses (an AF_INET6 socket
-//! connecting to ::ffff:10.96.0.1 does not pass through connect4).
-//!
-//! Minimum kernels: connect4/6 4.17; sendmsg4/6 4.18; recvmsg4/6 5.2; `bpf_sock_addr.sk` (for
-//! the socket's mark) 5.3; `bpf_get_netns_cookie` and `bpf_get_current_ancestor_cgroup_id` in
-//! sock_addr programs 5.7; getpeername4/6 5.8; sk_lookup 5.9. The loader reads the namespace's
-//! cookie with `SO_NETNS_COOKIE` (5.14), so ktctl needs Linux >= 5.14.
-#![no_std]
-#![no_main]
+//! The cgroup sock_addr programs: rewrite cluster destinations to their aliases on the way
+//! out, and show the application the original address on the way in.
 
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 
-use aya_ebpf::bindings::{bpf_sock_addr, sk_action};
+use aya_ebpf::bindings::bpf_sock_addr;
 use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_netns_cookie};
-use aya_ebpf::macros::{cgroup_sock_addr, map, sk_lookup};
+use aya_ebpf::macros::cgroup_sock_addr;
 use aya_ebpf::maps::lpm_trie::Key;
-use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap};
-use aya_ebpf::programs::{SkLookupContext, SockAddrContext};
+use aya_ebpf::programs::SockAddrContext;
 use aya_log_ebpf::debug;
 use kt_common::bpf::{
-    AliasTarget, CidrTarget, Config, DNS_ALIAS_NET, DNS_PORT, DNS_SLOTS, FLAG_DNS, FLAG_REDIRECT,
-    KT_SELF_MARK, MAX_CIDRS, action, counter, dns_slot, from_alias, is_alias, sock, to_alias,
+    Config, DNS_ALIAS_NET, DNS_PORT, FLAG_DNS, FLAG_REDIRECT, KT_SELF_MARK, action, counter,
+    dns_slot, from_alias, is_alias, to_alias,
 };
 
-const AF_INET: u32 = 2;
-const IPPROTO_TCP: u32 = 6;
-const IPPROTO_UDP: u32 = 17;
+use crate::{ALIAS_V4, CLUSTER_V4, KT_CONFIG, RESOLVER_SLOTS, RESOLVERS, bump};
+
 /// Deepest cgroup level the guard looks at (cgroup v2 nests far less in practice).
 const MAX_CGROUP_LEVEL: i32 = 32;
-
-#[map]
-static KT_CONFIG: Array<Config> = Array::with_max_entries(1, 0);
-/// Cluster CIDRs (and exclusions), keyed by network-order prefix.
-#[map]
-static CLUSTER_V4: LpmTrie<u32, CidrTarget> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
-/// Alias blocks back to their CIDRs.
-#[map]
-static ALIAS_V4: LpmTrie<u32, AliasTarget> = LpmTrie::with_max_entries(MAX_CIDRS, 0);
-/// Resolver address (network order) -> slot.
-#[map]
-static RESOLVERS: HashMap<u32, u32> = HashMap::with_max_entries(DNS_SLOTS, 0);
-/// Slot -> resolver address (network order); 0 = free.
-#[map]
-static RESOLVER_SLOTS: Array<u32> = Array::with_max_entries(DNS_SLOTS, 0);
-/// The proxy's sockets (`kt_common::bpf::sock`).
-#[map]
-static PROXY_SOCKS: SockMap = SockMap::with_max_entries(2, 0);
-#[map]
-static KT_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
-
-#[inline(always)]
-fn bump(idx: u32) {
-    if let Some(p) = KT_COUNTERS.get_ptr_mut(idx) {
-        // SAFETY: a per-CPU slot; no other writer runs on this CPU meanwhile.
-        unsafe { *p += 1 };
-    }
-}
 
 /// Whether the socket behind `sa` lives in ktctl's network namespace.
 #[inline(always)]
@@ -338,41 +281,3 @@ pub fn kt_guard_connect6(ctx: SockAddrContext) -> i32 {
 pub fn kt_guard_sendmsg6(ctx: SockAddrContext) -> i32 {
     guard6(&ctx)
 }
-
-/// Steers packets for an alias into the proxy's sockets; everything else takes the normal
-/// socket lookup.
-#[sk_lookup]
-pub fn kt_sk_lookup(ctx: SkLookupContext) -> u32 {
-    let l = ctx.lookup;
-    // SAFETY: ctx field reads.
-    let (family, proto, local) = unsafe {
-        (
-            read_volatile(addr_of!((*l).family)),
-            read_volatile(addr_of!((*l).protocol)),
-            read_volatile(addr_of!((*l).local_ip4)),
-        )
-    };
-    if family != AF_INET || !is_alias(u32::from_be(local)) {
-        return sk_action::SK_PASS;
-    }
-    let idx = match proto {
-        IPPROTO_TCP => sock::TCP,
-        IPPROTO_UDP => sock::UDP,
-        _ => return sk_action::SK_PASS,
-    };
-    match PROXY_SOCKS.redirect_sk_lookup(&ctx, idx, 0) {
-        Ok(()) => bump(counter::LOOKUP),
-        Err(_) => bump(counter::LOOKUP_MISS),
-    }
-    sk_action::SK_PASS
-}
-
-#[cfg(not(test))]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
