@@ -33,6 +33,14 @@ pub const ORIGINAL_REPLICAS: &str = "kt.dev/original-replicas";
 pub const MESH_ROUTER: &str = "kt.dev/mesh-router";
 /// The label of a mesh route ConfigMap (and of the mesh's shared objects): the meshed Service.
 pub const MESH_OF: &str = "kt.dev/mesh-of";
+/// Label of a shadow pod that asks the router DaemonSet (`kt-router node`) to steer its
+/// namespace's Service of that name to it (`exchange --mode ebpf`); nothing in the Service or
+/// its workload changes.
+pub const STEER_LABEL: &str = "kt.dev/steer-service";
+/// Namespace of the router DaemonSet (deploy/router.yaml).
+pub const ROUTER_NAMESPACE: &str = "kt-system";
+/// Name of the router DaemonSet.
+pub const ROUTER_DAEMONSET: &str = "kt-router";
 /// The `CHANGED_BY` value of a Service held by a shared mesh router.
 pub const BY_MESH_ROUTER: &str = "mesh-router";
 

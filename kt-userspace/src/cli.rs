@@ -351,6 +351,9 @@ pub enum ExchangeMode {
     Selector,
     /// The workload is scaled to 0 and the shadow carries its pod labels
     Scale,
+    /// The router DaemonSet steers the Service's traffic to the shadow inside each node;
+    /// nothing in the Service or its workload changes (deploy/router.yaml)
+    Ebpf,
     /// kt-connect's ephemeral-container mode: refused, with the reason
     Ephemeral,
 }
@@ -362,7 +365,7 @@ pub struct ExchangeArgs {
     pub target: String,
     #[command(flatten)]
     pub expose: ExposeArgs,
-    /// selector or scale
+    /// selector, scale or ebpf
     #[arg(long, value_enum, default_value = "selector")]
     pub mode: ExchangeMode,
     /// Seconds to wait for the workload's pods to be ready again after exit (scale mode)

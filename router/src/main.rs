@@ -9,14 +9,17 @@
 //! `kt-router mesh`: an HTTP header router in front of a Service that developers share. It
 //! sends each request carrying a developer's header value to that developer, everything else
 //! to the original pods, and gives the Service back its selector when no developer is left.
+//!
+//! `kt-router node`: the router DaemonSet. It steers the traffic of Services that developers
+//! exchange with `--mode ebpf` to their shadows inside each node (tc programs on the pods'
+//! veths), without changing the Services or their workloads.
 
 mod expose;
 mod mesh;
+mod node;
 mod policy;
 mod restore;
 mod shadow;
-// The node role (issue 12) is being built on it; until then only its tests use it.
-#[allow(dead_code)]
 mod steer;
 
 use std::process::ExitCode;
@@ -36,6 +39,8 @@ enum Role {
     Shadow(shadow::Args),
     /// An HTTP header router in front of a meshed Service (started by ktctl mesh)
     Mesh(mesh::Args),
+    /// The router DaemonSet on each node: tc steering for `--mode ebpf` (deploy/router.yaml)
+    Node(node::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +77,7 @@ fn main() -> ExitCode {
         match cli.role {
             Role::Shadow(args) => shadow::run(args).await,
             Role::Mesh(args) => mesh::run(args).await,
+            Role::Node(args) => node::run(args).await,
         }
     });
     match r {

@@ -114,7 +114,7 @@ pub async fn run(args: Args) -> Result<()> {
 /// kube-rs's default grows to 30 s, so after an API server outage a developer's new route
 /// could wait half a minute for the router to see it.
 #[derive(Default)]
-struct WatchBackoff(u32);
+pub(crate) struct WatchBackoff(u32);
 
 impl Iterator for WatchBackoff {
     type Item = Duration;
@@ -131,7 +131,7 @@ impl kube::runtime::utils::Backoff for WatchBackoff {
 }
 
 /// Returns on SIGTERM (the pod is being deleted).
-async fn terminated() {
+pub(crate) async fn terminated() {
     match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(mut s) => {
             s.recv().await;

@@ -20,7 +20,7 @@ const INGRESS: &str = "kt_tc_ingress";
 const EGRESS: &str = "kt_tc_egress";
 
 /// A transport protocol that can be steered.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Proto {
     Tcp,
     Udp,

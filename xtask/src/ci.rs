@@ -172,7 +172,7 @@ pub fn e2e(filter: Option<&str>) -> Result<()> {
     binaries(false)?;
     Testbed::default().up(UpOptions { nodes: 2 })?;
     let mut failed = vec![];
-    for test in ["connect", "faults", "inbound", "tools", "testbed"] {
+    for test in ["connect", "faults", "inbound", "tools", "router", "testbed"] {
         let mut args = vec![
             "test",
             "--quiet",

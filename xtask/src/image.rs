@@ -122,7 +122,7 @@ pub fn build() -> Result<PathBuf> {
             "Env": ["PATH=/"],
             "Labels": {
                 "org.opencontainers.image.title": "kt-router",
-                "org.opencontainers.image.description": "ktctl's in-cluster agent (shadow)",
+                "org.opencontainers.image.description": "ktctl's in-cluster agent (shadow, mesh router, node router)",
                 "org.opencontainers.image.version": VERSION,
             }
         },

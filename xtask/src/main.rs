@@ -9,6 +9,7 @@ mod build;
 mod ci;
 mod demo;
 mod image;
+mod manifests;
 mod setup;
 
 use std::process::ExitCode;
@@ -48,6 +49,12 @@ enum Cmd {
     },
     /// Build the kt-router OCI image archive (no container engine needed)
     Image,
+    /// Print the router DaemonSet's manifests (deploy/router.yaml) for `kubectl apply -f -`
+    Manifests {
+        /// The kt-router image the nodes pull (default: kt-router:<version>, as `image` builds)
+        #[arg(long)]
+        image: Option<String>,
+    },
     /// Measure every path side by side (ktctl, kubectl port-forward, raw, kt-connect)
     Bench(bench::Args),
     /// Measuring helpers the benchmark runs inside the testbed
@@ -118,6 +125,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let path = image::build()?;
             println!("{}", path.display());
         }
+        Cmd::Manifests { image } => print!("{}", manifests::render(image.as_deref())?),
         Cmd::Bench(args) => bench::run(args)?,
         Cmd::BenchTool { tool } => bench::tool::run(tool)?,
         Cmd::Testbed { cmd } => {

@@ -4,6 +4,7 @@
 
 pub mod leftovers;
 pub mod portforward;
+pub mod router;
 pub mod session;
 pub mod shadow;
 

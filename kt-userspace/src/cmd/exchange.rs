@@ -6,6 +6,10 @@
 //!   reverts the selector meanwhile, ktctl takes it again and says so.
 //! - scale mode: a shadow carrying the workload's pod labels takes its place and the workload
 //!   is scaled to 0; on exit its replicas come back and ktctl waits for them to be ready.
+//! - ebpf mode: the shadow is labelled `kt.dev/steer-service=<svc>` and the router DaemonSet
+//!   (`kt-router node`) on every node sends the Service's ClusterIP and its pods' addresses to
+//!   it, for callers on any node, by pod IP too; nothing in the Service or the workload
+//!   changes. When the shadow goes (exit, or ktctl gone for `--grace`), steering stops.
 //!
 //! Everything that can be wrong with the input (the target, its ports, a closed local port,
 //! another session holding the Service) is found before the cluster is touched. If ktctl dies,
@@ -25,7 +29,7 @@ use super::Signals;
 use super::inbound::{self, LockMode, Target};
 use crate::cli::{ExchangeArgs, ExchangeMode, Global};
 use crate::cluster::session::{ROLE_LABEL, SESSION_LABEL, Session};
-use crate::cluster::{CONNECT_PERMISSIONS, ClusterError, Kube};
+use crate::cluster::{CONNECT_PERMISSIONS, ClusterError, Kube, router};
 use crate::error::{EnvError, Error, Result};
 use crate::interrupt::Interrupts;
 use crate::progress::Progress;
@@ -54,6 +58,10 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
     inbound::check_remote_ports(&svc, expose)?;
     let deployment = match args.mode {
         ExchangeMode::Selector => None,
+        ExchangeMode::Ebpf => {
+            router::require(&kube, "exchange --mode ebpf").await?;
+            None
+        }
         ExchangeMode::Scale => Some(deployment_of(&kube, &target, &svc).await?),
         ExchangeMode::Ephemeral => unreachable!("refused above"),
     };
@@ -65,6 +73,9 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
     opts.ports = inbound::remote_ports(expose);
     opts.name = Some(format!("{svc_name}-kt-exchange-{{id}}"));
     match &deployment {
+        None if args.mode == ExchangeMode::Ebpf => {
+            opts.labels = BTreeMap::from([(changes::STEER_LABEL.to_string(), svc_name.clone())]);
+        }
         None => opts.restore = vec![format!("service/{svc_name}")],
         Some(d) => {
             opts.restore = vec![format!(
@@ -96,6 +107,9 @@ pub async fn run(global: &Global, args: &ExchangeArgs) -> Result<u8> {
             inbound::take_lock(session, &kube, &svc_name, LockMode::Exclusive).await?;
             inbound::expose_all(tunnel, expose).await?;
             let ended = match &deployment {
+                None if args.mode == ExchangeMode::Ebpf => {
+                    by_steering(&svc_name, &what, &interrupts, mark).await
+                }
                 None => by_selector(&kube, session, &svc_name, &what, &interrupts, mark).await,
                 Some(d) => {
                     by_scale(
@@ -130,6 +144,18 @@ fn modify_error(what: &str, e: ModifyError<changes::Holder>) -> Error {
         ModifyError::Refused(h) => Error::Runtime(format!("{what} is already taken by {h}")),
         ModifyError::Api(e) => ClusterError::api(format!("updating {what}"), e).into(),
     }
+}
+
+/// The routers steer the Service to the shadow while it is ready (it is, by now); waits for a
+/// signal. Leaving needs no undo: the shadow's end stops the steering.
+async fn by_steering(svc: &str, what: &str, interrupts: &Interrupts, mark: u64) -> Error {
+    tracing::info!(
+        "The kt-router on every node now steers service '{svc}' to the shadow; the Service and its workload are unchanged"
+    );
+    inbound::banner(&format!(
+        "Now all request to {what} will be redirected to local"
+    ));
+    inbound::until_interrupted(interrupts, mark).await
 }
 
 /// Takes the Service's selector, keeps it until a signal (or an error), then restores it;

@@ -1,0 +1,262 @@
+//! `kt-router node`: the router DaemonSet's role on each node (deploy/router.yaml).
+//!
+//! It loads the tc steering programs once, attaches them to every pod interface of its node
+//! (and to new ones as pods come: rtnetlink link events), and keeps the steering map equal to
+//! what Kubernetes says ([`desired`]): the ready shadow pods labelled `kt.dev/steer-service`,
+//! their Services and EndpointSlices, watched cluster-wide. Each steering change is one JSON
+//! log line. On SIGTERM (the DaemonSet deleted or rolled) it detaches from every interface and
+//! exits, leaving nothing on the node; so does a crash, since its links die with the process.
+
+mod desired;
+mod links;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kt_common::changes::STEER_LABEL;
+use kt_common::steer::{Timeouts, counter};
+use kube::Api;
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+
+use crate::mesh::{WatchBackoff, terminated};
+use crate::shadow;
+use crate::steer::{Attached, Steering};
+use desired::Desired;
+
+/// How often the programs' counters are logged (when they changed).
+const COUNTERS_EVERY: Duration = Duration::from_secs(60);
+
+/// The node role's readiness port (hostNetwork: it is the node's port).
+pub const HEALTH_PORT: u16 = 9967;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// This node's name (the DaemonSet passes spec.nodeName), for the logs
+    #[arg(long, env = "NODE_NAME", default_value = "")]
+    node: String,
+    /// Port of the readiness listener, bound once the programs are attached and the first
+    /// steering applied (0: none)
+    #[arg(long, default_value_t = HEALTH_PORT)]
+    health_port: u16,
+    /// Seconds an idle steered TCP flow is remembered (0: an hour)
+    #[arg(long, default_value_t = 0)]
+    tcp_idle: u64,
+    /// Seconds an idle steered UDP flow is remembered (0: two minutes)
+    #[arg(long, default_value_t = 0)]
+    udp_idle: u64,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let mut steering = Steering::load()?;
+    steering.set_timeouts(Timeouts {
+        tcp_ns: args.tcp_idle.saturating_mul(1_000_000_000),
+        udp_ns: args.udp_idle.saturating_mul(1_000_000_000),
+        closing_ns: 0,
+    })?;
+    let mut events = links::LinkEvents::open().context("watching the node's links")?;
+    let mut attached = BTreeMap::new();
+    attach_new(&mut steering, &mut attached, &args.node)?;
+
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the API server")?;
+    let changed = Arc::new(Notify::new());
+    let pods = reflect(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(STEER_LABEL),
+        &changed,
+    );
+    let services = reflect(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default(),
+        &changed,
+    );
+    let slices = reflect(
+        Api::<EndpointSlice>::all(client),
+        watcher::Config::default(),
+        &changed,
+    );
+    let (pod_store, pod_watch) = pods;
+    let (svc_store, svc_watch) = services;
+    let (slice_store, slice_watch) = slices;
+    tokio::spawn(pod_watch);
+    tokio::spawn(svc_watch);
+    tokio::spawn(slice_watch);
+    let listed = async {
+        pod_store.wait_until_ready().await?;
+        svc_store.wait_until_ready().await?;
+        slice_store.wait_until_ready().await
+    };
+    listed.await.context(
+        "listing pods, services and endpointslices (the ClusterRole in deploy/router.yaml)",
+    )?;
+    let mut current = Desired::new();
+    apply(
+        &mut steering,
+        &mut current,
+        desired::desired(&pod_store.state(), &svc_store.state(), &slice_store.state()),
+    );
+    let health = match args.health_port {
+        0 => None,
+        port => Some(
+            TcpListener::bind(("0.0.0.0", port))
+                .await
+                .with_context(|| format!("listening on port {port} (readiness)"))?,
+        ),
+    };
+    tracing::info!(node = %args.node, interfaces = attached.len(), steered = current.len(), "node router ready");
+
+    let health = shadow::serve_health(health);
+    let stop = terminated();
+    futures::pin_mut!(health, stop);
+    let mut report = tokio::time::interval(COUNTERS_EVERY);
+    let mut reported = [0; counter::COUNT as usize];
+    loop {
+        tokio::select! {
+            () = &mut stop => break,
+            () = &mut health => {}
+            _ = report.tick() => match steering.counters() {
+                Ok(c) if c != reported => {
+                    tracing::info!(
+                        steered = c[counter::STEERED as usize],
+                        rewritten = c[counter::REWRITTEN as usize],
+                        expired = c[counter::EXPIRED as usize],
+                        fragments = c[counter::FRAGMENT as usize],
+                        errors = c[counter::ERROR as usize],
+                        "steering counters"
+                    );
+                    reported = c;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot read the counters"),
+            },
+            r = events.changed() => {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "reading link events failed; looking again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                if let Err(e) = attach_new(&mut steering, &mut attached, &args.node) {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot list the node's interfaces");
+                }
+            }
+            () = changed.notified() => {
+                // Let a burst of events (a rollout, an EndpointSlice update per pod) settle.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let want =
+                    desired::desired(&pod_store.state(), &svc_store.state(), &slice_store.state());
+                apply(&mut steering, &mut current, want);
+            }
+        }
+    }
+    for (index, (name, a)) in std::mem::take(&mut attached) {
+        if let Err(e) = steering.detach(a) {
+            tracing::warn!(interface = %name, index, error = %format!("{e:#}"), "detaching failed");
+        }
+    }
+    tracing::info!(node = %args.node, "node router stopped; programs detached");
+    Ok(())
+}
+
+/// A reflector of `api` and its watch (to spawn); every change notifies `changed`.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    changed: &Arc<Notify>,
+) -> (Store<K>, impl std::future::Future<Output = ()> + use<K>)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let changed = changed.clone();
+    let kind = K::kind(&()).into_owned();
+    let watch = async move {
+        let events =
+            reflector::reflector(writer, watcher(api, config)).backoff(WatchBackoff::default());
+        futures::pin_mut!(events);
+        while let Some(e) = events.next().await {
+            match e {
+                Ok(_) => changed.notify_one(),
+                Err(e) => tracing::warn!(kind, error = %e, "watch failed; retrying"),
+            }
+        }
+    };
+    (store, watch)
+}
+
+/// Attaches to pod interfaces not yet attached; forgets the ones gone (their links went with
+/// them).
+fn attach_new(
+    steering: &mut Steering,
+    attached: &mut BTreeMap<u32, (String, Attached)>,
+    node: &str,
+) -> Result<()> {
+    let now = links::pod_interfaces().context("listing the node's interfaces")?;
+    attached.retain(|index, (name, _)| {
+        let keep = now.contains_key(index);
+        if !keep {
+            tracing::info!(node, interface = %name, index, "pod interface gone");
+        }
+        keep
+    });
+    for (index, name) in now {
+        if attached.contains_key(&index) {
+            continue;
+        }
+        match steering.attach(&name) {
+            Ok(a) => {
+                tracing::info!(node, interface = %name, index, "attached to a pod interface");
+                attached.insert(index, (name, a));
+            }
+            // Gone meanwhile, or not ours to touch: the next link event looks again.
+            Err(e) => {
+                tracing::warn!(node, interface = %name, index, error = %format!("{e:#}"), "cannot attach")
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Makes the steering map equal to `want`, one log line per change.
+fn apply(steering: &mut Steering, current: &mut Desired, want: Desired) {
+    for ((from, proto), old) in current.iter() {
+        if want.contains_key(&(*from, *proto)) {
+            continue;
+        }
+        match steering.unsteer(*from, *proto) {
+            Ok(()) => {
+                tracing::info!(change = "unsteer", from = %from, proto = ?proto, to = %old.to, service = %old.service, shadow = %old.shadow, "steering stopped")
+            }
+            Err(e) => {
+                tracing::error!(change = "unsteer", from = %from, error = %format!("{e:#}"), "cannot stop steering")
+            }
+        }
+    }
+    for ((from, proto), s) in &want {
+        if current.get(&(*from, *proto)) == Some(s) {
+            continue;
+        }
+        match steering.steer(*from, *proto, s.to) {
+            Ok(()) => {
+                tracing::info!(change = "steer", from = %from, proto = ?proto, to = %s.to, service = %s.service, shadow = %s.shadow, "steering started")
+            }
+            Err(e) => {
+                tracing::error!(change = "steer", from = %from, to = %s.to, error = %format!("{e:#}"), "cannot steer")
+            }
+        }
+    }
+    *current = want;
+}
