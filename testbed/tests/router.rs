@@ -166,6 +166,14 @@ fn exchange_in_ebpf_mode_steers_inside_the_nodes_and_changes_nothing() {
         (svc_rv.clone(), deploy_rv.clone()),
         "the Service and the Deployment are untouched"
     );
+    let (code, bird) = ktctl_exit(&["birdseye"]);
+    assert_eq!(code, Some(0), "{bird}");
+    assert!(
+        bird.contains("> kt-node-1: ready")
+            && bird.contains("> kt-node-2: ready")
+            && bird.contains("ready on all 2 node(s)"),
+        "birdseye shows the router per node:\n{bird}"
+    );
     let logs = router_logs();
     assert!(
         logs.lines()

@@ -15,7 +15,7 @@ use crate::error::{EnvError, Error, Result};
 pub const INSTALL: &str = "a cluster admin installs it with `cargo xtask manifests --image <kt-router image> | kubectl apply -f -` (deploy/router.yaml)";
 
 /// The router's pod on one node.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct NodeRouter {
     pub node: String,
     pub pod: String,
@@ -23,7 +23,7 @@ pub struct NodeRouter {
 }
 
 /// The router's state in the cluster.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct RouterHealth {
     /// Nodes the DaemonSet should run on.
     pub desired: i32,

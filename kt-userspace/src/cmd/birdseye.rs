@@ -1,7 +1,8 @@
 //! `ktctl birdseye`: the namespace seen from above. Which Services are exchanged, meshed or
 //! previewed, by whom (user and machine), since when, and, with `--showConnector`, who is
 //! connected. Everything is read from the objects ktctl's sessions own (their anchors, locks,
-//! mesh routes, preview Services and shadows); nothing is changed.
+//! mesh routes, preview Services and shadows); nothing is changed. Last, the router
+//! DaemonSet's health per node (what `--mode ebpf` needs).
 
 use std::collections::BTreeMap;
 
@@ -14,6 +15,7 @@ use kube::api::ListParams;
 use crate::cli::{BirdseyeArgs, Global, OutputFormat, SortBy};
 use crate::cluster::leftovers::{self, Anchor};
 use crate::cluster::session::{MANAGED_BY, ROLE_LABEL, SESSION_LABEL};
+use crate::cluster::router::{self, RouterHealth};
 use crate::cluster::{ClusterError, Permission, perm};
 use crate::error::Result;
 
@@ -210,6 +212,53 @@ impl View {
     }
 }
 
+/// The router DaemonSet as birdseye shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum RouterView {
+    /// Not installed (`--mode ebpf` is unavailable).
+    Missing,
+    /// Could not be read (the reason).
+    Unknown { reason: String },
+    Installed(RouterHealth),
+}
+
+impl RouterView {
+    async fn read(kube: &crate::cluster::Kube) -> RouterView {
+        match router::health(kube).await {
+            Ok(None) => RouterView::Missing,
+            Ok(Some(h)) => RouterView::Installed(h),
+            Err(e) => RouterView::Unknown {
+                reason: e.to_string(),
+            },
+        }
+    }
+
+    /// The table form's router section.
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "---- Router ({}/{}, for --mode ebpf) ----\n",
+            changes::ROUTER_NAMESPACE,
+            changes::ROUTER_DAEMONSET
+        );
+        match self {
+            RouterView::Missing => out.push_str("> not installed (deploy/router.yaml)\n"),
+            RouterView::Unknown { reason } => out.push_str(&format!("> unknown: {reason}\n")),
+            RouterView::Installed(h) => {
+                for n in &h.nodes {
+                    let state = if n.ready { "ready" } else { "not ready" };
+                    out.push_str(&format!("> {}: {state} (pod {})\n", n.node, n.pod));
+                }
+                match h.problem() {
+                    None => out.push_str(&format!("ready on all {} node(s)\n", h.desired)),
+                    Some(p) => out.push_str(&format!("{p}\n")),
+                }
+            }
+        }
+        out
+    }
+}
+
 /// The lines of the table form.
 pub fn render(namespace: &str, rows: &[Row], connectors: Option<&[Connector]>) -> String {
     let mut out = format!("---- Service in namespace {namespace} ----\n");
@@ -263,6 +312,7 @@ pub async fn run(global: &Global, args: &BirdseyeArgs) -> Result<u8> {
     };
     let rows = view.rows(args.sort_by, args.hide_natural_service);
     let connectors = args.show_connector.then(|| view.connectors());
+    let router = RouterView::read(&kube).await;
     match args.output {
         OutputFormat::Json => {
             let mut doc = BTreeMap::new();
@@ -271,12 +321,17 @@ pub async fn run(global: &Global, args: &BirdseyeArgs) -> Result<u8> {
             if let Some(c) = &connectors {
                 doc.insert("connectors", serde_json::json!(c));
             }
+            doc.insert("router", serde_json::json!(router));
             println!(
                 "{}",
                 serde_json::to_string_pretty(&doc).expect("serialisable")
             );
         }
-        OutputFormat::Table => print!("{}", render(ns, &rows, connectors.as_deref())),
+        OutputFormat::Table => print!(
+            "{}{}",
+            render(ns, &rows, connectors.as_deref()),
+            router.render()
+        ),
     }
     Ok(0)
 }

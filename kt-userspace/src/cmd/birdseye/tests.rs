@@ -161,3 +161,28 @@ fn sorting_by_status_and_hiding_natural_services() {
         ]
     );
 }
+
+#[test]
+fn the_router_section_names_each_node_and_what_is_missing() {
+    use crate::cluster::router::NodeRouter;
+    let node = |n: &str, ready: bool| NodeRouter {
+        node: n.into(),
+        pod: format!("kt-router-{n}"),
+        ready,
+    };
+    let h = RouterView::Installed(RouterHealth {
+        desired: 2,
+        nodes: vec![node("kt-node-1", true), node("kt-node-2", false)],
+    });
+    assert_eq!(
+        h.render(),
+        "---- Router (kt-system/kt-router, for --mode ebpf) ----\n\
+         > kt-node-1: ready (pod kt-router-kt-node-1)\n\
+         > kt-node-2: not ready (pod kt-router-kt-node-2)\n\
+         kt-router is ready on 1 of 2 node(s); not ready on kt-node-2 (pod kt-router-kt-node-2)\n"
+    );
+    assert!(RouterView::Missing.render().contains("> not installed (deploy/router.yaml)"));
+    let json = serde_json::to_value(&h).unwrap();
+    assert_eq!(json["state"], "installed");
+    assert_eq!(json["nodes"][1]["ready"], false);
+}
