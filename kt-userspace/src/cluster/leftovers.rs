@@ -200,11 +200,13 @@ fn holder_of<K: kube::Resource>(obj: &K) -> Option<Holder> {
     changes::holder(obj.meta().annotations.as_ref())
 }
 
-fn name_of<K: kube::Resource>(obj: &K) -> String {
+/// An object's name (empty when it has none).
+pub(crate) fn name_of<K: kube::Resource>(obj: &K) -> String {
     obj.meta().name.clone().unwrap_or_default()
 }
 
-fn label<'a, K: kube::Resource>(obj: &'a K, key: &str) -> Option<&'a str> {
+/// One of an object's labels.
+pub(crate) fn label<'a, K: kube::Resource>(obj: &'a K, key: &str) -> Option<&'a str> {
     obj.meta().labels.as_ref()?.get(key).map(String::as_str)
 }
 

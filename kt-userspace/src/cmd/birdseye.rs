@@ -13,7 +13,8 @@ use kube::Api;
 use kube::api::ListParams;
 
 use crate::cli::{BirdseyeArgs, Global, OutputFormat, SortBy};
-use crate::cluster::leftovers::{self, Anchor};
+use super::inbound::LOCK_MODE;
+use crate::cluster::leftovers::{self, Anchor, label, name_of};
 use crate::cluster::session::{MANAGED_BY, ROLE_LABEL, SESSION_LABEL};
 use crate::cluster::router::{self, RouterHealth};
 use crate::cluster::{ClusterError, Permission, perm};
@@ -27,8 +28,6 @@ pub const PERMISSIONS: &[Permission] = &[
     perm("list", "", "pods"),
 ];
 
-/// The lock's mode annotation (see `inbound::take_lock`).
-const LOCK_MODE: &str = "kt.dev/lock-mode";
 
 /// One session as birdseye shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -79,14 +78,6 @@ pub struct View {
     pub services: Vec<Service>,
     pub routes: Vec<ConfigMap>,
     pub shadows: Vec<Pod>,
-}
-
-fn label<'a, K: kube::Resource>(obj: &'a K, key: &str) -> Option<&'a str> {
-    obj.meta().labels.as_ref()?.get(key).map(String::as_str)
-}
-
-fn name_of<K: kube::Resource>(obj: &K) -> String {
-    obj.meta().name.clone().unwrap_or_default()
 }
 
 impl View {

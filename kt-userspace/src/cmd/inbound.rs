@@ -338,7 +338,7 @@ impl LockMode {
     }
 }
 
-const LOCK_MODE: &str = "kt.dev/lock-mode";
+pub(crate) const LOCK_MODE: &str = "kt.dev/lock-mode";
 
 /// The lock Lease of a Service.
 pub fn lock_name(svc: &str) -> String {

@@ -33,7 +33,7 @@ pub async fn run(global: &Global, args: &RecoverArgs) -> Result<u8> {
     // A session is alive while its shadow would still wait for it (renewed within its grace).
     let steps = survey
         .recover(&name, |a| a.alive_within(a.grace_secs))
-        .map_err(|alive| Error::Runtime(format!("service '{name}' is held by {alive}")))?;
+        .map_err(|alive| Error::Runtime(format!("cannot recover service '{name}': {alive}")))?;
     if steps.is_empty() {
         let exists = Api::<Service>::namespaced(kube.client.clone(), &kube.namespace)
             .get_opt(&name)

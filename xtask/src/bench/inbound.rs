@@ -9,8 +9,8 @@
 //! The laptop serves the same files from an nginx on its loopback with the pod's nginx
 //! configuration, so that the server is not what differs from ktctl connect's outbound
 //! figures, which exchange is compared with. The client pod and both shadows run on the nginx
-//! pod's node; the mesh router goes where the scheduler puts it (ktctl gives it no node
-//! selector), and the report says where that was.
+//! pod's node; the mesh router has a preferred pod affinity to the Service's pods (no node
+//! selector), and the report says where it landed.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
@@ -119,7 +119,7 @@ impl Inbound {
             (
                 "mesh-header".into(),
                 format!(
-                    "`ktctl mesh {SERVICE} {expose} --versionMark {MARK}`, each request with `{HEADER}`; its shadow on the nginx pod's node ({}), the router (placed by the scheduler) {router}",
+                    "`ktctl mesh {SERVICE} {expose} --versionMark {MARK}`, each request with `{HEADER}`; its shadow on the nginx pod's node ({}), the router (preferred next to the Service's pods) {router}",
                     self.node
                 ),
             ),
