@@ -106,40 +106,61 @@ impl Packet {
     }
 }
 
-/// The packet's IPv4 TCP/UDP fields, or `None` for anything else (fragments counted).
+/// The headers steering reads: Ethernet, the longest IPv4 header, TCP up to its flags.
+const HEADERS: usize = ETH_HLEN + 60 + TCP_FLAGS + 1;
+
+/// A `T` at `offset` in the packet's linear data, read directly (no helper call), or `None`
+/// past its end.
+#[inline(always)]
+fn at<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let p = ctx.data() + offset;
+    if p + core::mem::size_of::<T>() > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: inside [data, data_end), as checked just above (and by the verifier).
+    Some(unsafe { core::ptr::read_unaligned(p as *const T) })
+}
+
+/// The packet's IPv4 TCP/UDP fields, or `None` for anything else (fragments counted). Every
+/// packet of the node's pods passes here, so the headers are read in place; only a packet
+/// whose headers are not all in its linear part (rare on a veth) pays for pulling them in.
 #[inline(always)]
 fn parse(ctx: &TcContext) -> Option<Packet> {
-    let ethertype: u16 = ctx.load(12).ok()?;
+    let ethertype: u16 = at(ctx, 12)?;
     if ethertype != ETH_P_IP.to_be() {
         return None;
     }
-    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    if ctx.data() + ETH_HLEN + 20 + 4 > ctx.data_end() {
+        let len = (ctx.len() as usize).min(HEADERS) as u32;
+        ctx.pull_data(len).ok()?;
+    }
+    let vihl: u8 = at(ctx, ETH_HLEN)?;
     let ihl = usize::from(vihl & 0x0f) * 4;
     if vihl >> 4 != 4 || ihl < 20 {
         return None;
     }
-    let frag: u16 = ctx.load(IP_FRAG).ok()?;
+    let frag: u16 = at(ctx, IP_FRAG)?;
     if u16::from_be(frag) & IP_MF_OFFSET != 0 {
         bump(counter::FRAGMENT);
         return None;
     }
-    let proto: u8 = ctx.load(IP_PROTO).ok()?;
+    let proto: u8 = at(ctx, IP_PROTO)?;
     if proto != IPPROTO_TCP && proto != IPPROTO_UDP {
         return None;
     }
     let l4 = ETH_HLEN + ihl;
     let flags = if proto == IPPROTO_TCP {
-        ctx.load::<u8>(l4 + TCP_FLAGS).ok()?
+        at::<u8>(ctx, l4 + TCP_FLAGS)?
     } else {
         0
     };
     Some(Packet {
         l4,
         proto,
-        src: ctx.load(IP_SRC).ok()?,
-        dst: ctx.load(IP_DST).ok()?,
-        sport: ctx.load(l4).ok()?,
-        dport: ctx.load(l4 + 2).ok()?,
+        src: at(ctx, IP_SRC)?,
+        dst: at(ctx, IP_DST)?,
+        sport: at(ctx, l4)?,
+        dport: at(ctx, l4 + 2)?,
         flags,
     })
 }

@@ -12,11 +12,11 @@ use kt_common::changes;
 use kube::Api;
 use kube::api::ListParams;
 
-use crate::cli::{BirdseyeArgs, Global, OutputFormat, SortBy};
 use super::inbound::LOCK_MODE;
+use crate::cli::{BirdseyeArgs, Global, OutputFormat, SortBy};
 use crate::cluster::leftovers::{self, Anchor, label, name_of};
-use crate::cluster::session::{MANAGED_BY, ROLE_LABEL, SESSION_LABEL};
 use crate::cluster::router::{self, RouterHealth};
+use crate::cluster::session::{MANAGED_BY, ROLE_LABEL, SESSION_LABEL};
 use crate::cluster::{ClusterError, Permission, perm};
 use crate::error::Result;
 
@@ -27,7 +27,6 @@ pub const PERMISSIONS: &[Permission] = &[
     perm("list", "", "configmaps"),
     perm("list", "", "pods"),
 ];
-
 
 /// One session as birdseye shows it.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
@@ -210,7 +209,9 @@ pub enum RouterView {
     /// Not installed (`--mode ebpf` is unavailable).
     Missing,
     /// Could not be read (the reason).
-    Unknown { reason: String },
+    Unknown {
+        reason: String,
+    },
     Installed(RouterHealth),
 }
 

@@ -4,7 +4,12 @@
 //! - `cluster-service`: the Service as it is, to the nginx pod (the baseline);
 //! - `exchange`: while `ktctl exchange` sends the Service to the laptop;
 //! - `mesh-no-header` and `mesh-header`: through the router of `ktctl mesh`, without the
-//!   developer's header (on to the nginx pod) and with it (on to the laptop).
+//!   developer's header (on to the nginx pod) and with it (on to the laptop);
+//! - `cluster-service-router`: the Service as it is, with the router DaemonSet
+//!   (deploy/router.yaml) loaded on every node and steering nothing of it: its cost on traffic
+//!   it does not steer, against `cluster-service` in the same repeat;
+//! - `exchange-ebpf`: while `ktctl exchange --mode ebpf` has the routers steer the Service to
+//!   the laptop, against `exchange` (selector mode).
 //!
 //! The laptop serves the same files from an nginx on its loopback with the pod's nginx
 //! configuration, so that the server is not what differs from ktctl connect's outbound
@@ -88,8 +93,33 @@ impl Inbound {
             &b.sizes,
             raw.entry("cluster-service".into()).or_default(),
         )?;
+        {
+            let _router = RouterDaemonSet::install(&b.tb)?;
+            eprintln!("bench: {repeat}: cluster -> Service, the router loaded on every node");
+            self.wait_served_by(b, None, "pod")?;
+            measure_path(
+                &b.tb,
+                &self.client,
+                &self.base,
+                None,
+                &b.sizes,
+                raw.entry("cluster-service-router".into()).or_default(),
+            )?;
+            eprintln!("bench: {repeat}: cluster -> Service steered by the routers -> laptop");
+            self.exchange(
+                b,
+                ktctl,
+                "ebpf",
+                raw.entry("exchange-ebpf".into()).or_default(),
+            )?;
+        }
         eprintln!("bench: {repeat}: cluster -> exchanged Service -> laptop");
-        self.exchange(b, ktctl, raw.entry("exchange".into()).or_default())?;
+        self.exchange(
+            b,
+            ktctl,
+            "selector",
+            raw.entry("exchange".into()).or_default(),
+        )?;
         eprintln!("bench: {repeat}: cluster -> mesh router (without, with the header)");
         self.mesh(b, ktctl, raw)
     }
@@ -127,10 +157,22 @@ impl Inbound {
                 "mesh-no-header".into(),
                 "the same mesh, requests without the header".into(),
             ),
+            (
+                "cluster-service-router".into(),
+                "as cluster-service, with the router DaemonSet (deploy/router.yaml) loaded on every node and steering nothing of this Service".into(),
+            ),
+            (
+                "exchange-ebpf".into(),
+                format!(
+                    "`ktctl exchange {SERVICE} {expose} --mode ebpf`: the routers steer the Service's ClusterIP to the shadow (on the nginx pod's node) inside the client's node"
+                ),
+            ),
         ]
     }
 
-    fn exchange(&self, b: &Bench, ktctl: &Path, values: &mut Values) -> Result<()> {
+    /// One exchange in `mode` (`selector` or `ebpf`); `time_to_ready_s` is from the command to
+    /// the first request served by the laptop.
+    fn exchange(&self, b: &Bench, ktctl: &Path, mode: &str, values: &mut Values) -> Result<()> {
         self.wait_released(b)?;
         let start = Instant::now();
         let expose = format!("{LOCAL_PORT}:80");
@@ -140,6 +182,8 @@ impl Inbound {
             SERVICE,
             "--expose",
             &expose,
+            "--mode",
+            mode,
             "--nodeSelector",
             &node,
         ];
@@ -154,7 +198,7 @@ impl Inbound {
             );
             measure_path(&b.tb, &self.client, &self.base, None, &b.sizes, values)
         })?;
-        self.stop(b, k, "exchange")
+        self.stop(b, k, &format!("exchange --mode {mode}"))
     }
 
     fn mesh(&mut self, b: &Bench, ktctl: &Path, raw: &mut BTreeMap<String, Values>) -> Result<()> {
@@ -525,5 +569,57 @@ impl Drop for LocalNginx {
             std::thread::sleep(Duration::from_millis(50));
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The router DaemonSet (deploy/router.yaml, the workspace's kt-router), installed and ready on
+/// every node; removed, with its programs, when dropped.
+struct RouterDaemonSet<'a> {
+    tb: &'a Testbed,
+    file: PathBuf,
+}
+
+impl<'a> RouterDaemonSet<'a> {
+    fn install(tb: &'a Testbed) -> Result<RouterDaemonSet<'a>> {
+        let dir = crate::build::workspace().join("target/bench");
+        std::fs::create_dir_all(&dir)?;
+        let file = dir.join("router.yaml");
+        std::fs::write(&file, crate::manifests::render(None)?)?;
+        let r = RouterDaemonSet { tb, file };
+        let f = r.file.display().to_string();
+        laptop(tb, &["kubectl", "apply", "-f", &f])?;
+        laptop(
+            tb,
+            &[
+                "kubectl",
+                "-n",
+                "kt-system",
+                "rollout",
+                "status",
+                "ds/kt-router",
+                "--timeout=180s",
+            ],
+        )
+        .context("the router DaemonSet did not become ready")?;
+        Ok(r)
+    }
+}
+
+impl Drop for RouterDaemonSet<'_> {
+    fn drop(&mut self) {
+        let f = self.file.display().to_string();
+        if let Err(e) = laptop(
+            self.tb,
+            &[
+                "kubectl",
+                "delete",
+                "-f",
+                &f,
+                "--ignore-not-found",
+                "--wait=true",
+            ],
+        ) {
+            eprintln!("bench: removing the router DaemonSet failed: {e:#}");
+        }
     }
 }

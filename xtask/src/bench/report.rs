@@ -23,6 +23,8 @@ pub const INBOUND_PATHS: &[(&str, &str)] = &[
     ("exchange", "cluster → exchanged Service → laptop"),
     ("mesh-no-header", "cluster → mesh router → pod"),
     ("mesh-header", "cluster → mesh router (header) → laptop"),
+    ("cluster-service-router", "cluster → Service, router loaded"),
+    ("exchange-ebpf", "cluster → Service steered (ebpf) → laptop"),
 ];
 
 /// The inbound ratios, as (path, divided by, heading): exchange against ktctl connect's
@@ -36,6 +38,12 @@ const INBOUND_RATIOS: &[(&str, &str, &str)] = &[
         "mesh (no header) / Service",
     ),
     ("mesh-header", "exchange", "mesh (header) / exchange"),
+    (
+        "cluster-service-router",
+        "cluster-service",
+        "Service with / without the router",
+    ),
+    ("exchange-ebpf", "exchange", "exchange ebpf / selector"),
 ];
 
 /// The baselines ktctl is compared with, as (path, heading).
@@ -200,6 +208,7 @@ pub fn goals(paths: &BTreeMap<String, PathResults>) -> Vec<Goal> {
         let m = "latency_keepalive_p50_ms";
         Some(median(paths, "mesh-no-header", m)? - median(paths, "cluster-service", m)?)
     };
+    let over = |p: &str, base: &str, m: &str| Some(median(paths, p, m)? / median(paths, base, m)?);
     let check = |goal: &'static str, value: Option<f64>, ok: fn(f64) -> bool, w| Goal {
         goal,
         value,
@@ -283,6 +292,32 @@ pub fn goals(paths: &BTreeMap<String, PathResults>) -> Vec<Goal> {
             "mesh router (no header) adds <= 0.2 ms to the in-cluster small-request p50 (ms)",
             router_p50(),
             |v| v <= 0.2,
+            None,
+        ),
+        check(
+            "router DaemonSet, traffic it does not steer: small-request p50 within 2% of without it",
+            over(
+                "cluster-service-router",
+                "cluster-service",
+                "latency_keepalive_p50_ms",
+            ),
+            |v| v <= 1.02,
+            None,
+        ),
+        check(
+            "router DaemonSet, traffic it does not steer: bulk throughput within 2% of without it",
+            over(
+                "cluster-service-router",
+                "cluster-service",
+                "bulk_1_stream_mib_s",
+            ),
+            |v| v >= 0.98,
+            None,
+        ),
+        check(
+            "exchange --mode ebpf: steered small-request p50 <= 1.1x selector mode's",
+            over("exchange-ebpf", "exchange", "latency_keepalive_p50_ms"),
+            |v| v <= 1.1,
             None,
         ),
     ]
@@ -617,6 +652,10 @@ mod tests {
             ("exchange", "bulk_1_stream_mib_s", 90.0),
             ("cluster-service", "latency_keepalive_p50_ms", 0.1),
             ("mesh-no-header", "latency_keepalive_p50_ms", 0.25),
+            ("cluster-service-router", "latency_keepalive_p50_ms", 0.101),
+            ("cluster-service", "bulk_1_stream_mib_s", 1000.0),
+            ("cluster-service-router", "bulk_1_stream_mib_s", 970.0),
+            ("exchange-ebpf", "latency_keepalive_p50_ms", 0.66),
         ]);
         let r = Report::new(raw, BTreeMap::new(), BTreeMap::new(), vec![], true, 1);
         let goal = |prefix: &str| {
@@ -631,9 +670,18 @@ mod tests {
         assert_eq!(goal("exchange: bulk"), (Some(0.75), Some(false)));
         assert_eq!(goal("exchange: new connections"), (None, None));
         assert_eq!(goal("mesh router"), (Some(0.15), Some(true)));
+        assert_eq!(
+            goal("router DaemonSet, traffic it does not steer: small-request p50"),
+            (Some(1.01), Some(true))
+        );
+        assert_eq!(
+            goal("router DaemonSet, traffic it does not steer: bulk"),
+            (Some(0.97), Some(false))
+        );
+        assert_eq!(goal("exchange --mode ebpf"), (Some(1.2), Some(false)));
         let md = markdown(&r);
         assert!(
-            md.contains("| latency_keepalive_p50_ms (ms) | 0.10 [0.10–0.10] | 0.55 [0.55–0.55] | 0.25 [0.25–0.25] | – | 1.10× | 2.50× | – |"),
+            md.contains("| latency_keepalive_p50_ms (ms) | 0.10 [0.10–0.10] | 0.55 [0.55–0.55] | 0.25 [0.25–0.25] | – | 0.10 [0.10–0.10] | 0.66 [0.66–0.66] | 1.10× | 2.50× | – | 1.01× | 1.20× |"),
             "{md}"
         );
         let inbound = &md[md.find("Inbound").unwrap()..md.find("| goal |").unwrap()];

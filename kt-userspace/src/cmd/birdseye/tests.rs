@@ -181,7 +181,11 @@ fn the_router_section_names_each_node_and_what_is_missing() {
          > kt-node-2: not ready (pod kt-router-kt-node-2)\n\
          kt-router is ready on 1 of 2 node(s); not ready on kt-node-2 (pod kt-router-kt-node-2)\n"
     );
-    assert!(RouterView::Missing.render().contains("> not installed (deploy/router.yaml)"));
+    assert!(
+        RouterView::Missing
+            .render()
+            .contains("> not installed (deploy/router.yaml)")
+    );
     let json = serde_json::to_value(&h).unwrap();
     assert_eq!(json["state"], "installed");
     assert_eq!(json["nodes"][1]["ready"], false);
