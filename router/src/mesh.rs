@@ -70,14 +70,8 @@ pub async fn run(args: Args) -> Result<()> {
         listeners.push((l, port));
     }
     // Bound after the proxy's listeners, so that Ready means they accept.
-    let health = match args.health_port {
-        0 => None,
-        port => Some(
-            TcpListener::bind(("0.0.0.0", port))
-                .await
-                .with_context(|| format!("listening on port {port} (readiness)"))?,
-        ),
-    };
+    let health =
+        shadow::health_listener(std::net::Ipv4Addr::UNSPECIFIED.into(), args.health_port).await?;
     let client = kube::Client::try_default()
         .await
         .context("connecting to the API server")?;

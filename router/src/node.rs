@@ -23,7 +23,6 @@ use kt_common::steer::{Timeouts, counter};
 use kube::Api;
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
-use tokio::net::TcpListener;
 use tokio::sync::Notify;
 
 use crate::mesh::{WatchBackoff, terminated};
@@ -104,14 +103,8 @@ pub async fn run(args: Args) -> Result<()> {
         &mut current,
         desired::desired(&pod_store.state(), &svc_store.state(), &slice_store.state()),
     );
-    let health = match args.health_port {
-        0 => None,
-        port => Some(
-            TcpListener::bind(("0.0.0.0", port))
-                .await
-                .with_context(|| format!("listening on port {port} (readiness)"))?,
-        ),
-    };
+    let health =
+        shadow::health_listener(std::net::Ipv4Addr::UNSPECIFIED.into(), args.health_port).await?;
     tracing::info!(node = %args.node, interfaces = attached.len(), steered = current.len(), "node router ready");
 
     let health = shadow::serve_health(health);

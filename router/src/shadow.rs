@@ -121,14 +121,7 @@ pub async fn run(args: Args) -> Result<()> {
         })
     };
     // Bound after the tunnel's listener, so that Ready means the tunnel accepts.
-    let health = match args.health_port {
-        0 => None,
-        port => Some(
-            TcpListener::bind((args.listen.ip(), port))
-                .await
-                .with_context(|| format!("listening on port {port} (readiness)"))?,
-        ),
-    };
+    let health = health_listener(args.listen.ip(), args.health_port).await?;
     tracing::info!(listen = %args.listen, session = %args.session, ?dns, routes = %args.routes, except = %args.except, "shadow ready");
     let session_over = async {
         if args.lease.is_empty() {
@@ -218,6 +211,21 @@ async fn serve(
             .instrument(tracing::info_span!("conn", %peer)),
         );
     }
+}
+
+/// The readiness probe's listener on `port` (0: none). Each role binds it once what the probe
+/// stands for works, so that Ready means it.
+pub(crate) async fn health_listener(
+    ip: std::net::IpAddr,
+    port: u16,
+) -> Result<Option<TcpListener>> {
+    if port == 0 {
+        return Ok(None);
+    }
+    TcpListener::bind((ip, port))
+        .await
+        .map(Some)
+        .with_context(|| format!("listening on port {port} (readiness)"))
 }
 
 /// The readiness probe's listener: accepts and closes, silently.

@@ -223,9 +223,17 @@ fn touch(
 }
 
 /// Rewrites one address and port of the packet (at `addr_at` and `port_at`) with the L3 and
-/// L4 checksums. A UDP checksum of 0 (none) stays 0.
+/// L4 checksums, and counts it (or its failure). A UDP checksum of 0 (none) stays 0.
 #[inline(always)]
-fn rewrite(
+fn rewrite(ctx: &TcContext, p: &Packet, addr: (usize, u32, u32), port: (usize, u16, u16)) {
+    bump(match store_rewrite(ctx, p, addr, port) {
+        Ok(()) => counter::REWRITTEN,
+        Err(_) => counter::ERROR,
+    });
+}
+
+#[inline(always)]
+fn store_rewrite(
     ctx: &TcContext,
     p: &Packet,
     (addr_at, old_addr, new_addr): (usize, u32, u32),
@@ -327,17 +335,12 @@ fn ingress(ctx: &TcContext) -> Option<()> {
         seen_ns: now,
     };
     touch(f, &KT_FLOWS_REV, &rkey, reverse, &p, now);
-    let done = rewrite(
+    rewrite(
         ctx,
         &p,
         (IP_DST, p.dst, flow.addr),
         (p.l4 + 2, p.dport, flow.port),
     );
-    bump(if done.is_ok() {
-        counter::REWRITTEN
-    } else {
-        counter::ERROR
-    });
     Some(())
 }
 
@@ -375,17 +378,12 @@ fn egress(ctx: &TcContext) -> Option<()> {
         seen_ns: now,
     };
     touch(f, &KT_FLOWS_FWD, &fkey, forward, &p, now);
-    let done = rewrite(
+    rewrite(
         ctx,
         &p,
         (IP_SRC, p.src, flow.addr),
         (p.l4, p.sport, flow.port),
     );
-    bump(if done.is_ok() {
-        counter::REWRITTEN
-    } else {
-        counter::ERROR
-    });
     Some(())
 }
 
