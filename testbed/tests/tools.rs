@@ -143,13 +143,16 @@ fn clean_restores_a_crashed_mesh_and_exchange_and_leaves_a_live_session_alone() 
     );
 
     let mut last = String::new();
+    // Both crashed sessions: each counts as dead once silent for twice its grace, counted
+    // from its own last renewal.
     eventually(
-        "the crashed session to count as dead",
+        "the crashed sessions to count as dead",
         Duration::from_secs(60),
         || {
             let (_, out) = ktctl_exit(&["clean", "--threshold-in-minus", "0", "--dry-run"]);
             last = out;
             last.contains(&format!("Would remove session {id}"))
+                && last.contains(&format!("Would remove session {x_id}"))
         },
     );
     assert!(
