@@ -160,6 +160,29 @@ mod pod {
     unsafe impl aya::Pod for super::AliasTarget {}
 }
 
+/// The cookie of the network namespace `sock` lives in, as the programs'
+/// `bpf_get_netns_cookie()` sees it (`SO_NETNS_COOKIE`, Linux >= 5.14).
+#[cfg(feature = "user")]
+pub fn netns_cookie(sock: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd;
+    let mut cookie = 0u64;
+    let mut len = core::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt into a u64 of the length passed.
+    let rc = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -37,6 +37,14 @@ pub const MESH_OF: &str = "kt.dev/mesh-of";
 /// namespace's Service of that name to it (`exchange --mode ebpf`); nothing in the Service or
 /// its workload changes.
 pub const STEER_LABEL: &str = "kt.dev/steer-service";
+/// Label of a shadow pod of `mesh --mode ebpf`: the meshed Service (in the shadow's namespace),
+/// whose TCP traffic every node's router steers to its own mesh proxy, which sends requests
+/// carrying the shadow's header ([`MESH_HEADER`]: [`MESH_VALUE`]) to the shadow.
+pub const MESH_EBPF: &str = "kt.dev/mesh-ebpf";
+/// Annotation of a `mesh --mode ebpf` shadow: the header name of its route.
+pub const MESH_HEADER: &str = "kt.dev/mesh-header";
+/// Annotation of a `mesh --mode ebpf` shadow: the header value of its route.
+pub const MESH_VALUE: &str = "kt.dev/mesh-value";
 /// Namespace of the router DaemonSet (deploy/router.yaml).
 pub const ROUTER_NAMESPACE: &str = "kt-system";
 /// Name of the router DaemonSet.

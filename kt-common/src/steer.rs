@@ -15,6 +15,16 @@
 //! - an entry is forgotten once its flow has been idle for its protocol's timeout
 //!   ([`Timeouts`]); a TCP flow that saw a FIN or RST gets the short `closing` one.
 //!
+//! Callers in the node's own network namespace (hostNetwork pods, the node's processes) cross
+//! no pod veth before the node routes their packets, so the same object carries cgroup
+//! sock_addr programs for them, attached to the node's root cgroup: `connect()` and
+//! `sendmsg()` to a steered `address:port` go to the shadow instead, and `getpeername()` and
+//! `recvmsg()` show the original again, from a per-socket record ([`SockKey`]) in a bounded LRU
+//! map. They act only on sockets in the namespace whose cookie is in `KT_HOST_NETNS` (pods'
+//! sockets are the tc programs' business), never on a socket marked [`BYPASS_MARK`], and never
+//! for a task of a cgroup in `KT_HOST_EXEMPT` (the kubelet: its probes and port-forwards must
+//! reach the pods they name).
+//!
 //! Addresses and ports in keys and values are in network byte order, as they are on the wire;
 //! timestamps are `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
 
@@ -23,6 +33,10 @@ pub const MAX_STEERS: u32 = 4096;
 /// Capacity of each flow map (one entry per steered flow and direction): 2 × 64 Ki entries of
 /// 32 bytes plus the kernel's overhead, about 12 MiB per node.
 pub const MAX_FLOWS: u32 = 65536;
+
+/// The socket mark (`SO_MARK`) of the router's own connections to original pods, which
+/// steering lets through.
+pub const BYPASS_MARK: u32 = 0x6b74_0100;
 
 /// IP protocol numbers.
 pub const IPPROTO_TCP: u8 = 6;
@@ -72,6 +86,24 @@ pub struct FlowKey {
     pub proto: u8,
     /// Zero.
     pub pad: [u8; 3],
+}
+
+/// A node socket steered by the sock_addr programs, and the shadow it was sent to: the key of
+/// the original destination that `getpeername()`/`recvmsg()` show instead (a [`SteerTarget`]
+/// value in `KT_SOCK_ORIG`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockKey {
+    /// `bpf_get_socket_cookie()`.
+    pub cookie: u64,
+    /// The shadow's address, network order.
+    pub addr: u32,
+    /// Network order.
+    pub port: u16,
+    /// [`IPPROTO_TCP`] or [`IPPROTO_UDP`].
+    pub proto: u8,
+    /// Zero.
+    pub pad: u8,
 }
 
 /// The translation of a flow's packets and its last activity.
@@ -143,8 +175,12 @@ pub mod counter {
     pub const FRAGMENT: u32 = 3;
     /// Rewrites that failed (a helper error); the packet went on untouched.
     pub const ERROR: u32 = 4;
+    /// `connect()`/`sendmsg()` calls of the node's own sockets steered to a shadow.
+    pub const HOST_STEERED: u32 = 5;
+    /// `getpeername()`/`recvmsg()` calls shown the original address.
+    pub const HOST_RESTORED: u32 = 6;
     /// Number of counters.
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
 }
 
 #[cfg(feature = "user")]
@@ -159,6 +195,8 @@ mod pod {
     unsafe impl aya::Pod for super::Flow {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::Timeouts {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockKey {}
 }
 
 #[cfg(test)]
@@ -172,6 +210,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 16);
         assert_eq!(core::mem::size_of::<Flow>(), 16);
         assert_eq!(core::mem::size_of::<Timeouts>(), 24);
+        assert_eq!(core::mem::size_of::<SockKey>(), 16);
     }
 
     #[test]

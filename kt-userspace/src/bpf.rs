@@ -363,25 +363,13 @@ fn attach_cgroup(
 
 /// The cookie of the network namespace `sock` lives in (`SO_NETNS_COOKIE`, Linux >= 5.14).
 fn netns_cookie(sock: &impl AsRawFd) -> Result<u64, BpfError> {
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: getsockopt into a u64 of the length passed.
-    let rc = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&raw mut cookie).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return Err(BpfError::Other(format!(
-            "reading the network namespace's cookie (SO_NETNS_COOKIE needs Linux >= 5.14): {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    Ok(cookie)
+    // SAFETY: the descriptor stays open for this call (the caller holds the socket).
+    let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(sock.as_raw_fd()) };
+    kt_common::bpf::netns_cookie(fd).map_err(|e| {
+        BpfError::Other(format!(
+            "reading the network namespace's cookie (SO_NETNS_COOKIE needs Linux >= 5.14): {e}"
+        ))
+    })
 }
 
 fn missing(name: &str) -> BpfError {

@@ -387,6 +387,9 @@ pub enum MeshMode {
     Auto,
     /// Only a shadow with the Service's selector labels plus <key>=<mark>, for your Istio rules
     Manual,
+    /// The router DaemonSet (deploy/router.yaml) routes by header inside the nodes; nothing in
+    /// the Service changes
+    Ebpf,
 }
 
 /// `ktctl mesh`.
@@ -396,7 +399,7 @@ pub struct MeshArgs {
     pub target: String,
     #[command(flatten)]
     pub expose: ExposeArgs,
-    /// auto or manual
+    /// auto, manual or ebpf
     #[arg(long, value_enum, default_value = "auto")]
     pub mode: MeshMode,
     /// key:val, val (key version) or key: (a random val): requests with header key: val come here

@@ -13,9 +13,9 @@
 //! - [`proxy`]: the listeners: sniffing, per-request routing of HTTP/1 and HTTP/2, raw splicing;
 //! - [`restore`]: the idle clock and the restore of the Service.
 
-mod proxy;
+pub(crate) mod proxy;
 mod restore;
-mod routes;
+pub(crate) mod routes;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -80,11 +80,10 @@ pub async fn run(args: Args) -> Result<()> {
 
     let routes = Arc::new(Routes::default());
     let (known, known_rx) = watch::channel(None);
-    let proxies = futures::future::join_all(
-        listeners
-            .into_iter()
-            .map(|(l, port)| proxy::serve(l, routes.clone(), default.clone(), port)),
-    );
+    let proxies = futures::future::join_all(listeners.into_iter().map(|(l, port)| {
+        let default = proxy::fixed(default.clone(), port);
+        proxy::serve(l, routes.clone(), port, default, None)
+    }));
     let cluster = restore::KubeCluster {
         services,
         configmaps: configmaps.clone(),

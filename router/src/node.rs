@@ -3,14 +3,19 @@
 //! It loads the tc steering programs once, attaches them to every pod interface of its node
 //! (and to new ones as pods come: rtnetlink link events), and keeps the steering map equal to
 //! what Kubernetes says ([`desired`]): the ready shadow pods labelled `kt.dev/steer-service`,
-//! their Services and EndpointSlices, watched cluster-wide. Each steering change is one JSON
-//! log line. On SIGTERM (the DaemonSet deleted or rolled) it detaches from every interface and
+//! their Services and EndpointSlices, watched cluster-wide. With `--cgroup` (the node's root
+//! cgroup) it also steers the node's own sockets (hostNetwork pods, node processes) at
+//! `connect()`/`sendmsg()`. Services meshed with `mesh --mode ebpf` are steered to the node's
+//! own mesh proxies ([`mesh`]). Each steering change is one JSON log line. On SIGTERM (the DaemonSet deleted or rolled) it detaches from every interface and
 //! exits, leaving nothing on the node; so does a crash, since its links die with the process.
 
 mod desired;
 mod links;
+mod mesh;
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,7 +23,7 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kt_common::changes::STEER_LABEL;
+use kt_common::changes::{MESH_EBPF, STEER_LABEL};
 use kt_common::steer::{Timeouts, counter};
 use kube::Api;
 use kube::runtime::reflector::{self, Store};
@@ -51,6 +56,78 @@ pub struct Args {
     /// Seconds an idle steered UDP flow is remembered (0: two minutes)
     #[arg(long, default_value_t = 0)]
     udp_idle: u64,
+    /// The node's root cgroup (cgroup v2; the DaemonSet mounts the host's /sys/fs/cgroup),
+    /// to steer callers in the node's own network namespace: hostNetwork pods and node
+    /// processes. Without it only pods with a network namespace of their own are steered
+    #[arg(long)]
+    cgroup: Option<PathBuf>,
+    /// This node's IP (the DaemonSet passes status.hostIP): the node's mesh proxies for
+    /// `mesh --mode ebpf` listen there. Without it no Service is meshed on this node
+    #[arg(long, env = "NODE_IP")]
+    node_ip: Option<std::net::Ipv4Addr>,
+    /// A cgroup under --cgroup whose processes are never steered: the kubelet's (its probes and
+    /// port-forwards must reach the pods they name). Repeatable; missing ones are skipped
+    #[arg(long = "exempt-cgroup", value_name = "PATH", default_values_t = KUBELET_CGROUPS.map(String::from))]
+    exempt_cgroups: Vec<String>,
+}
+
+/// Where kubelets run on common distributions (systemd units; k3s and MicroK8s embed theirs).
+const KUBELET_CGROUPS: [&str; 4] = [
+    "system.slice/kubelet.service",
+    "system.slice/k3s.service",
+    "system.slice/k3s-agent.service",
+    "system.slice/snap.microk8s.daemon-kubelite.service",
+];
+
+/// cgroup2's `statfs` magic.
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+
+/// Attaches the sock_addr programs to the node's root cgroup for sockets in this process's
+/// network namespace (the node's: the DaemonSet is hostNetwork), the kubelet's exempt.
+fn attach_host(
+    steering: &mut Steering,
+    cgroup: &Path,
+    exempt: &[String],
+    node: &str,
+) -> Result<()> {
+    let c = std::ffi::CString::new(cgroup.as_os_str().as_encoded_bytes())
+        .context("a cgroup path with a NUL byte")?;
+    // SAFETY: a plain C struct, for which all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs into that struct, with a NUL-terminated path.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading {}", cgroup.display()));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+    let f_type = st.f_type as i64;
+    if f_type != CGROUP2_SUPER_MAGIC {
+        anyhow::bail!(
+            "{} is not a cgroup v2 folder (the node needs the unified hierarchy)",
+            cgroup.display()
+        );
+    }
+    let sock = std::net::UdpSocket::bind("127.0.0.1:0").context("a socket for the namespace")?;
+    let cookie = kt_common::bpf::netns_cookie(sock.as_fd())
+        .context("reading the node's network namespace cookie (Linux >= 5.14)")?;
+    let mut exempted = 0;
+    for rel in exempt {
+        let dir = cgroup.join(rel.trim_start_matches('/'));
+        if !dir.is_dir() {
+            tracing::debug!(node, cgroup = %rel, "no such cgroup to exempt");
+            continue;
+        }
+        steering.exempt_cgroup(&dir)?;
+        tracing::info!(node, cgroup = %rel, "its processes are never steered");
+        exempted += 1;
+    }
+    if exempted == 0 {
+        tracing::warn!(
+            node,
+            "none of the --exempt-cgroup folders exists: if the kubelet runs in the node's network namespace, its probes of exchanged pods go to the shadow"
+        );
+    }
+    steering.attach_host(cgroup, cookie)
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -60,6 +137,15 @@ pub async fn run(args: Args) -> Result<()> {
         udp_ns: args.udp_idle.saturating_mul(1_000_000_000),
         closing_ns: 0,
     })?;
+    if let Some(cg) = &args.cgroup {
+        attach_host(&mut steering, cg, &args.exempt_cgroups, &args.node).with_context(|| {
+            format!(
+                "steering the node's own sockets through cgroup {} (--cgroup)",
+                cg.display()
+            )
+        })?;
+        tracing::info!(node = %args.node, cgroup = %cg.display(), "attached to the node's cgroup");
+    }
     let mut events = links::LinkEvents::open().context("watching the node's links")?;
     let mut attached = BTreeMap::new();
     attach_new(&mut steering, &mut attached, &args.node)?;
@@ -73,6 +159,24 @@ pub async fn run(args: Args) -> Result<()> {
         watcher::Config::default().labels(STEER_LABEL),
         &changed,
     );
+    let (mesh_store, mesh_watch) = reflect(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default().labels(MESH_EBPF),
+        &changed,
+    );
+    tokio::spawn(mesh_watch);
+    let mut meshes = match args.node_ip {
+        Some(ip) => Some(mesh::Meshes::new(
+            ip,
+            steering
+                .flow_reader()
+                .context("reading the flows for the mesh proxies")?,
+        )),
+        None => {
+            tracing::warn!(node = %args.node, "no --node-ip (NODE_IP): Services meshed with --mode ebpf are not steered on this node");
+            None
+        }
+    };
     let services = reflect(
         Api::<Service>::all(client.clone()),
         watcher::Config::default(),
@@ -91,6 +195,7 @@ pub async fn run(args: Args) -> Result<()> {
     tokio::spawn(slice_watch);
     let listed = async {
         pod_store.wait_until_ready().await?;
+        mesh_store.wait_until_ready().await?;
         svc_store.wait_until_ready().await?;
         slice_store.wait_until_ready().await
     };
@@ -98,11 +203,14 @@ pub async fn run(args: Args) -> Result<()> {
         "listing pods, services and endpointslices (the ClusterRole in deploy/router.yaml)",
     )?;
     let mut current = Desired::new();
-    apply(
-        &mut steering,
-        &mut current,
-        desired::desired(&pod_store.state(), &svc_store.state(), &slice_store.state()),
-    );
+    let stores = Stores {
+        pods: pod_store,
+        mesh_pods: mesh_store,
+        services: svc_store,
+        slices: slice_store,
+    };
+    let first = stores.want(&mut meshes).await;
+    apply(&mut steering, &mut current, first);
     let health =
         shadow::health_listener(std::net::Ipv4Addr::UNSPECIFIED.into(), args.health_port).await?;
     tracing::info!(node = %args.node, interfaces = attached.len(), steered = current.len(), "node router ready");
@@ -124,6 +232,8 @@ pub async fn run(args: Args) -> Result<()> {
                         expired = c[counter::EXPIRED as usize],
                         fragments = c[counter::FRAGMENT as usize],
                         errors = c[counter::ERROR as usize],
+                        host_steered = c[counter::HOST_STEERED as usize],
+                        host_restored = c[counter::HOST_RESTORED as usize],
                         "steering counters"
                     );
                     reported = c;
@@ -143,9 +253,8 @@ pub async fn run(args: Args) -> Result<()> {
             () = changed.notified() => {
                 // Let a burst of events (a rollout, an EndpointSlice update per pod) settle.
                 tokio::time::sleep(Duration::from_millis(20)).await;
-                let want =
-                    desired::desired(&pod_store.state(), &svc_store.state(), &slice_store.state());
-                apply(&mut steering, &mut current, want);
+                let next = stores.want(&mut meshes).await;
+                apply(&mut steering, &mut current, next);
             }
         }
     }
@@ -154,8 +263,31 @@ pub async fn run(args: Args) -> Result<()> {
             tracing::warn!(interface = %name, index, error = %format!("{e:#}"), "detaching failed");
         }
     }
+    steering.detach_host();
     tracing::info!(node = %args.node, "node router stopped; programs detached");
     Ok(())
+}
+
+/// What the node's steering is computed from.
+struct Stores {
+    pods: Store<Pod>,
+    mesh_pods: Store<Pod>,
+    services: Store<Service>,
+    slices: Store<EndpointSlice>,
+}
+
+impl Stores {
+    /// The steering wanted now: exchanges' shadows, then meshed Services (their proxies
+    /// started or stopped to match).
+    async fn want(&self, meshes: &mut Option<mesh::Meshes>) -> Desired {
+        let (services, slices) = (self.services.state(), self.slices.state());
+        let mut want = desired::desired(&self.pods.state(), &services, &slices);
+        if let Some(m) = meshes {
+            let meshed = desired::meshed(&self.mesh_pods.state(), &services, &slices);
+            m.apply(meshed, &mut want).await;
+        }
+        want
+    }
 }
 
 /// A reflector of `api` and its watch (to spawn); every change notifies `changed`.

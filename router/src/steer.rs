@@ -1,23 +1,37 @@
 //! The router's tc programs (kt-ebpf's `kt-tc` object, the only one this binary embeds) and
 //! their maps: what `kt-router node` loads once per node and attaches to every pod's host-side
-//! veth. See `kt_common::steer` for what the programs do and why they attach where they do.
+//! veth, and its cgroup sock_addr programs for the node's own sockets, attached to the node's
+//! root cgroup. See `kt_common::steer` for what the programs do and why they attach where they
+//! do.
 
 use std::net::SocketAddrV4;
+use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
+use aya::programs::links::CgroupAttachMode;
 use aya::programs::tc::SchedClassifierLinkId;
-use aya::programs::{SchedClassifier, TcAttachType};
+use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-#[cfg(test)]
-use kt_common::steer::{Flow, FlowKey};
-use kt_common::steer::{SteerKey, SteerTarget, Timeouts, counter};
+use kt_common::steer::{Flow, FlowKey, SteerKey, SteerTarget, Timeouts, counter};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kt-tc"));
 
 /// The program on the pod's packets (host-side ingress) and the one on packets to the pod.
 const INGRESS: &str = "kt_tc_ingress";
 const EGRESS: &str = "kt_tc_egress";
+/// The sock_addr programs for the node's own sockets.
+const HOST: [&str; 8] = [
+    "kt_host_connect4",
+    "kt_host_sendmsg4",
+    "kt_host_recvmsg4",
+    "kt_host_getpeername4",
+    "kt_host_connect6",
+    "kt_host_sendmsg6",
+    "kt_host_recvmsg6",
+    "kt_host_getpeername6",
+];
 
 /// A transport protocol that can be steered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,8 +49,10 @@ impl Proto {
     }
 }
 
-/// The tc programs, loaded (not yet attached), and their maps.
+/// The programs, loaded (not yet attached), and their maps.
 pub struct Steering {
+    /// The sock_addr programs' links on the node's cgroup (dropping one detaches it).
+    host: Vec<CgroupSockAddrLink>,
     ebpf: Ebpf,
 }
 
@@ -63,13 +79,62 @@ impl Steering {
         }
         let mut ebpf = loader
             .load(OBJECT)
-            .context("loading the tc programs (needs CAP_BPF and CAP_NET_ADMIN)")?;
+            .context("loading the steering programs (needs CAP_BPF and CAP_NET_ADMIN)")?;
         for name in [INGRESS, EGRESS] {
             classifier(&mut ebpf, name)?
                 .load()
                 .with_context(|| format!("verifying {name}"))?;
         }
-        Ok(Steering { ebpf })
+        for name in HOST {
+            sock_addr(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("verifying {name}"))?;
+        }
+        Ok(Steering { host: vec![], ebpf })
+    }
+
+    /// Steers the node's own sockets too: attaches the sock_addr programs to `cgroup` (the
+    /// node's root cgroup), acting on sockets in the network namespace whose cookie is
+    /// `netns_cookie` (`kt_common::bpf::netns_cookie`). Needs Linux >= 5.8.
+    pub fn attach_host(&mut self, cgroup: &Path, netns_cookie: u64) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("KT_HOST_NETNS")
+            .context("no host namespace map")?;
+        Array::<_, u64>::try_from(map)?.set(0, netns_cookie, 0)?;
+        let cg = std::fs::File::open(cgroup)
+            .with_context(|| format!("opening the node's cgroup {}", cgroup.display()))?;
+        for name in HOST {
+            let prog = sock_addr(&mut self.ebpf, name)?;
+            // A bpf_link on a cgroup is always multi-attach (the kernel wants no flags):
+            // other programs on the node's cgroup stay, and run too.
+            let id = prog
+                .attach(&cg, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+            self.host.push(prog.take_link(id)?);
+        }
+        Ok(())
+    }
+
+    /// Leaves the sockets of tasks in the cgroup `dir` (not its children) alone.
+    pub fn exempt_cgroup(&mut self, dir: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        // A cgroup v2 folder's inode number is the cgroup's id.
+        let id = std::fs::metadata(dir)
+            .with_context(|| format!("reading cgroup {}", dir.display()))?
+            .ino();
+        let map = self
+            .ebpf
+            .map_mut("KT_HOST_EXEMPT")
+            .context("no exempt cgroup map")?;
+        HashMap::<_, u64, u8>::try_from(map)?
+            .insert(id, 1, 0)
+            .with_context(|| format!("exempting cgroup {}", dir.display()))
+    }
+
+    /// Detaches the sock_addr programs from the node's cgroup.
+    pub fn detach_host(&mut self) {
+        self.host.clear();
     }
 
     /// Attaches both programs to `iface` (TCX links on Linux >= 6.6, a clsact qdisc before).
@@ -157,6 +222,50 @@ impl Steering {
     }
 }
 
+/// A read handle on the reverse flow map, for tasks outside the loop that owns [`Steering`]
+/// (the node's mesh proxies): which original address a steered connection dialled.
+pub struct FlowReader(HashMap<MapData, FlowKey, Flow>);
+
+impl Steering {
+    /// A second handle on the reverse flow map (a duplicate of its file descriptor: opening
+    /// a map by id would need CAP_SYS_ADMIN).
+    pub fn flow_reader(&self) -> Result<FlowReader> {
+        use std::os::fd::AsFd;
+        let fd = match self
+            .ebpf
+            .map("KT_FLOWS_REV")
+            .context("no reverse flow map")?
+        {
+            aya::maps::Map::LruHashMap(d) => d.fd().as_fd().try_clone_to_owned()?,
+            _ => anyhow::bail!("KT_FLOWS_REV is not an LRU hash map"),
+        };
+        let data = MapData::from_fd(fd).context("a second handle on the reverse flow map")?;
+        let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
+            .context("the reverse flow map as a hash map")?;
+        Ok(FlowReader(map))
+    }
+}
+
+impl FlowReader {
+    /// The original destination of the TCP connection from `client` that the tc programs
+    /// steered to `to`, while its flow is remembered.
+    pub fn original(&self, client: SocketAddrV4, to: SocketAddrV4) -> Option<SocketAddrV4> {
+        let key = FlowKey {
+            client: u32::from(*client.ip()).to_be(),
+            peer: u32::from(*to.ip()).to_be(),
+            client_port: client.port().to_be(),
+            peer_port: to.port().to_be(),
+            proto: kt_common::steer::IPPROTO_TCP,
+            pad: [0; 3],
+        };
+        let f = self.0.get(&key, 0).ok()?;
+        Some(SocketAddrV4::new(
+            u32::from_be(f.addr).into(),
+            u16::from_be(f.port),
+        ))
+    }
+}
+
 fn steer_key(dst: SocketAddrV4, proto: Proto) -> SteerKey {
     SteerKey {
         addr: u32::from(*dst.ip()).to_be(),
@@ -166,12 +275,21 @@ fn steer_key(dst: SocketAddrV4, proto: Proto) -> SteerKey {
     }
 }
 
+fn sock_addr<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut CgroupSockAddr> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| anyhow!("{name} is not in the steering object"))?
+        .try_into()
+        .with_context(|| format!("{name} is not a sock_addr program"))
+}
+
 fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
     ebpf.program_mut(name)
-        .ok_or_else(|| anyhow!("{name} is not in the tc object"))?
+        .ok_or_else(|| anyhow!("{name} is not in the steering object"))?
         .try_into()
         .with_context(|| format!("{name} is not a tc program"))
 }
 
+#[cfg(test)]
+mod host_tests;
 #[cfg(test)]
 mod tests;

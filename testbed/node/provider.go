@@ -13,7 +13,9 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -66,11 +68,32 @@ func NewProvider(cfg Config) (*Provider, error) {
 	if st, err := os.Stat(cfg.CgroupDir); err != nil || !st.IsDir() {
 		return nil, fmt.Errorf("node cgroup %s: not a folder (%v)", cfg.CgroupDir, err)
 	}
+	if err := enterKubeletCgroup(cfg.CgroupDir); err != nil {
+		return nil, err
+	}
 	hm, err := topLevelMounts()
 	if err != nil {
 		return nil, err
 	}
 	return &Provider{cfg: cfg, net: pn, hostMounts: hm, pods: map[string]*podRuntime{}, notify: func(*corev1.Pod) {}}, nil
+}
+
+// KubeletCgroup is where a systemd node runs its kubelet, relative to the node's cgroup root.
+const KubeletCgroup = "system.slice/kubelet.service"
+
+// enterKubeletCgroup moves this process (the node's kubelet) where a real node's kubelet
+// lives, so that what looks at cgroups on a node (the router leaves the kubelet's probes and
+// port-forwards alone) finds it there.
+func enterKubeletCgroup(root string) error {
+	dir := filepath.Join(root, KubeletCgroup)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("kubelet cgroup: %w", err)
+	}
+	pid := []byte(strconv.Itoa(os.Getpid()))
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.procs"), pid, 0o644); err != nil {
+		return fmt.Errorf("entering the kubelet cgroup %s: %w", dir, err)
+	}
+	return nil
 }
 
 // topLevelMounts lists the machine's mounts directly under / that a container's root (an

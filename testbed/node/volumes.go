@@ -21,13 +21,31 @@ type volumeSet struct {
 	client kubernetes.Interface
 	pod    *corev1.Pod
 	root   string            // <state>/pods/<uid>/volumes
+	cgroup string            // the node's cgroup, which plays the host's cgroup v2 root
 	paths  map[string]string // volume name -> host path (folder, or hostPath target)
+}
+
+// hostCgroupRoot is where a real node has its cgroup v2 hierarchy.
+const hostCgroupRoot = "/sys/fs/cgroup"
+
+// hostPath is the machine's path for a hostPath volume: the node's cgroup stands in for the
+// host's cgroup root (a simulated node's pods must never reach the real machine's), every
+// other path is the machine's own.
+func hostPath(p, cgroup string) string {
+	clean := filepath.Clean(p)
+	if clean == hostCgroupRoot {
+		return cgroup
+	}
+	if rest, ok := strings.CutPrefix(clean, hostCgroupRoot+"/"); ok {
+		return filepath.Join(cgroup, rest)
+	}
+	return p
 }
 
 // materialise writes every volume; an error names the volume and is retried by the caller
 // (a Secret created just after the Pod is the usual case).
-func materialiseVolumes(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, root string) (map[string]string, error) {
-	vs := &volumeSet{client: client, pod: pod, root: root, paths: map[string]string{}}
+func materialiseVolumes(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, root, cgroup string) (map[string]string, error) {
+	vs := &volumeSet{client: client, pod: pod, root: root, cgroup: cgroup, paths: map[string]string{}}
 	for _, v := range pod.Spec.Volumes {
 		if err := vs.one(ctx, v); err != nil {
 			return nil, fmt.Errorf("volume %q: %w", v.Name, err)
@@ -41,7 +59,7 @@ func (vs *volumeSet) one(ctx context.Context, v corev1.Volume) error {
 	src := v.VolumeSource
 	switch {
 	case src.HostPath != nil:
-		p := src.HostPath.Path
+		p := hostPath(src.HostPath.Path, vs.cgroup)
 		if src.HostPath.Type != nil && *src.HostPath.Type == corev1.HostPathDirectoryOrCreate {
 			if err := os.MkdirAll(p, 0o755); err != nil {
 				return err

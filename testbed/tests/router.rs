@@ -1,6 +1,7 @@
 //! The router DaemonSet (deploy/router.yaml) and `exchange --mode ebpf` end to end: steering
-//! inside the nodes, for a caller on the other node by ClusterIP, by name and by pod IP, with
-//! the Service and its Deployment untouched; installed and removed with kubectl alone.
+//! inside the nodes, for callers on the other node (a pod, and a hostNetwork pod) by
+//! ClusterIP, by name and by pod IP, with the Service and its Deployment untouched; installed
+//! and removed with kubectl alone.
 
 mod common;
 
@@ -12,6 +13,8 @@ use kt_testbed::Machine;
 const BANNER: &str = "Now all request to service 'nginx' will be redirected to local";
 /// A client pod on the node the nginx pod is not on.
 const FAR: &str = "e2e-far-client";
+/// A hostNetwork client pod on that node (its sockets are the node's).
+const HOST: &str = "e2e-host-client";
 
 fn manifests() -> String {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -30,8 +33,9 @@ fn resource_version(kind: &str) -> String {
     ])
 }
 
-/// The far client pod, on the node the nginx pod is not on.
-fn far_client() {
+/// The client pods (one in a network namespace of its own, one hostNetwork), on the node the
+/// nginx pod is not on.
+fn far_clients() {
     let nginx_node = kubectl(&[
         "get",
         "pod",
@@ -46,36 +50,60 @@ fn far_client() {
         .find(|n| *n != nginx_node)
         .expect("a second node")
         .to_string();
-    let exists = run_in(Machine::Laptop, &["kubectl", "get", "pod", FAR])
-        .status
-        .success();
-    if !exists {
-        let overrides = format!(r#"{{"spec":{{"nodeName":"{other}"}}}}"#);
+    let host = r#""hostNetwork":true,"dnsPolicy":"ClusterFirstWithHostNet""#;
+    for (name, extra) in [(FAR, ""), (HOST, host)] {
+        let exists = run_in(Machine::Laptop, &["kubectl", "get", "pod", name])
+            .status
+            .success();
+        if !exists {
+            let sep = if extra.is_empty() { "" } else { "," };
+            let overrides = format!(r#"{{"spec":{{"nodeName":"{other}"{sep}{extra}}}}}"#);
+            kubectl(&[
+                "run",
+                name,
+                "--image=busybox:1",
+                "--restart=Never",
+                &format!("--overrides={overrides}"),
+                "--",
+                "sleep",
+                "infinity",
+            ]);
+        }
+    }
+    for name in [FAR, HOST] {
         kubectl(&[
-            "run",
-            FAR,
-            "--image=busybox:1",
-            "--restart=Never",
-            &format!("--overrides={overrides}"),
-            "--",
-            "sleep",
-            "infinity",
+            "wait",
+            &format!("pod/{name}"),
+            "--for=condition=Ready",
+            "--timeout=60s",
         ]);
     }
-    kubectl(&[
-        "wait",
-        &format!("pod/{FAR}"),
-        "--for=condition=Ready",
-        "--timeout=60s",
-    ]);
 }
 
-/// What the far client gets from `url` (empty on failure).
-fn from_far(url: &str) -> String {
-    text(&run_in(
-        Machine::Laptop,
-        &["kubectl", "exec", FAR, "--", "curl", "-sS", "-m", "3", url],
-    ))
+/// What a client pod gets from `url` (empty on failure).
+fn from(client: &str, url: &str) -> String {
+    from_with(client, url, &[])
+}
+
+/// What a client pod gets from `url` with curl's `extra` arguments.
+fn from_with(client: &str, url: &str, extra: &[&str]) -> String {
+    let mut args = vec!["kubectl", "exec", client, "--", "curl", "-sS", "-m", "3"];
+    args.extend_from_slice(extra);
+    args.push(url);
+    text(&run_in(Machine::Laptop, &args))
+}
+
+/// Applies deploy/router.yaml and waits until the router runs on every node.
+fn install_router() {
+    kubectl(&["apply", "-f", &manifests()]);
+    kubectl(&[
+        "-n",
+        "kt-system",
+        "rollout",
+        "status",
+        "ds/kt-router",
+        "--timeout=120s",
+    ]);
 }
 
 /// The three ways a caller reaches nginx: ClusterIP, name, pod IP.
@@ -88,11 +116,14 @@ fn urls() -> [String; 3] {
     ]
 }
 
+/// Both clients get `want` by ClusterIP, name and pod IP.
 fn all_get(what: &str, want: &str, timeout: Duration) {
-    for url in urls() {
-        eventually(&format!("{url} to give {what}"), timeout, || {
-            from_far(&url) == want
-        });
+    for client in [FAR, HOST] {
+        for url in urls() {
+            eventually(&format!("{url} to give {client} {what}"), timeout, || {
+                from(client, &url) == want
+            });
+        }
     }
 }
 
@@ -107,28 +138,29 @@ fn router_logs() -> String {
     ])
 }
 
-/// Programs named kt_tc_* loaded anywhere on this machine (every node is a namespace of it).
-fn tc_programs_loaded() -> usize {
+/// The router's programs (kt_tc_*, kt_host_*) loaded anywhere on this machine (every node is
+/// a namespace of it).
+fn router_programs_loaded() -> usize {
     let out = std::process::Command::new("bpftool")
         .args(["prog", "show"])
         .output()
         .expect("bpftool");
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.contains("kt_tc_ingress") || l.contains("kt_tc_egress"))
+        .filter(|l| l.contains("kt_tc_") || l.contains("kt_host_"))
         .count()
 }
 
 #[test]
 #[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
-/// Without the router, `--mode ebpf` is a usage error naming the manifest; with it, a caller
-/// on the other node gets the local page by ClusterIP, name and pod IP while the Service and
+/// Without the router, `--mode ebpf` is a usage error naming the manifest; with it, callers
+/// on the other node (a pod and a hostNetwork pod) get the local page by ClusterIP, name and pod IP while the Service and
 /// the Deployment keep their resourceVersion; a router pod replaced keeps steering; Ctrl-C and
 /// `kill -9` (after `--grace`) end it; `kubectl delete -f` leaves no program loaded.
 fn exchange_in_ebpf_mode_steers_inside_the_nodes_and_changes_nothing() {
     let _tb = testbed();
     seed_nginx();
-    far_client();
+    far_clients();
     let _local = LocalServer::start(80, LOCAL);
     all_get("the cluster page", PAGE, Duration::from_secs(30));
 
@@ -147,15 +179,7 @@ fn exchange_in_ebpf_mode_steers_inside_the_nodes_and_changes_nothing() {
         "{out}"
     );
 
-    kubectl(&["apply", "-f", &manifests()]);
-    kubectl(&[
-        "-n",
-        "kt-system",
-        "rollout",
-        "status",
-        "ds/kt-router",
-        "--timeout=120s",
-    ]);
+    install_router();
     let (svc_rv, deploy_rv) = (resource_version("svc"), resource_version("deploy"));
 
     let mut k = Ktctl::spawn(&["exchange", "nginx", "--expose", "80", "--mode", "ebpf"]);
@@ -179,6 +203,11 @@ fn exchange_in_ebpf_mode_steers_inside_the_nodes_and_changes_nothing() {
         logs.lines()
             .any(|l| l.contains(r#""change":"steer""#) && l.contains("default/nginx")),
         "one JSON line per steering change:\n{logs}"
+    );
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("never steered") && l.contains("system.slice/kubelet.service")),
+        "the kubelet's probes and port-forwards are left alone:\n{logs}"
     );
 
     // A router pod replaced (a rollout, an eviction): the new one steers again by itself.
@@ -232,11 +261,94 @@ fn exchange_in_ebpf_mode_steers_inside_the_nodes_and_changes_nothing() {
     );
 
     // Uninstall: nothing of the router stays loaded on any node.
-    assert!(tc_programs_loaded() > 0, "the routers' programs are loaded");
+    assert!(
+        router_programs_loaded() > 0,
+        "the routers' programs are loaded"
+    );
     kubectl(&["delete", "-f", &manifests(), "--wait=true"]);
     eventually(
         "the routers' programs to go",
         Duration::from_secs(60),
-        || tc_programs_loaded() == 0,
+        || router_programs_loaded() == 0,
     );
+}
+
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+/// `mesh --mode ebpf`: callers on the other node (a pod and a hostNetwork pod), by ClusterIP,
+/// name and pod IP, get the local page with the developer's header and nginx's without it,
+/// through the mesh proxy of their own node; the Service and the Deployment keep their
+/// resourceVersion; Ctrl-C ends the route.
+fn mesh_in_ebpf_mode_routes_by_header_inside_the_nodes() {
+    let _tb = testbed();
+    seed_nginx();
+    far_clients();
+    let _local = LocalServer::start(80, LOCAL);
+    install_router();
+    let (svc_rv, deploy_rv) = (resource_version("svc"), resource_version("deploy"));
+
+    let mut k = Ktctl::spawn(&[
+        "mesh",
+        "nginx",
+        "--expose",
+        "80",
+        "--mode",
+        "ebpf",
+        "--versionMark",
+        "dev",
+    ]);
+    k.wait_for(
+        "Now you can access your service by header 'VERSION: dev'",
+        Duration::from_secs(120),
+    );
+    let header = ["-H", "version: dev"];
+    for client in [FAR, HOST] {
+        for url in urls() {
+            eventually(
+                &format!("{url} with the header to give {client} the local page"),
+                Duration::from_secs(20),
+                || from_with(client, &url, &header) == LOCAL,
+            );
+            assert_eq!(
+                from(client, &url),
+                PAGE,
+                "{client}: {url} without the header reaches nginx"
+            );
+            assert_eq!(
+                from_with(client, &url, &["-H", "version: other"]),
+                PAGE,
+                "{client}: {url} with another value reaches nginx"
+            );
+        }
+    }
+    assert_eq!(
+        (resource_version("svc"), resource_version("deploy")),
+        (svc_rv.clone(), deploy_rv.clone()),
+        "the Service and the Deployment are untouched"
+    );
+    let logs = router_logs();
+    assert!(
+        logs.lines().any(|l| l.contains(r#""change":"route""#)
+            && l.contains("default/nginx")
+            && l.contains(r#""value":"dev""#)),
+        "one JSON line per route:\n{logs}"
+    );
+
+    // Ctrl-C: the route goes with the shadow; the header reaches nginx.
+    assert_eq!(k.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
+    for client in [FAR, HOST] {
+        for url in urls() {
+            eventually(
+                &format!("{url} with the header to give {client} nginx after Ctrl-C"),
+                Duration::from_secs(20),
+                || from_with(client, &url, &header) == PAGE,
+            );
+        }
+    }
+    assert_eq!(
+        (resource_version("svc"), resource_version("deploy")),
+        (svc_rv, deploy_rv),
+        "the Service and the Deployment were never touched"
+    );
+    kubectl(&["delete", "-f", &manifests(), "--wait=true"]);
 }

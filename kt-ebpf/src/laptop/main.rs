@@ -32,6 +32,8 @@
 
 mod sk_lookup;
 mod sock_addr;
+#[path = "../sock_ctx.rs"]
+mod sock_ctx;
 
 use aya_ebpf::macros::map;
 use aya_ebpf::maps::{Array, HashMap, LpmTrie, PerCpuArray, SockMap};

@@ -14,6 +14,7 @@ use kt_common::bpf::{
     dns_slot, from_alias, is_alias, to_alias,
 };
 
+use crate::sock_ctx::{mapped_v4, mark, user_port};
 use crate::{ALIAS_V4, CLUSTER_V4, KT_CONFIG, RESOLVER_SLOTS, RESOLVERS, bump};
 
 /// Deepest cgroup level the guard looks at (cgroup v2 nests far less in practice).
@@ -29,12 +30,7 @@ fn own_netns(sa: *mut bpf_sock_addr, cfg: &Config) -> bool {
 /// Whether the socket behind `sa` is one of ktctl's own (marked [`KT_SELF_MARK`]).
 #[inline(always)]
 fn own_socket(sa: *mut bpf_sock_addr) -> bool {
-    // SAFETY: ctx field reads; `sk` is never null in sock_addr programs (PTR_TO_SOCKET), and
-    // the verifier checks the read of its `mark`.
-    unsafe {
-        let sk = read_volatile(addr_of!((*sa).__bindgen_anon_1.sk));
-        read_volatile(addr_of!((*sk).mark)) == KT_SELF_MARK
-    }
+    mark(sa) == KT_SELF_MARK
 }
 
 /// The rewritten destination (network order) of an outgoing `addr:port`, if any.
@@ -83,12 +79,6 @@ fn restore_in(sa: *mut bpf_sock_addr, addr_be: u32) -> Option<u32> {
 }
 
 #[inline(always)]
-fn user_port(sa: *mut bpf_sock_addr) -> u16 {
-    // SAFETY: ctx field, 4-byte read as the verifier requires.
-    u16::from_be(unsafe { read_volatile(addr_of!((*sa).user_port)) } as u16)
-}
-
-#[inline(always)]
 fn out4(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: ctx field read.
@@ -116,25 +106,6 @@ fn in4(ctx: &SockAddrContext) {
         // SAFETY: user_ip4 is writable in recvmsg4/getpeername4.
         unsafe { write_volatile(addr_of_mut!((*sa).user_ip4), orig) };
         bump(counter::RESTORE);
-    }
-}
-
-/// The IPv4 address inside an IPv4-mapped IPv6 address (::ffff:a.b.c.d), network order.
-#[inline(always)]
-fn mapped_v4(sa: *mut bpf_sock_addr) -> Option<u32> {
-    // SAFETY: ctx field reads, 4 bytes each.
-    let (w0, w1, w2, w3) = unsafe {
-        (
-            read_volatile(addr_of!((*sa).user_ip6[0])),
-            read_volatile(addr_of!((*sa).user_ip6[1])),
-            read_volatile(addr_of!((*sa).user_ip6[2])),
-            read_volatile(addr_of!((*sa).user_ip6[3])),
-        )
-    };
-    if w0 == 0 && w1 == 0 && w2 == 0xffffu32.to_be() {
-        Some(w3)
-    } else {
-        None
     }
 }
 

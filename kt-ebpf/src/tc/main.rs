@@ -12,10 +12,18 @@
 //! always `TC_ACT_OK`: the kernel routes the rewritten packet and netfilter's conntrack sees
 //! one consistent flow (client to shadow).
 //!
+//! The `kt_host_*` cgroup sock_addr programs ([`host`]) do the same for callers in the node's
+//! own network namespace, at the socket (their packets cross no pod veth).
+//!
 //! Minimum kernel: tc (cls_bpf) 4.1; the loader attaches with TCX from 6.6 and a clsact qdisc
-//! before.
+//! before. The sock_addr programs need 5.8 (getpeername hooks, netns cookies in sock_addr
+//! programs from 5.7).
 #![no_std]
 #![no_main]
+
+mod host;
+#[path = "../sock_ctx.rs"]
+mod sock_ctx;
 
 use aya_ebpf::bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, TC_ACT_OK};
 use aya_ebpf::cty::c_long;
@@ -24,13 +32,14 @@ use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use kt_common::steer::{
-    Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_FLOWS, MAX_STEERS, SteerKey, SteerTarget,
+    Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_FLOWS, MAX_STEERS, SockKey, SteerKey, SteerTarget,
     Timeouts, counter, flow_state,
 };
 
 /// Steered destinations -> the shadow they go to.
 #[map]
-static KT_STEER: HashMap<SteerKey, SteerTarget> = HashMap::with_max_entries(MAX_STEERS, 0);
+pub(crate) static KT_STEER: HashMap<SteerKey, SteerTarget> =
+    HashMap::with_max_entries(MAX_STEERS, 0);
 /// Forward direction of steered flows (client -> original) -> the shadow.
 #[map]
 static KT_FLOWS_FWD: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
@@ -39,6 +48,16 @@ static KT_FLOWS_FWD: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MA
 static KT_FLOWS_REV: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map]
 static KT_TC_TIMEOUTS: Array<Timeouts> = Array::with_max_entries(1, 0);
+/// The node's network namespace cookie (0: the sock_addr programs do nothing).
+#[map]
+pub(crate) static KT_HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
+/// Cgroups (ids) whose tasks' sockets are never steered: the kubelet's.
+#[map]
+pub(crate) static KT_HOST_EXEMPT: HashMap<u64, u8> = HashMap::with_max_entries(64, 0);
+/// Node sockets steered by the sock_addr programs -> the original destination.
+#[map]
+pub(crate) static KT_SOCK_ORIG: LruHashMap<SockKey, SteerTarget> =
+    LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map]
 static KT_TC_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
@@ -60,7 +79,7 @@ const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
 
 #[inline(always)]
-fn bump(idx: u32) {
+pub(crate) fn bump(idx: u32) {
     if let Some(p) = KT_TC_COUNTERS.get_ptr_mut(idx) {
         // SAFETY: a per-CPU slot; no other writer runs on this CPU meanwhile.
         unsafe { *p += 1 };

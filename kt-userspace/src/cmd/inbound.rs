@@ -327,6 +327,8 @@ pub enum LockMode {
     Exclusive,
     /// Shared with other meshing sessions.
     Mesh,
+    /// Shared with other sessions meshing through the router DaemonSet (`mesh --mode ebpf`).
+    MeshEbpf,
 }
 
 impl LockMode {
@@ -334,7 +336,12 @@ impl LockMode {
         match self {
             LockMode::Exclusive => "exchange",
             LockMode::Mesh => "mesh",
+            LockMode::MeshEbpf => "mesh-ebpf",
         }
+    }
+
+    fn shared(self) -> bool {
+        self != LockMode::Exclusive
     }
 }
 
@@ -382,7 +389,7 @@ fn conflict(l: &Lease, svc: &str, mode: LockMode) -> Result<()> {
         .as_ref()
         .and_then(|a| a.get(LOCK_MODE))
         .map(String::as_str);
-    if mode == LockMode::Mesh && theirs == Some("mesh") {
+    if mode.shared() && theirs == Some(mode.as_str()) {
         return Ok(());
     }
     Err(Error::Runtime(format!(
@@ -413,7 +420,7 @@ pub async fn take_lock(session: &Session, kube: &Kube, svc: &str, mode: LockMode
             session.since.clone(),
         ),
     ]));
-    if mode == LockMode::Mesh {
+    if mode.shared() {
         // Shared: no single controller.
         if let Some(refs) = meta.owner_references.as_mut() {
             for r in refs {
@@ -433,7 +440,7 @@ pub async fn take_lock(session: &Session, kube: &Kube, svc: &str, mode: LockMode
     // with the first session to leave.
     let created = match mode {
         LockMode::Exclusive => session.create(Kind::Lease, &lease).await.map(|_| ()),
-        LockMode::Mesh => api
+        LockMode::Mesh | LockMode::MeshEbpf => api
             .create(&kube::api::PostParams::default(), &lease)
             .await
             .map(|_| ())

@@ -12,6 +12,13 @@
 //!
 //! manual mode: a shadow carrying the workload's labels plus `<key>=<mark>`, for the user's
 //! own Istio rules; nothing else changes.
+//!
+//! ebpf mode: the router DaemonSet (deploy/router.yaml) does the routing inside the nodes. The
+//! shadow is labelled `kt.dev/mesh-ebpf=<svc>` and annotated with the header and value; every
+//! node's router steers the Service's TCP traffic (ClusterIP and pod IPs) to a mesh proxy of
+//! its own, which sends the requests carrying the header to the shadow and the rest where they
+//! were going. Nothing in the Service or its workload changes; the session's end (or its
+//! shadow's) ends the route.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -127,6 +134,12 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
         return Err(EnvError::new("mesh takes a Service or deployment/<name>, not a pod").into());
     }
     let manual = args.mode == MeshMode::Manual;
+    let ebpf = args.mode == MeshMode::Ebpf;
+    let lock = if ebpf {
+        LockMode::MeshEbpf
+    } else {
+        LockMode::Mesh
+    };
     let mark = parse_mark(args.version_mark.as_deref(), manual)?;
     let expose = &args.expose.expose;
     let kube = super::connect_kube(global).await?;
@@ -137,6 +150,9 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
     let svc_name = svc.metadata.name.clone().unwrap_or_default();
     let selector = inbound::selector_of(&svc)?;
     inbound::check_remote_ports(&svc, expose)?;
+    if ebpf {
+        crate::cluster::router::require(&kube, "mesh --mode ebpf").await?;
+    }
     inbound::check_local_ports(expose, args.expose.skip_port_checking).await?;
     inbound::clean_dead(&kube, args.session.skip_cleanup).await?;
     let name = route_name(&svc_name, &mark);
@@ -147,7 +163,7 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
         ))
         .into());
     }
-    if manual {
+    if manual || ebpf {
         let taken = Api::<Pod>::namespaced(kube.client.clone(), &kube.namespace)
             .get_opt(&name)
             .await
@@ -160,8 +176,11 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
             .into());
         }
     }
-    if !manual {
-        inbound::check_lock(&kube, &svc_name, LockMode::Mesh).await?;
+    if ebpf {
+        inbound::check_lock(&kube, &svc_name, lock).await?;
+    }
+    if !manual && !ebpf {
+        inbound::check_lock(&kube, &svc_name, lock).await?;
         let route = Api::<ConfigMap>::namespaced(kube.client.clone(), &kube.namespace)
             .get_opt(&route_name(&svc_name, &mark))
             .await
@@ -177,9 +196,16 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
     let mut opts = super::shadow_options(global)?;
     opts.ports = inbound::remote_ports(expose);
     opts.name = Some(route_name(&svc_name, &mark));
-    if !manual {
+    if !manual && !ebpf {
         // If this ktctl dies, its shadow puts the selector back when no other session meshes.
         opts.restore = vec![format!("mesh/{svc_name}")];
+    }
+    if ebpf {
+        opts.labels = BTreeMap::from([(changes::MESH_EBPF.to_string(), svc_name.clone())]);
+        opts.user_annotations
+            .insert(changes::MESH_HEADER.to_string(), mark.key.clone());
+        opts.user_annotations
+            .insert(changes::MESH_VALUE.to_string(), mark.value.clone());
     }
     if manual {
         let mut labels = selector.clone();
@@ -213,7 +239,16 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
                 tracing::info!("{dashes}");
                 return inbound::ended(inbound::until_interrupted(&interrupts, mark_n).await);
             }
-            inbound::take_lock(session, &kube, &svc_name, LockMode::Mesh).await?;
+            inbound::take_lock(session, &kube, &svc_name, lock).await?;
+            if ebpf {
+                // The routers route as soon as the shadow is ready, which it is by now.
+                inbound::banner(&format!(
+                    "Now you can access your service by header '{}: {}' ",
+                    mark.key.to_uppercase(),
+                    mark.value
+                ));
+                return inbound::ended(inbound::until_interrupted(&interrupts, mark_n).await);
+            }
             let meshed = Meshed {
                 kube: &kube,
                 session,

@@ -10,6 +10,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::error::Error as StdError;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,10 +23,9 @@ use hyper::body::Incoming;
 use hyper::client::conn::http2;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::time::Instant;
 use tracing::Instrument;
 
@@ -58,11 +58,42 @@ enum ForwardError {
     Uri(http::Error),
 }
 
+/// An upstream: a host and a port.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Upstream {
+    pub host: Host,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.host, self.port)
+    }
+}
+
+/// The default upstream of an accepted connection, from its peer's address (`None`: the
+/// connection is closed).
+pub type DefaultOf = Arc<dyn Fn(SocketAddr) -> Option<Upstream> + Send + Sync>;
+
+/// The same default upstream for every connection.
+pub fn fixed(host: Host, port: u16) -> DefaultOf {
+    let up = Upstream { host, port };
+    Arc::new(move |_| Some(up.clone()))
+}
+
 /// Routes the connections `listener` accepts: a request that matches a route goes to the
-/// route's target, anything else to `default`, on `port`. Runs until dropped; no accept error
-/// ends it.
-pub async fn serve(listener: TcpListener, routes: Arc<Routes>, default: Host, port: u16) {
-    let proxy = Arc::new(Proxy::new(routes, default, port));
+/// route's target on `route_port`, anything else to the connection's default upstream.
+/// Upstream connections carry `mark` (`SO_MARK`) if given. Runs until dropped; no accept
+/// error ends it.
+pub async fn serve(
+    listener: TcpListener,
+    routes: Arc<Routes>,
+    route_port: u16,
+    default: DefaultOf,
+    mark: Option<u32>,
+) {
+    let proxy = Arc::new(Proxy::new(routes, route_port, mark));
+    let port = route_port;
     let mut last_log: Option<Instant> = None;
     loop {
         let (conn, peer) = match listener.accept().await {
@@ -76,10 +107,14 @@ pub async fn serve(listener: TcpListener, routes: Arc<Routes>, default: Host, po
                 continue;
             }
         };
+        let Some(up) = default(peer) else {
+            tracing::debug!(%peer, port, "no default upstream for this connection; closed");
+            continue;
+        };
         let proxy = proxy.clone();
         tokio::spawn(
             proxy
-                .connection(conn)
+                .connection(conn, up)
                 .instrument(tracing::info_span!("conn", %peer, port)),
         );
     }
@@ -87,43 +122,43 @@ pub async fn serve(listener: TcpListener, routes: Arc<Routes>, default: Host, po
 
 struct Proxy {
     routes: Arc<Routes>,
-    default: Host,
-    port: u16,
+    /// The port a route's target is dialed on.
+    route_port: u16,
+    mark: Option<u32>,
     server: auto::Builder<TokioExecutor>,
     /// HTTP/1 upstream connections, pooled by upstream.
-    h1: Client<HttpConnector, Incoming>,
+    h1: Client<Dialer, Incoming>,
     h2: H2Pool,
 }
 
 impl Proxy {
-    fn new(routes: Arc<Routes>, default: Host, port: u16) -> Proxy {
+    fn new(routes: Arc<Routes>, route_port: u16, mark: Option<u32>) -> Proxy {
         let mut server = auto::Builder::new(TokioExecutor::new());
         server.http1().timer(TokioTimer::new());
         server.http2().timer(TokioTimer::new());
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let h1 = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .build(connector);
+            .build(Dialer { mark });
         Proxy {
             routes,
-            default,
-            port,
+            route_port,
+            mark,
             server,
             h1,
             h2: H2Pool::default(),
         }
     }
 
-    async fn connection(self: Arc<Self>, conn: TcpStream) {
+    async fn connection(self: Arc<Self>, conn: TcpStream, default: Upstream) {
         let _ = conn.set_nodelay(true);
         match sniff(&conn, SNIFF_WAIT).await {
             Sniffed::Http => {
                 let proxy = self.clone();
+                let default = Arc::new(default);
                 let service = hyper::service::service_fn(move |req| {
                     let proxy = proxy.clone();
-                    async move { Ok::<_, Infallible>(proxy.forward(req).await) }
+                    let default = default.clone();
+                    async move { Ok::<_, Infallible>(proxy.forward(req, &default).await) }
                 });
                 if let Err(e) = self
                     .server
@@ -133,15 +168,18 @@ impl Proxy {
                     tracing::debug!(error = %e, "HTTP connection failed");
                 }
             }
-            Sniffed::Other => self.splice(conn).await,
+            Sniffed::Other => self.splice(conn, &default).await,
         }
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<Body> {
-        let upstream = self
-            .routes
-            .pick(req.headers())
-            .unwrap_or_else(|| self.default.clone());
+    async fn forward(&self, req: Request<Incoming>, default: &Upstream) -> Response<Body> {
+        let upstream = match self.routes.pick(req.headers()) {
+            Some(host) => Upstream {
+                host,
+                port: self.route_port,
+            },
+            None => default.clone(),
+        };
         tracing::debug!(method = %req.method(), uri = %req.uri(), version = ?req.version(), %upstream, "routing a request");
         let forwarded = if req.version() == Version::HTTP_2 {
             self.http2(req, &upstream).await
@@ -151,11 +189,7 @@ impl Proxy {
         match forwarded {
             Ok(resp) => resp.map(Either::Left),
             Err(e) => {
-                let text = format!(
-                    "kt-router: upstream {upstream}:{}: {}",
-                    self.port,
-                    chain(&e)
-                );
+                let text = format!("kt-router: upstream {upstream}: {}", chain(&e));
                 tracing::debug!(error = %text, "upstream failed");
                 bad_gateway(text)
             }
@@ -165,7 +199,7 @@ impl Proxy {
     async fn http1(
         &self,
         mut req: Request<Incoming>,
-        upstream: &Host,
+        upstream: &Upstream,
     ) -> Result<Response<Incoming>, ForwardError> {
         let upgrade = wants_upgrade(req.headers());
         let client_side = upgrade.then(|| hyper::upgrade::on(&mut req));
@@ -177,7 +211,7 @@ impl Proxy {
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
         *req.uri_mut() = Uri::builder()
             .scheme(Scheme::HTTP)
-            .authority(format!("{upstream}:{}", self.port))
+            .authority(upstream.to_string())
             .path_and_query(path)
             .build()
             .map_err(ForwardError::Uri)?;
@@ -196,7 +230,7 @@ impl Proxy {
     async fn http2(
         &self,
         mut req: Request<Incoming>,
-        upstream: &Host,
+        upstream: &Upstream,
     ) -> Result<Response<Incoming>, ForwardError> {
         if req.uri().authority().is_none() {
             // HTTP/2 requires one; a client that sent none named its host, if at all, in Host.
@@ -205,7 +239,7 @@ impl Proxy {
                 .get(HOST)
                 .and_then(|h| h.to_str().ok())
                 .map(str::to_owned)
-                .unwrap_or_else(|| format!("{upstream}:{}", self.port));
+                .unwrap_or_else(|| upstream.to_string());
             let path = req
                 .uri()
                 .path_and_query()
@@ -218,7 +252,7 @@ impl Proxy {
                 .build()
                 .map_err(ForwardError::Uri)?;
         }
-        let mut sender = self.h2.get(upstream, self.port).await?;
+        let mut sender = self.h2.get(upstream, self.mark).await?;
         match sender.try_send_request(req).await {
             Ok(resp) => Ok(resp),
             Err(mut e) => match e.take_message() {
@@ -226,7 +260,7 @@ impl Proxy {
                 // Once more on a new one.
                 Some(req) => {
                     self.h2.forget(upstream);
-                    let mut sender = self.h2.get(upstream, self.port).await?;
+                    let mut sender = self.h2.get(upstream, self.mark).await?;
                     sender.send_request(req).await.map_err(ForwardError::Http)
                 }
                 None => Err(ForwardError::Http(e.into_error())),
@@ -235,26 +269,101 @@ impl Proxy {
     }
 
     /// A connection that is not HTTP: to the default upstream, byte for byte.
-    async fn splice(&self, mut conn: TcpStream) {
-        let addr = format!("{}:{}", self.default, self.port);
-        let mut up = match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                tracing::debug!(upstream = %addr, error = %e, "cannot reach the default upstream");
-                return;
-            }
-            Err(_) => {
-                tracing::debug!(upstream = %addr, timeout = ?CONNECT_TIMEOUT, "cannot reach the default upstream");
+    async fn splice(&self, mut conn: TcpStream, upstream: &Upstream) {
+        let mut up = match dial(upstream, self.mark).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%upstream, error = %e, "cannot reach the default upstream");
                 return;
             }
         };
-        let _ = up.set_nodelay(true);
         match tokio::io::copy_bidirectional(&mut conn, &mut up).await {
             Ok((sent, received)) => {
-                tracing::debug!(upstream = %addr, sent, received, "raw connection closed")
+                tracing::debug!(%upstream, sent, received, "raw connection closed")
             }
-            Err(e) => tracing::debug!(upstream = %addr, error = %e, "raw connection failed"),
+            Err(e) => tracing::debug!(%upstream, error = %e, "raw connection failed"),
         }
+    }
+}
+
+/// A TCP connection to `upstream` (its first address), with `mark` if given, in
+/// [`CONNECT_TIMEOUT`], without Nagle's delay.
+async fn dial(upstream: &Upstream, mark: Option<u32>) -> Result<TcpStream, ForwardError> {
+    let connect = async {
+        let addr = tokio::net::lookup_host((upstream.host.unbracketed(), upstream.port))
+            .await?
+            .next()
+            .ok_or_else(|| std::io::Error::other("the name has no address"))?;
+        let sock = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(m) = mark {
+            set_mark(&sock, m)?;
+        }
+        let tcp = sock.connect(addr).await?;
+        let _ = tcp.set_nodelay(true);
+        Ok(tcp)
+    };
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| ForwardError::ConnectTimeout)?
+        .map_err(ForwardError::Connect)
+}
+
+/// `SO_MARK` (needs CAP_NET_ADMIN).
+fn set_mark(sock: &TcpSocket, mark: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: setsockopt with a u32 of the length passed, on an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MARK,
+            (&raw const mark).cast(),
+            std::mem::size_of::<u32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// The HTTP/1 client's connector: [`dial`] to the request's authority.
+#[derive(Clone)]
+struct Dialer {
+    mark: Option<u32>,
+}
+
+impl tower_service::Service<Uri> for Dialer {
+    type Response = TokioIo<TcpStream>;
+    type Error = ForwardError;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<TokioIo<TcpStream>, ForwardError>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), ForwardError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mark = self.mark;
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default();
+            let host =
+                Host::parse(host).map_err(|e| ForwardError::Connect(std::io::Error::other(e)))?;
+            let up = Upstream {
+                host,
+                port: uri.port_u16().unwrap_or(80),
+            };
+            dial(&up, mark).await.map(TokioIo::new)
+        })
     }
 }
 
@@ -263,14 +372,14 @@ impl Proxy {
 /// from the address it connects to, and the client's `:authority` must reach the upstream.
 #[derive(Default)]
 struct H2Pool {
-    conns: Mutex<HashMap<Host, http2::SendRequest<Incoming>>>,
+    conns: Mutex<HashMap<Upstream, http2::SendRequest<Incoming>>>,
 }
 
 impl H2Pool {
     async fn get(
         &self,
-        upstream: &Host,
-        port: u16,
+        upstream: &Upstream,
+        mark: Option<u32>,
     ) -> Result<http2::SendRequest<Incoming>, ForwardError> {
         let cached = self
             .conns
@@ -282,12 +391,8 @@ impl H2Pool {
         if let Some(s) = cached {
             return Ok(s);
         }
-        let addr = format!("{upstream}:{port}");
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr))
-            .await
-            .map_err(|_| ForwardError::ConnectTimeout)?
-            .map_err(ForwardError::Connect)?;
-        let _ = tcp.set_nodelay(true);
+        let addr = upstream.to_string();
+        let tcp = dial(upstream, mark).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .handshake(TokioIo::new(tcp))
@@ -306,7 +411,7 @@ impl H2Pool {
         Ok(sender)
     }
 
-    fn forget(&self, upstream: &Host) {
+    fn forget(&self, upstream: &Upstream) {
         self.conns
             .lock()
             .unwrap_or_else(PoisonError::into_inner)

@@ -53,6 +53,24 @@ impl Host {
     }
 }
 
+impl Host {
+    /// An IP address as a host.
+    pub fn ip(ip: std::net::IpAddr) -> Host {
+        match ip {
+            std::net::IpAddr::V4(v4) => Host(v4.to_string().into()),
+            std::net::IpAddr::V6(v6) => Host(format!("[{v6}]").into()),
+        }
+    }
+
+    /// The host without an IPv6 address's brackets, for name resolution.
+    pub fn unbracketed(&self) -> &str {
+        self.0
+            .strip_prefix('[')
+            .and_then(|r| r.strip_suffix(']'))
+            .unwrap_or(&self.0)
+    }
+}
+
 impl fmt::Display for Host {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -94,21 +112,40 @@ impl Route {
                 .ok_or(RouteError::Missing(k))
         };
         let (header, value, target) = (get(KEY_HEADER)?, get(KEY_VALUE)?, get(KEY_TARGET)?);
+        Route::parse(
+            header,
+            value,
+            target,
+            cm.metadata.name.clone().unwrap_or_default(),
+        )
+    }
+
+    /// A route from its parts (`source` names where it came from, for logs); `header` empty
+    /// is a missing header.
+    pub fn parse(
+        header: &str,
+        value: &str,
+        target: &str,
+        source: String,
+    ) -> Result<Route, RouteError> {
+        if header.is_empty() {
+            return Err(RouteError::Missing(KEY_HEADER));
+        }
         let header = HeaderName::from_bytes(header.trim().as_bytes())
-            .map_err(|_| RouteError::Header(header.clone()))?;
+            .map_err(|_| RouteError::Header(header.to_string()))?;
         // Parsers drop the spaces around a header's value: a value with spaces at an end (or
         // an empty one) could never match.
         let valid = !value.is_empty() && value.trim() == value;
         let value = HeaderValue::from_str(value)
             .ok()
             .filter(|_| valid)
-            .ok_or_else(|| RouteError::Value(value.clone()))?;
+            .ok_or_else(|| RouteError::Value(value.to_string()))?;
         let target = Host::parse(target.trim()).map_err(RouteError::Target)?;
         Ok(Route {
             header,
             value,
             target,
-            configmap: cm.metadata.name.clone().unwrap_or_default(),
+            configmap: source,
         })
     }
 

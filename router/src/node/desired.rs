@@ -6,6 +6,10 @@
 //! the ClusterIP and port, and every endpoint address of the Service (the original pods) on
 //! that target port, go to the shadow's IP on the target port. A shadow steers only its own
 //! namespace's Service; two shadows claiming the same address: the older pod wins.
+//!
+//! A Service meshed in ebpf mode (ready shadows labelled [`MESH_EBPF`]`=<service>` in its
+//! namespace) has its TCP ports ([`meshed`]) steered to the node's own mesh proxies instead;
+//! the node loop adds those.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -14,8 +18,9 @@ use std::sync::Arc;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use kt_common::changes::STEER_LABEL;
+use kt_common::changes::{MESH_EBPF, MESH_HEADER, MESH_VALUE, STEER_LABEL};
 
+use crate::mesh::routes::Route;
 use crate::steer::Proto;
 
 /// Where a steered address goes, and why (for the logs).
@@ -54,12 +59,11 @@ fn proto(p: Option<&str>) -> Option<Proto> {
     }
 }
 
-fn shadow(pod: &Pod) -> Option<Shadow<'_>> {
-    let meta = &pod.metadata;
-    if meta.deletion_timestamp.is_some() {
+/// The IP of a pod that is running, Ready and not being deleted.
+fn ready_ip(pod: &Pod) -> Option<Ipv4Addr> {
+    if pod.metadata.deletion_timestamp.is_some() {
         return None;
     }
-    let service = meta.labels.as_ref()?.get(STEER_LABEL)?;
     let status = pod.status.as_ref()?;
     let ready = status.phase.as_deref() == Some("Running")
         && status
@@ -70,7 +74,16 @@ fn shadow(pod: &Pod) -> Option<Shadow<'_>> {
     if !ready {
         return None;
     }
-    let ip = status.pod_ip.as_deref()?.parse().ok()?;
+    status.pod_ip.as_deref()?.parse().ok()
+}
+
+fn shadow(pod: &Pod) -> Option<Shadow<'_>> {
+    let meta = &pod.metadata;
+    if meta.deletion_timestamp.is_some() {
+        return None;
+    }
+    let service = meta.labels.as_ref()?.get(STEER_LABEL)?;
+    let ip = ready_ip(pod)?;
     let serves = pod
         .spec
         .as_ref()?
@@ -115,86 +128,206 @@ pub fn desired(
     let shadow_ips: BTreeSet<Ipv4Addr> = shadows.iter().map(|s| s.ip).collect();
     let mut out = Desired::new();
     for s in shadows {
-        let Some(svc) = services.iter().find(|x| {
-            x.metadata.namespace.as_deref() == Some(s.namespace)
-                && x.metadata.name.as_deref() == Some(s.service)
-        }) else {
+        let Some(svc) = find_service(services, s.namespace, s.service) else {
             continue;
         };
-        let slices: Vec<&EndpointSlice> = slices
-            .iter()
-            .filter(|e| {
-                e.metadata.namespace.as_deref() == Some(s.namespace)
-                    && e.metadata
-                        .labels
-                        .as_ref()
-                        .and_then(|l| l.get("kubernetes.io/service-name"))
-                        .map(String::as_str)
-                        == Some(s.service)
-            })
-            .map(|e| e.as_ref())
-            .collect();
-        let spec = svc.spec.as_ref();
-        let cluster_ip = spec
-            .and_then(|x| x.cluster_ip.as_deref())
-            .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
-        for port in spec.and_then(|x| x.ports.as_ref()).into_iter().flatten() {
-            let Some(p) = proto(port.protocol.as_deref()) else {
+        for port in service_ports(svc, slices, &shadow_ips) {
+            if !s.serves.contains(&(port.target, port.proto)) {
                 continue;
-            };
-            let Ok(svc_port) = u16::try_from(port.port) else {
-                continue;
-            };
-            let target = match &port.target_port {
-                None => Some(svc_port),
-                Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
-                // A named port: its number as the EndpointSlices give it.
-                Some(IntOrString::String(_)) => slices
-                    .iter()
-                    .flat_map(|e| e.ports.iter().flatten())
-                    .find(|ep| {
-                        same_name(&ep.name, &port.name) && proto(ep.protocol.as_deref()) == Some(p)
-                    })
-                    .and_then(|ep| ep.port)
-                    .and_then(|n| u16::try_from(n).ok()),
-            };
-            let Some(target) = target.filter(|t| s.serves.contains(&(*t, p))) else {
-                continue;
-            };
+            }
             let steer = Steer {
-                to: SocketAddrV4::new(s.ip, target),
+                to: SocketAddrV4::new(s.ip, port.target),
                 service: format!("{}/{}", s.namespace, s.service),
                 shadow: format!("{}/{}", s.namespace, s.name),
             };
-            if let Some(ip) = cluster_ip {
-                out.entry((SocketAddrV4::new(ip, svc_port), p))
+            for from in port.from {
+                out.entry((from, port.proto))
                     .or_insert_with(|| steer.clone());
             }
-            for e in &slices {
-                let ports: Vec<u16> = e
-                    .ports
-                    .iter()
-                    .flatten()
-                    .filter(|ep| {
-                        same_name(&ep.name, &port.name) && proto(ep.protocol.as_deref()) == Some(p)
-                    })
-                    .filter_map(|ep| ep.port.and_then(|n| u16::try_from(n).ok()))
-                    .collect();
-                let addrs = e
-                    .endpoints
-                    .iter()
-                    .flatten()
-                    .flat_map(|ep| ep.addresses.iter())
-                    .filter_map(|a| a.parse::<Ipv4Addr>().ok())
-                    .filter(|a| !shadow_ips.contains(a));
-                for a in addrs {
-                    for &n in &ports {
-                        out.entry((SocketAddrV4::new(a, n), p))
-                            .or_insert_with(|| steer.clone());
-                    }
-                }
+        }
+    }
+    out
+}
+
+fn find_service<'a>(services: &'a [Arc<Service>], ns: &str, name: &str) -> Option<&'a Service> {
+    services
+        .iter()
+        .find(|x| {
+            x.metadata.namespace.as_deref() == Some(ns) && x.metadata.name.as_deref() == Some(name)
+        })
+        .map(|x| x.as_ref())
+}
+
+/// One port of a Service and the addresses callers reach it by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServicePort {
+    pub port: u16,
+    /// The pods' port (the target port, resolved when named).
+    pub target: u16,
+    pub proto: Proto,
+    pub cluster_ip: Option<Ipv4Addr>,
+    /// ClusterIP:port (first, if any), then every endpoint podIP:target but those in
+    /// `exclude`.
+    pub from: Vec<SocketAddrV4>,
+}
+
+/// The ports of `svc` (TCP and UDP) with their addresses, from its EndpointSlices.
+fn service_ports(
+    svc: &Service,
+    slices: &[Arc<EndpointSlice>],
+    exclude: &BTreeSet<Ipv4Addr>,
+) -> Vec<ServicePort> {
+    let (ns, name) = (
+        svc.metadata.namespace.as_deref(),
+        svc.metadata.name.as_deref(),
+    );
+    let slices: Vec<&EndpointSlice> = slices
+        .iter()
+        .filter(|e| {
+            e.metadata.namespace.as_deref() == ns
+                && e.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get("kubernetes.io/service-name"))
+                    .map(String::as_str)
+                    == name
+        })
+        .map(|e| e.as_ref())
+        .collect();
+    let spec = svc.spec.as_ref();
+    let cluster_ip = spec
+        .and_then(|x| x.cluster_ip.as_deref())
+        .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+    let mut out = vec![];
+    for port in spec.and_then(|x| x.ports.as_ref()).into_iter().flatten() {
+        let Some(p) = proto(port.protocol.as_deref()) else {
+            continue;
+        };
+        let Ok(svc_port) = u16::try_from(port.port) else {
+            continue;
+        };
+        let slice_ports = |e: &EndpointSlice| -> Vec<u16> {
+            e.ports
+                .iter()
+                .flatten()
+                .filter(|ep| {
+                    same_name(&ep.name, &port.name) && proto(ep.protocol.as_deref()) == Some(p)
+                })
+                .filter_map(|ep| ep.port.and_then(|n| u16::try_from(n).ok()))
+                .collect()
+        };
+        let target = match &port.target_port {
+            None => Some(svc_port),
+            Some(IntOrString::Int(n)) => u16::try_from(*n).ok(),
+            // A named port: its number as the EndpointSlices give it.
+            Some(IntOrString::String(_)) => {
+                slices.iter().find_map(|e| slice_ports(e).first().copied())
+            }
+        };
+        let Some(target) = target else {
+            continue;
+        };
+        let mut from: Vec<SocketAddrV4> = cluster_ip
+            .map(|ip| SocketAddrV4::new(ip, svc_port))
+            .into_iter()
+            .collect();
+        for e in &slices {
+            let ports = slice_ports(e);
+            let addrs = e
+                .endpoints
+                .iter()
+                .flatten()
+                .flat_map(|ep| ep.addresses.iter())
+                .filter_map(|a| a.parse::<Ipv4Addr>().ok())
+                .filter(|a| !exclude.contains(a));
+            for a in addrs {
+                from.extend(ports.iter().map(|&n| SocketAddrV4::new(a, n)));
             }
         }
+        out.push(ServicePort {
+            port: svc_port,
+            target,
+            proto: p,
+            cluster_ip,
+            from,
+        });
+    }
+    out
+}
+
+/// A Service meshed in ebpf mode: its TCP ports (what the node's mesh proxies listen for)
+/// and the routes of its ready shadows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mesh {
+    /// `<namespace>/<service>`.
+    pub service: String,
+    pub ports: Vec<ServicePort>,
+    /// One per ready shadow, oldest first (the first match wins).
+    pub routes: Vec<Route>,
+}
+
+/// The Services that ready shadows labelled [`MESH_EBPF`]`=<service>` mesh (in their
+/// namespace), sorted by Service, with those shadows' routes: requests carrying the header
+/// and value of the shadow's annotations go to the shadow's IP. A shadow whose annotations
+/// make no route is left out (ktctl never writes such).
+pub fn meshed(
+    pods: &[Arc<Pod>],
+    services: &[Arc<Service>],
+    slices: &[Arc<EndpointSlice>],
+) -> Vec<Mesh> {
+    let mut pods: Vec<&Pod> = pods.iter().map(|p| p.as_ref()).collect();
+    pods.sort_by(|a, b| {
+        let key = |p: &Pod| {
+            (
+                p.metadata.creation_timestamp.clone(),
+                p.metadata.name.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    let mut by_service: BTreeMap<(&str, &str), Vec<Route>> = BTreeMap::new();
+    for pod in pods {
+        let meta = &pod.metadata;
+        let (Some(ns), Some(name), Some(svc), Some(ip)) = (
+            meta.namespace.as_deref(),
+            meta.name.as_deref(),
+            meta.labels.as_ref().and_then(|l| l.get(MESH_EBPF)),
+            ready_ip(pod),
+        ) else {
+            continue;
+        };
+        let note = |k: &str| {
+            meta.annotations
+                .as_ref()
+                .and_then(|a| a.get(k))
+                .map_or("", String::as_str)
+        };
+        match Route::parse(
+            note(MESH_HEADER),
+            note(MESH_VALUE),
+            &ip.to_string(),
+            format!("{ns}/{name}"),
+        ) {
+            Ok(r) => by_service.entry((ns, svc.as_str())).or_default().push(r),
+            Err(e) => {
+                tracing::debug!(shadow = %format!("{ns}/{name}"), error = %e, "no route from this shadow")
+            }
+        }
+    }
+    let mut out = vec![];
+    for ((ns, name), routes) in by_service {
+        let Some(svc) = find_service(services, ns, name) else {
+            continue;
+        };
+        let ports: Vec<ServicePort> = service_ports(svc, slices, &BTreeSet::new())
+            .into_iter()
+            .filter(|p| p.proto == Proto::Tcp)
+            .collect();
+        out.push(Mesh {
+            service: format!("{ns}/{name}"),
+            ports,
+            routes,
+        });
     }
     out
 }
@@ -365,5 +498,106 @@ mod tests {
             at("10.244.2.7:80")
         );
         assert_eq!(d.len(), 2);
+    }
+
+    fn mesh_pod(name: &str, ip: &str, ready: bool, created: &str, value: &str) -> Arc<Pod> {
+        let mut p = (*pod(name, ip, ready, created, json!([{"containerPort": 8080}]))).clone();
+        p.metadata.labels = Some([(MESH_EBPF.to_string(), "nginx".to_string())].into());
+        p.metadata.annotations = Some(
+            [
+                (MESH_HEADER.to_string(), "version".to_string()),
+                (MESH_VALUE.to_string(), value.to_string()),
+            ]
+            .into(),
+        );
+        Arc::new(p)
+    }
+
+    #[test]
+    fn a_meshed_service_gets_its_tcp_ports_and_one_route_per_ready_shadow_oldest_first() {
+        let pods = [
+            mesh_pod("bob", "10.244.2.4", true, "2026-01-01T00:00:02Z", "bob"),
+            mesh_pod("ann", "10.244.1.3", true, "2026-01-01T00:00:01Z", "ann"),
+            mesh_pod("cid", "10.244.1.4", false, "2026-01-01T00:00:00Z", "cid"),
+            mesh_pod(
+                "bad",
+                "10.244.1.6",
+                true,
+                "2026-01-01T00:00:00Z",
+                "has space ",
+            ),
+        ];
+        let got = meshed(&pods, &[service()], &[slice()]);
+        assert_eq!(got.len(), 1, "{got:?}");
+        let m = &got[0];
+        assert_eq!(m.service, "team/nginx");
+        let targets: Vec<String> = m
+            .routes
+            .iter()
+            .map(|r| format!("{}={} {}", r.header, r.value.to_str().unwrap(), r.target))
+            .collect();
+        assert_eq!(
+            targets,
+            ["version=ann 10.244.1.3", "version=bob 10.244.2.4"]
+        );
+        let ports: Vec<(u16, u16, Vec<SocketAddrV4>)> = m
+            .ports
+            .iter()
+            .map(|p| (p.port, p.target, p.from.clone()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (
+                    80,
+                    8080,
+                    vec![
+                        at("10.96.0.10:80"),
+                        at("10.244.1.5:8080"),
+                        at("10.244.2.9:8080")
+                    ]
+                ),
+                (
+                    9000,
+                    9000,
+                    vec![
+                        at("10.96.0.10:9000"),
+                        at("10.244.1.5:9000"),
+                        at("10.244.2.9:9000")
+                    ]
+                ),
+            ],
+            "TCP ports only, ClusterIP first"
+        );
+        // Meshing asks nothing of the exchange steering.
+        assert!(desired(&pods, &[service()], &[slice()]).is_empty());
+    }
+
+    #[test]
+    fn no_mesh_without_a_ready_shadow_with_a_route_or_without_its_service() {
+        let not_ready = [mesh_pod(
+            "cid",
+            "10.244.1.4",
+            false,
+            "2026-01-01T00:00:00Z",
+            "cid",
+        )];
+        assert!(meshed(&not_ready, &[service()], &[slice()]).is_empty());
+        let no_route = [mesh_pod(
+            "bad",
+            "10.244.1.6",
+            true,
+            "2026-01-01T00:00:00Z",
+            "",
+        )];
+        assert!(meshed(&no_route, &[service()], &[slice()]).is_empty());
+        let ready = [mesh_pod(
+            "ann",
+            "10.244.1.3",
+            true,
+            "2026-01-01T00:00:01Z",
+            "ann",
+        )];
+        assert!(meshed(&ready, &[], &[slice()]).is_empty());
     }
 }

@@ -101,7 +101,7 @@ async fn router(routes: Vec<Route>, port: u16) -> SocketAddr {
     let table = Arc::new(Routes::default());
     table.set(routes);
     let default = Host::parse("127.0.0.1").expect("host");
-    tokio::spawn(serve(listener, table, default, port));
+    tokio::spawn(serve(listener, table, port, fixed(default, port), None));
     addr
 }
 
@@ -474,4 +474,60 @@ fn strip_keeps_what_an_upgrade_needs() {
     );
     assert!(!h.contains_key("x-hop"));
     assert!(!h.contains_key(TE), "TE other than trailers");
+}
+
+/// One HTTP/1.1 request from source address `from`, its whole answer (empty if the router
+/// closed the connection).
+async fn get_from(router: SocketAddr, from: &str, headers: &str) -> String {
+    let sock = TcpSocket::new_v4().expect("socket");
+    sock.bind(format!("{from}:0").parse().expect("addr"))
+        .expect("bind");
+    let mut c = sock.connect(router).await.expect("connect");
+    let req = format!("GET / HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n{headers}\r\n");
+    c.write_all(req.as_bytes()).await.expect("write");
+    let mut out = String::new();
+    let _ = c.read_to_string(&mut out).await;
+    out
+}
+
+#[tokio::test]
+async fn each_connection_gets_its_own_default_and_routes_go_to_the_route_port() {
+    let (a, b, dev) = (
+        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        TcpListener::bind("127.0.0.2:0").await.expect("bind"),
+    );
+    let [pa, pb, pdev] = [&a, &b, &dev].map(|l| l.local_addr().expect("addr").port());
+    tokio::spawn(http_upstream(a, "a"));
+    tokio::spawn(http_upstream(b, "b"));
+    tokio::spawn(http_upstream(dev, "dev"));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let router = listener.local_addr().expect("addr");
+    let table = Arc::new(Routes::default());
+    table.set(vec![route("version", "abcde", "127.0.0.2")]);
+    let local = Host::parse("127.0.0.1").expect("host");
+    // As the node's mesh proxies do: the default follows the caller.
+    let default: DefaultOf =
+        Arc::new(
+            move |peer: SocketAddr| match peer.ip().to_string().as_str() {
+                "127.0.0.3" => Some(Upstream {
+                    host: local.clone(),
+                    port: pa,
+                }),
+                "127.0.0.4" => Some(Upstream {
+                    host: local.clone(),
+                    port: pb,
+                }),
+                _ => None,
+            },
+        );
+    tokio::spawn(serve(listener, table, pdev, default, None));
+
+    let body = |s: String| s.rsplit("\r\n\r\n").next().unwrap_or_default().to_string();
+    assert!(body(get_from(router, "127.0.0.3", "").await).starts_with("a "));
+    assert!(body(get_from(router, "127.0.0.4", "").await).starts_with("b "));
+    let routed = get_from(router, "127.0.0.4", "version: abcde\r\n").await;
+    assert!(body(routed.clone()).starts_with("dev "), "{routed}");
+    // No default for this caller: closed without an answer.
+    assert_eq!(get_from(router, "127.0.0.5", "").await, "");
 }
