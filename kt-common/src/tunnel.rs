@@ -169,6 +169,35 @@ where
     let _ = tokio::join!(pump(&mut ar, &mut bw, cap), pump(&mut br, &mut aw, cap));
 }
 
+/// Copies both ways between `conn` and a stream whose open was sent without waiting for its
+/// reply (no round trip before the caller's first bytes leave): the caller's bytes go out at
+/// once, the other end's only after its reply says the open succeeded. An error: the open
+/// was refused or its reply never came, and nothing of the other end reached `conn`.
+pub async fn splice_opened(conn: &mut tokio::net::TcpStream, stream: MuxStream) -> Result<()> {
+    let (mut cr, mut cw) = conn.split();
+    let (mut sr, mut sw) = tokio::io::split(stream);
+    let up = async {
+        let _ = pump(&mut cr, &mut sw, 16 * 1024).await;
+    };
+    let down = async {
+        expect_ok(&mut sr).await?;
+        let _ = pump(&mut sr, &mut cw, 64 * 1024).await;
+        Ok(())
+    };
+    tokio::pin!(up);
+    tokio::pin!(down);
+    // A refusal stops at once instead of waiting for the caller's side to finish.
+    tokio::select! {
+        r = &mut down => {
+            if r.is_ok() {
+                up.await;
+            }
+            r
+        }
+        () = &mut up => down.await,
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Multiplexer
 

@@ -124,11 +124,12 @@ async fn accept(listener: TcpListener, port: u16, current: watch::Receiver<Curre
     }
 }
 
-/// Opens an `Open::Inbound` stream toward ktctl for one accepted connection and splices them;
-/// waits up to [`HANDOFF_WAIT`] for a tunnel connection. A refusal (ktctl's local port is
-/// closed) closes the connection: the caller sees a reset, the session goes on.
+/// Opens an `Open::Inbound` stream toward ktctl for one accepted connection and splices them,
+/// the caller's first bytes going out with the open (no round trip first); waits up to
+/// [`HANDOFF_WAIT`] for a tunnel connection. A refusal (ktctl's local port is closed) closes
+/// the connection: the caller sees a reset, the session goes on.
 async fn hand_off(
-    conn: TcpStream,
+    mut conn: TcpStream,
     peer: SocketAddr,
     port: u16,
     mut current: watch::Receiver<Current>,
@@ -142,12 +143,19 @@ async fn hand_off(
             return reset(conn);
         }
     };
-    match mux.request(Open::Inbound { port, peer }).await {
-        Ok(st) => tunnel::splice(conn, st, 64 * 1024).await,
-        Err(e) => {
-            tracing::warn!(%peer, port, error = %e, "the developer's side refused an inbound connection");
-            reset(conn);
-        }
+    let opened = match mux.open().await {
+        Ok(mut st) => write_frame(&mut st, &Frame::Open(Open::Inbound { port, peer }))
+            .await
+            .map(|()| st),
+        Err(e) => Err(e),
+    };
+    let result = match opened {
+        Ok(st) => tunnel::splice_opened(&mut conn, st).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = result {
+        tracing::warn!(%peer, port, error = %e, "the developer's side refused an inbound connection");
+        reset(conn);
     }
 }
 
@@ -255,5 +263,57 @@ mod tests {
         drop(s1);
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(get(port).await, b"b");
+    }
+
+    #[tokio::test]
+    /// The caller's first bytes go out with the open: ktctl's side sees them before it has
+    /// replied (waiting for the reply first cost every new connection a tunnel round trip).
+    /// A refusal after them still resets the caller.
+    async fn a_callers_bytes_go_out_with_the_open_and_a_refusal_resets_it() {
+        let (a, b) = tokio::io::duplex(1 << 16);
+        let (_client, mut inbound) = Mux::start(a, tunnel::Mode::Client);
+        let (agent, _opened) = Mux::start(b, tunnel::Mode::Server);
+        tokio::spawn(async move {
+            let mut first = true;
+            while let Some(mut s) = inbound.recv().await {
+                let _ = tunnel::read_frame(&mut s, 4096).await;
+                let mut hello = [0u8; 5];
+                let _ = s.read_exact(&mut hello).await;
+                if std::mem::take(&mut first) {
+                    let _ = write_frame(&mut s, &Frame::Reply(None)).await;
+                    let _ = s.write_all(&hello).await;
+                    let _ = s.shutdown().await;
+                } else {
+                    tunnel::refuse(s, ErrorCode::Denied, "local port closed").await;
+                }
+            }
+        });
+        let exposed = Exposed::default();
+        let port = free_port();
+        exposed.listen(port).await.expect("listen");
+        let tx = exposed.ports.lock().expect("ports").get(&port).cloned();
+        tx.expect("listening").send_replace(Some((1, agent)));
+
+        let call = || async {
+            let mut c = TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect");
+            c.write_all(b"hello").await.expect("write");
+            let mut out = vec![];
+            let r = c.read_to_end(&mut out).await;
+            r.map(|_| out)
+        };
+        let got = tokio::time::timeout(Duration::from_secs(5), call())
+            .await
+            .expect("the caller's bytes waited for the reply");
+        assert_eq!(got.expect("read"), b"hello");
+        let refused = tokio::time::timeout(Duration::from_secs(5), call()).await;
+        let refused = refused.expect("refused in time");
+        assert!(
+            refused
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "{refused:?}"
+        );
     }
 }

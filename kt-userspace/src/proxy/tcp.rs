@@ -67,36 +67,9 @@ async fn handle(mut conn: TcpStream, dst: SocketAddr, tunnel: Tunnel) {
         reset(&conn);
         return;
     }
-    if !splice(&mut conn, stream, dst).await {
+    if let Err(e) = tunnel::splice_opened(&mut conn, stream).await {
+        tracing::debug!(%dst, error = %e, "the cluster refused the connection");
         reset(&conn);
-    }
-}
-
-/// Copies both ways; false if the cluster refused the connection.
-async fn splice(
-    conn: &mut TcpStream,
-    stream: kt_common::tunnel::MuxStream,
-    dst: SocketAddr,
-) -> bool {
-    let (mut lr, mut lw) = conn.split();
-    let (mut sr, mut sw) = tokio::io::split(stream);
-    let up = async {
-        let _ = tunnel::pump(&mut lr, &mut sw, 16 * 1024).await;
-    };
-    let down = async {
-        if let Err(e) = tunnel::expect_ok(&mut sr).await {
-            tracing::debug!(%dst, error = %e, "the cluster refused the connection");
-            return false;
-        }
-        let _ = tunnel::pump(&mut sr, &mut lw, 64 * 1024).await;
-        true
-    };
-    tokio::pin!(up);
-    tokio::pin!(down);
-    // If the open fails, stop at once instead of waiting for the client's side to finish.
-    tokio::select! {
-        ok = &mut down => { if ok { up.await; } ok }
-        () = &mut up => down.await,
     }
 }
 
