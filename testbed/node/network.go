@@ -20,6 +20,7 @@ type PodNetwork struct {
 	mu    sync.Mutex
 	cidr  *net.IPNet
 	inUse map[string]string // ip -> pod key
+	last  uint32            // offset in the CIDR of the address allocated last (0: none yet)
 }
 
 // NewPodNetwork makes an allocator for cidr (an IPv4 prefix of at most /30).
@@ -37,7 +38,11 @@ func NewPodNetwork(cidr string) (*PodNetwork, error) {
 	return &PodNetwork{cidr: n, inUse: map[string]string{}}, nil
 }
 
-// allocate returns the lowest free address, skipping the network address, .1 and broadcast.
+// allocate returns the next free address after the one allocated last, wrapping around and
+// skipping the network address, .1 and broadcast: round robin, as the CNI host-local IPAM
+// does. A freed address is not handed out again at once: the node's conntrack still holds
+// the old pod's flows (TIME_WAIT for two minutes), and a new pod with its address would have
+// the NAT of new flows to it clash with them (and remap their source ports).
 func (p *PodNetwork) allocate(key string) (net.IP, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
@@ -45,11 +50,18 @@ func (p *PodNetwork) allocate(key string) (net.IP, error) {
 	ones, bits := p.cidr.Mask.Size()
 	size := uint32(1) << uint(bits-ones)
 	b := uint32(base[0])<<24 | uint32(base[1])<<16 | uint32(base[2])<<8 | uint32(base[3])
-	for i := uint32(2); i < size-1; i++ {
-		v := b + i
+	usable := size - 3 // offsets 2 .. size-2
+	start := uint32(0)
+	if p.last >= 2 {
+		start = p.last - 1 // the index of the offset after the last one
+	}
+	for n := uint32(0); n < usable; n++ {
+		off := 2 + (start+n)%usable
+		v := b + off
 		ip := net.IPv4(byte(v>>24), byte(v>>16), byte(v>>8), byte(v)).To4()
 		if _, taken := p.inUse[ip.String()]; !taken {
 			p.inUse[ip.String()] = key
+			p.last = off
 			return ip, nil
 		}
 	}

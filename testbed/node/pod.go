@@ -189,7 +189,7 @@ func (rt *podRuntime) setupVolumes() error {
 	pod := rt.pod.DeepCopy()
 	pod.Status.HostIP = rt.p.cfg.NodeIP
 	rt.mu.Unlock()
-	vols, err := materialiseVolumes(rt.ctx, rt.p.cfg.Client, pod, filepath.Join(rt.dir, "volumes"), rt.p.cfg.CgroupDir)
+	vols, err := materialiseVolumes(rt.ctx, rt.p.cfg.Client, pod, filepath.Join(rt.dir, "volumes"), ownRoots{cgroup: rt.p.cfg.CgroupDir, bpf: rt.p.cfg.BpfDir})
 	if err != nil {
 		return err
 	}

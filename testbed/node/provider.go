@@ -37,6 +37,7 @@ type Config struct {
 	PodCIDR       string
 	StateDir      string // pods' volumes, logs and scratch folders
 	CgroupDir     string // the node's cgroup; pods get children of it
+	BpfDir        string // the node's bpf filesystem, for hostPath /sys/fs/bpf ("": the machine's)
 	ClusterDNS    string
 	ClusterDomain string
 	SelfExe       string // this binary, for pod-init and exec

@@ -21,31 +21,46 @@ type volumeSet struct {
 	client kubernetes.Interface
 	pod    *corev1.Pod
 	root   string            // <state>/pods/<uid>/volumes
-	cgroup string            // the node's cgroup, which plays the host's cgroup v2 root
+	own    ownRoots          // the node's stand-ins for host folders
 	paths  map[string]string // volume name -> host path (folder, or hostPath target)
 }
 
-// hostCgroupRoot is where a real node has its cgroup v2 hierarchy.
-const hostCgroupRoot = "/sys/fs/cgroup"
+// ownRoots are the node's own stand-ins for host folders that every real node has one of
+// and the simulated nodes, sharing one machine, must not share.
+type ownRoots struct {
+	cgroup string // plays the host's cgroup v2 root
+	bpf    string // plays the host's bpf filesystem ("": the machine's)
+}
+
+// Where a real node has its cgroup v2 hierarchy and its bpf filesystem.
+const (
+	hostCgroupRoot = "/sys/fs/cgroup"
+	hostBpfRoot    = "/sys/fs/bpf"
+)
 
 // hostPath is the machine's path for a hostPath volume: the node's cgroup stands in for the
-// host's cgroup root (a simulated node's pods must never reach the real machine's), every
-// other path is the machine's own.
-func hostPath(p, cgroup string) string {
+// host's cgroup root (a simulated node's pods must never reach the real machine's), its bpf
+// filesystem for the host's; every other path is the machine's own.
+func hostPath(p string, own ownRoots) string {
 	clean := filepath.Clean(p)
-	if clean == hostCgroupRoot {
-		return cgroup
-	}
-	if rest, ok := strings.CutPrefix(clean, hostCgroupRoot+"/"); ok {
-		return filepath.Join(cgroup, rest)
+	for _, r := range []struct{ host, node string }{{hostCgroupRoot, own.cgroup}, {hostBpfRoot, own.bpf}} {
+		if r.node == "" {
+			continue
+		}
+		if clean == r.host {
+			return r.node
+		}
+		if rest, ok := strings.CutPrefix(clean, r.host+"/"); ok {
+			return filepath.Join(r.node, rest)
+		}
 	}
 	return p
 }
 
 // materialise writes every volume; an error names the volume and is retried by the caller
 // (a Secret created just after the Pod is the usual case).
-func materialiseVolumes(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, root, cgroup string) (map[string]string, error) {
-	vs := &volumeSet{client: client, pod: pod, root: root, cgroup: cgroup, paths: map[string]string{}}
+func materialiseVolumes(ctx context.Context, client kubernetes.Interface, pod *corev1.Pod, root string, own ownRoots) (map[string]string, error) {
+	vs := &volumeSet{client: client, pod: pod, root: root, own: own, paths: map[string]string{}}
 	for _, v := range pod.Spec.Volumes {
 		if err := vs.one(ctx, v); err != nil {
 			return nil, fmt.Errorf("volume %q: %w", v.Name, err)
@@ -59,7 +74,7 @@ func (vs *volumeSet) one(ctx context.Context, v corev1.Volume) error {
 	src := v.VolumeSource
 	switch {
 	case src.HostPath != nil:
-		p := hostPath(src.HostPath.Path, vs.cgroup)
+		p := hostPath(src.HostPath.Path, vs.own)
 		if src.HostPath.Type != nil && *src.HostPath.Type == corev1.HostPathDirectoryOrCreate {
 			if err := os.MkdirAll(p, 0o755); err != nil {
 				return err

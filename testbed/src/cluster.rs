@@ -433,6 +433,8 @@ impl Testbed {
             self.start(m, "kube-proxy", proxy)?;
             let state = l.state().join(m.name());
             fs::create_dir_all(&state)?;
+            let bpf = l.bpffs(m);
+            mount_bpffs(&bpf)?;
             let args = vec![
                 node_bin.display().to_string(),
                 "run".into(),
@@ -442,6 +444,7 @@ impl Testbed {
                 format!("--kubeconfig={}", l.kubeconfig().display()),
                 format!("--state-dir={}", state.display()),
                 format!("--cgroup={}", cgroup(m)?.display()),
+                format!("--bpffs={}", bpf.display()),
                 format!("--images={}", l.testbed_src().join("images.yaml").display()),
                 format!("--bin-dir={}", l.bin().display()),
                 format!("--cluster-bin={}", cluster_bin.display()),
@@ -725,7 +728,13 @@ impl Testbed {
         let _ = fs::remove_dir_all(Layout::netns_etc(Machine::Laptop));
         // Pod state (volumes, logs) goes; component logs stay for post-mortems.
         for n in 1..=MAX_NODES {
+            step(unmount_bpffs(&l.bpffs(Machine::Node(n))));
             let _ = fs::remove_dir_all(l.state().join(Machine::Node(n).name()));
+        }
+        // Testbed names are machine-wide, so a node bpf filesystem that a run cut short in
+        // another checkout left is this testbed's leftover too; only a sweep clears it.
+        for point in node_bpffs_mounts(&fs::read_to_string("/proc/self/mountinfo")?) {
+            step(unmount_bpffs(Path::new(&point)));
         }
         let _ = fs::remove_dir_all(l.state().join("etcd"));
         let left = leftovers();
@@ -738,6 +747,74 @@ impl Testbed {
         }
         eprintln!("testbed: down");
         Ok(())
+    }
+}
+
+/// The mount points of testbed node bpf filesystems (`…/testbed/state/kt-node-N.bpf`, of any
+/// checkout) in `mountinfo` (`/proc/self/mountinfo`'s text).
+fn node_bpffs_mounts(mountinfo: &str) -> Vec<String> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            let (before, after) = line.split_once(" - ")?;
+            let point = before.split(' ').nth(4)?;
+            let fstype = after.split(' ').next()?;
+            let (_, node) = point.rsplit_once("/testbed/state/kt-node-")?;
+            let n = node.strip_suffix(".bpf")?;
+            (fstype == "bpf" && !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| point.to_string())
+        })
+        .collect()
+}
+
+/// Whether `dir` is a mount point.
+pub fn mounted(dir: &Path) -> bool {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = dir.display().to_string();
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(want.as_str()))
+}
+
+/// Mounts a fresh bpf filesystem on `dir` (created), unless one is there.
+fn mount_bpffs(dir: &Path) -> Result<()> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if mounted(dir) {
+        return Ok(());
+    }
+    let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+    // SAFETY: mount(2) with NUL-terminated strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            target.as_ptr(),
+            c"bpf".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("mounting a bpf filesystem on {}", dir.display()));
+    }
+    Ok(())
+}
+
+/// Unmounts a node's bpf filesystem (its pins go with it) and removes the folder.
+fn unmount_bpffs(dir: &Path) -> Result<()> {
+    if mounted(dir) {
+        let target = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())?;
+        // SAFETY: umount2(2) with a NUL-terminated path.
+        if unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) } != 0 {
+            return Err(std::io::Error::last_os_error())
+                .with_context(|| format!("unmounting {}", dir.display()));
+        }
+    }
+    match fs::remove_dir(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing {}", dir.display())),
     }
 }
 
@@ -863,4 +940,29 @@ pub fn leftovers() -> Vec<String> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_node_bpf_filesystems_of_a_testbed_are_swept() {
+        let info = "\
+22 1 0:21 / /sys/fs/bpf rw,nosuid,nodev,noexec,relatime shared:7 - bpf bpf rw,mode=700
+90 1 0:40 / /tmp/ktci/target/testbed/state/kt-node-1.bpf rw,nosuid,nodev,noexec shared:50 - bpf bpf rw
+91 1 0:41 / /work/main/target/testbed/state/kt-node-12.bpf rw,nosuid,nodev,noexec shared:51 - bpf bpf rw
+92 1 0:42 / /work/main/target/testbed/state/kt-node-2.bpf rw shared:52 - tmpfs tmpfs rw
+93 1 0:43 / /work/main/target/testbed/state/kt-node-.bpf rw shared:53 - bpf bpf rw
+94 1 0:44 / /work/main/target/testbed/state/kt-node-3.bpf/x rw shared:54 - bpf bpf rw
+95 1 0:45 / /run/netns/kt-laptop rw shared:55 - nsfs nsfs rw
+";
+        assert_eq!(
+            node_bpffs_mounts(info),
+            [
+                "/tmp/ktci/target/testbed/state/kt-node-1.bpf",
+                "/work/main/target/testbed/state/kt-node-12.bpf"
+            ]
+        );
+    }
 }

@@ -133,6 +133,11 @@ impl Layout {
     pub fn pids(&self) -> PathBuf {
         self.state().join("pids")
     }
+    /// A node's own bpf filesystem: what its pods see as the host's /sys/fs/bpf (the nodes
+    /// share one machine; a real node has one of its own).
+    pub fn bpffs(&self, m: Machine) -> PathBuf {
+        self.state().join(format!("{}.bpf", m.name()))
+    }
     /// ktctl's home in a machine (`KT_HOME`: its pid files and config), so that tests never
     /// touch the real machine's `~/.kt`.
     pub fn kt_home(&self, m: Machine) -> PathBuf {

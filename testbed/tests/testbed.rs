@@ -8,6 +8,39 @@ use std::time::Duration;
 use common::*;
 use kt_testbed::{Machine, Testbed, UpOptions};
 
+/// A node bpf filesystem where another checkout's testbed keeps node 2's (under a temporary
+/// folder), as a run of it cut short would leave; unmounted and removed on drop if still there.
+struct OtherCheckoutBpffs(std::path::PathBuf, std::path::PathBuf);
+
+impl OtherCheckoutBpffs {
+    fn mount() -> Self {
+        let root = std::env::temp_dir().join(format!("kt-other-checkout-{}", std::process::id()));
+        let dir = root.join("target/testbed/state/kt-node-2.bpf");
+        std::fs::create_dir_all(&dir).expect("creating the other checkout's folder");
+        let guard = OtherCheckoutBpffs(dir, root);
+        let st = std::process::Command::new("mount")
+            .args(["-t", "bpf", "bpf"])
+            .arg(&guard.0)
+            .status()
+            .expect("running mount");
+        assert!(st.success(), "mount -t bpf failed");
+        assert!(kt_testbed::cluster::mounted(&guard.0));
+        guard
+    }
+}
+
+impl Drop for OtherCheckoutBpffs {
+    fn drop(&mut self) {
+        if kt_testbed::cluster::mounted(&self.0) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+        let _ = std::fs::remove_dir_all(&self.1);
+    }
+}
+
 /// `kubectl exec POD -c CONTAINER -- CMD` in the laptop, as it went.
 fn in_container(pod: &str, container: &str, cmd: &[&str]) -> std::process::Output {
     let mut args = vec!["kubectl", "exec", pod, "-c", container, "--"];
@@ -457,10 +490,17 @@ EOF"#,
         );
     }
 
-    // down: no process, namespace, veth, mount or cgroup left; safe to repeat.
+    // down: no process, namespace, veth, mount or cgroup left; safe to repeat. That includes
+    // a node bpf filesystem that a run cut short in another checkout left (testbed names are
+    // machine-wide, so it counts as this testbed's leftover).
+    let other = OtherCheckoutBpffs::mount();
     let daemons = kt_testbed::daemon::Daemon::recorded(&tb.layout);
     assert!(!daemons.is_empty());
     tb.down().expect("testbed down");
+    assert!(
+        !kt_testbed::cluster::mounted(&other.0),
+        "down left another checkout's node bpf filesystem"
+    );
     for d in &daemons {
         assert!(!d.alive(), "{} (pid {}) survived down", d.name, d.pid);
     }

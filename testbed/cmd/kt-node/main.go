@@ -79,6 +79,7 @@ func run(args []string) error {
 	kubeconfig := fs.String("kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig")
 	stateDir := fs.String("state-dir", "", "folder for pods' volumes, logs and scratch")
 	cgroup := fs.String("cgroup", "", "the node's cgroup v2 folder")
+	bpf := fs.String("bpffs", "", "the node's bpf filesystem (hostPath /sys/fs/bpf); default: the machine's")
 	images := fs.String("images", "", "image table (testbed/images.yaml)")
 	binDir := fs.String("bin-dir", "", "workspace binaries (${BIN} in the image table)")
 	clusterBin := fs.String("cluster-bin", "", "the kt-cluster binary (${KT_CLUSTER})")
@@ -142,7 +143,7 @@ func run(args []string) error {
 	const streamIdle = 4 * time.Hour
 	newProvider := func(pc nodeutil.ProviderConfig) (nodeutil.Provider, vknode.NodeProvider, error) {
 		p, err := node.NewProvider(node.Config{
-			NodeName: *name, NodeIP: *nodeIP, PodCIDR: *podCIDR, StateDir: *stateDir, CgroupDir: *cgroup,
+			NodeName: *name, NodeIP: *nodeIP, PodCIDR: *podCIDR, StateDir: *stateDir, CgroupDir: *cgroup, BpfDir: *bpf,
 			ClusterDNS: *clusterDNS, ClusterDomain: *clusterDomain, SelfExe: self, Images: table,
 			Client: client, Recorder: recorder,
 		})
