@@ -15,6 +15,12 @@
 //! - an entry is forgotten once its flow has been idle for its protocol's timeout
 //!   ([`Timeouts`]); a TCP flow that saw a FIN or RST gets the short `closing` one.
 //!
+//! `KT_TC_ACTIVE` (one `u32`) says whether the tc programs have anything to do: the router
+//! sets it before it steers anything, and clears it only when nothing is steered and its sweep
+//! of the flow maps found no live flow left (expired entries removed). While it is 0 a packet
+//! costs one array read, so that a node nobody steers through pays almost nothing for the
+//! router.
+//!
 //! Callers in the node's own network namespace (hostNetwork pods, the node's processes) cross
 //! no pod veth before the node routes their packets, so the same object carries cgroup
 //! sock_addr programs for them, attached to the node's root cgroup: `connect()` and

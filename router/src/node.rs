@@ -6,8 +6,13 @@
 //! their Services and EndpointSlices, watched cluster-wide. With `--cgroup` (the node's root
 //! cgroup) it also steers the node's own sockets (hostNetwork pods, node processes) at
 //! `connect()`/`sendmsg()`. Services meshed with `mesh --mode ebpf` are steered to the node's
-//! own mesh proxies ([`mesh`]). Each steering change is one JSON log line. On SIGTERM (the DaemonSet deleted or rolled) it detaches from every interface and
-//! exits, leaving nothing on the node; so does a crash, since its links die with the process.
+//! own mesh proxies ([`mesh`]). Each steering change is one JSON log line. On SIGTERM it
+//! detaches from every interface and exits; so does a crash, since its links die with the
+//! process. With `--pin-dir` the flows under way live in maps pinned on the node's bpf
+//! filesystem: a router stopping for a rollout or an eviction leaves them to the next one,
+//! which takes them over, so that connections steered before the restart keep their shadow;
+//! an uninstall (the DaemonSet or its namespace deleted) removes them, leaving nothing on the
+//! node.
 
 mod desired;
 mod links;
@@ -23,6 +28,7 @@ use anyhow::{Context, Result};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kt_common::changes::{MESH_EBPF, STEER_LABEL};
 use kt_common::steer::{Timeouts, counter};
 use kube::Api;
@@ -32,11 +38,13 @@ use tokio::sync::Notify;
 
 use crate::mesh::{WatchBackoff, terminated};
 use crate::shadow;
-use crate::steer::{Attached, Steering};
+use crate::steer::{Attached, Steering, TcAttach};
 use desired::Desired;
 
 /// How often the programs' counters are logged (when they changed).
 const COUNTERS_EVERY: Duration = Duration::from_secs(60);
+/// How often expired flows are swept (and the tc programs turned off once nothing is left).
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
 /// The node role's readiness port (hostNetwork: it is the node's port).
 pub const HEALTH_PORT: u16 = 9967;
@@ -69,6 +77,25 @@ pub struct Args {
     /// port-forwards must reach the pods they name). Repeatable; missing ones are skipped
     #[arg(long = "exempt-cgroup", value_name = "PATH", default_values_t = KUBELET_CGROUPS.map(String::from))]
     exempt_cgroups: Vec<String>,
+    /// How the tc programs attach to the pods' interfaces: TCX links (Linux >= 6.6), netlink
+    /// filters on a clsact qdisc (older kernels, or beside tools that only use those), or
+    /// whichever the kernel has
+    #[arg(long, value_enum, default_value_t = TcAttach::Auto)]
+    tc_attach: TcAttach,
+    /// A folder on the node's bpf filesystem (the DaemonSet mounts the host's /sys/fs/bpf)
+    /// where the flows under way are pinned, so that the next router on this node (a rollout,
+    /// an eviction, a crash) takes them over and connections steered before it keep their
+    /// shadow. Without it, or off a bpf filesystem, a restarted router forgets them
+    #[arg(long, value_name = "DIR")]
+    pin_dir: Option<PathBuf>,
+    /// The DaemonSet running this router, in --namespace: while it stays, a stopping router
+    /// leaves its flows pinned for the next one; once it or its namespace is being deleted
+    /// (an uninstall), the pins go too. Without it they always go
+    #[arg(long, requires = "pin_dir")]
+    daemonset: Option<String>,
+    /// The namespace of --daemonset (the DaemonSet passes metadata.namespace)
+    #[arg(long, env = "POD_NAMESPACE", default_value = "kt-system")]
+    namespace: String,
 }
 
 /// Where kubelets run on common distributions (systemd units; k3s and MicroK8s embed theirs).
@@ -90,17 +117,7 @@ fn attach_host(
     exempt: &[String],
     node: &str,
 ) -> Result<()> {
-    let c = std::ffi::CString::new(cgroup.as_os_str().as_encoded_bytes())
-        .context("a cgroup path with a NUL byte")?;
-    // SAFETY: a plain C struct, for which all zeroes is a valid value.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    // SAFETY: statfs into that struct, with a NUL-terminated path.
-    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
-        return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("reading {}", cgroup.display()));
-    }
-    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
-    let f_type = st.f_type as i64;
+    let f_type = crate::steer::fs_magic(cgroup)?;
     if f_type != CGROUP2_SUPER_MAGIC {
         anyhow::bail!(
             "{} is not a cgroup v2 folder (the node needs the unified hierarchy)",
@@ -130,8 +147,77 @@ fn attach_host(
     steering.attach_host(cgroup, cookie)
 }
 
+/// The pin folder to use: `--pin-dir` if it can hold pins (a warning says why not).
+fn usable_pins(args: &Args) -> Option<&Path> {
+    let dir = args.pin_dir.as_deref()?;
+    match crate::steer::prepare_pins(dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            tracing::warn!(node = %args.node, error = %format!("{e:#}"), "flows are not pinned: a restarted router forgets the connections it steered");
+            None
+        }
+    }
+}
+
+/// Whether another router will follow this one on the node: its DaemonSet stays (a rollout,
+/// an eviction, a node drain). Gone or being deleted, with its namespace or its rights (an
+/// uninstall, `kubectl delete -f` in any order), or run by hand (no `--daemonset`): nobody
+/// will. If the API server cannot say, the flows stay: a leftover map is only memory, which
+/// the next router on the node takes over.
+async fn successor_expected(client: &kube::Client, args: &Args) -> bool {
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    use k8s_openapi::api::core::v1::Namespace;
+    let Some(name) = args.daemonset.as_deref() else {
+        return false;
+    };
+    let check = async {
+        let ds = Api::<DaemonSet>::namespaced(client.clone(), &args.namespace)
+            .get_opt(name)
+            .await?;
+        let ns = Api::<Namespace>::all(client.clone())
+            .get_opt(&args.namespace)
+            .await?;
+        Ok::<_, kube::Error>(follows(
+            ds.as_ref().map(|d| &d.metadata),
+            ns.as_ref().map(|n| &n.metadata),
+        ))
+    };
+    match tokio::time::timeout(Duration::from_secs(3), check).await {
+        Ok(Ok(stays)) => stays,
+        Ok(Err(e)) => {
+            let stays = follows_despite(&e);
+            if stays {
+                tracing::warn!(node = %args.node, error = %e, "cannot tell whether a router follows; leaving the flows pinned");
+            }
+            stays
+        }
+        Err(_) => {
+            tracing::warn!(node = %args.node, "the API server did not say in 3 s whether a router follows; leaving the flows pinned");
+            true
+        }
+    }
+}
+
+/// Whether a router follows, from the DaemonSet and its namespace as the API server has them
+/// (`None`: not found): both there and neither being deleted.
+fn follows(ds: Option<&ObjectMeta>, ns: Option<&ObjectMeta>) -> bool {
+    let stays = |m: Option<&ObjectMeta>| m.is_some_and(|m| m.deletion_timestamp.is_none());
+    stays(ds) && stays(ns)
+}
+
+/// Whether a router follows when asking failed: not if the router's rights are gone (an
+/// uninstall removes the ClusterRole too), otherwise nobody can tell, and the flows stay.
+fn follows_despite(e: &kube::Error) -> bool {
+    !matches!(e, kube::Error::Api(s) if s.code == 401 || s.code == 403)
+}
+
 pub async fn run(args: Args) -> Result<()> {
-    let mut steering = Steering::load()?;
+    let pins = usable_pins(&args);
+    let mut steering = match pins {
+        Some(dir) => Steering::load_pinned(dir)?,
+        None => Steering::load()?,
+    };
+    steering.set_tc_attach(args.tc_attach);
     steering.set_timeouts(Timeouts {
         tcp_ns: args.tcp_idle.saturating_mul(1_000_000_000),
         udp_ns: args.udp_idle.saturating_mul(1_000_000_000),
@@ -146,6 +232,12 @@ pub async fn run(args: Args) -> Result<()> {
         })?;
         tracing::info!(node = %args.node, cgroup = %cg.display(), "attached to the node's cgroup");
     }
+    // Flows taken over from an earlier router need the tc programs on before they attach.
+    let swept = steering.sweep().context("sweeping the flow maps")?;
+    if swept.live > 0 {
+        tracing::info!(node = %args.node, flows = swept.live, "flows under way taken over");
+    }
+    let mut active = swept.active;
     let mut events = links::LinkEvents::open().context("watching the node's links")?;
     let mut attached = BTreeMap::new();
     attach_new(&mut steering, &mut attached, &args.node)?;
@@ -183,7 +275,7 @@ pub async fn run(args: Args) -> Result<()> {
         &changed,
     );
     let slices = reflect(
-        Api::<EndpointSlice>::all(client),
+        Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
         &changed,
     );
@@ -219,6 +311,7 @@ pub async fn run(args: Args) -> Result<()> {
     let stop = terminated();
     futures::pin_mut!(health, stop);
     let mut report = tokio::time::interval(COUNTERS_EVERY);
+    let mut sweep = tokio::time::interval(SWEEP_EVERY);
     let mut reported = [0; counter::COUNT as usize];
     loop {
         tokio::select! {
@@ -240,6 +333,18 @@ pub async fn run(args: Args) -> Result<()> {
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot read the counters"),
+            },
+            _ = sweep.tick() => match steering.sweep() {
+                Ok(swept) => {
+                    if swept.active != active {
+                        tracing::info!(node = %args.node, active = swept.active, flows = swept.live, "tc programs {}", if swept.active { "on" } else { "off: nothing steered, no flow left" });
+                        active = swept.active;
+                    }
+                    if swept.removed > 0 {
+                        tracing::debug!(node = %args.node, removed = swept.removed, live = swept.live, "expired flows swept");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot sweep the flow maps"),
             },
             r = events.changed() => {
                 if let Err(e) = r {
@@ -264,6 +369,15 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     steering.detach_host();
+    if let Some(dir) = pins {
+        if successor_expected(&client, &args).await {
+            tracing::info!(node = %args.node, pins = %dir.display(), "flows left pinned for the next router on this node");
+        } else if let Err(e) = crate::steer::unpin(dir) {
+            tracing::warn!(node = %args.node, error = %format!("{e:#}"), "cannot remove the pinned flows");
+        } else {
+            tracing::info!(node = %args.node, pins = %dir.display(), "pinned flows removed: no router follows on this node");
+        }
+    }
     tracing::info!(node = %args.node, "node router stopped; programs detached");
     Ok(())
 }
@@ -384,4 +498,50 @@ fn apply(steering: &mut Steering, current: &mut Desired, want: Desired) {
         }
     }
     *current = want;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+    fn meta(deleting: bool) -> ObjectMeta {
+        ObjectMeta {
+            deletion_timestamp: deleting.then_some(Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH)),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn a_router_follows_only_while_its_daemonset_and_namespace_stay() {
+        let (here, going) = (meta(false), meta(true));
+        assert!(follows(Some(&here), Some(&here)), "a rollout, an eviction");
+        assert!(!follows(None, Some(&here)), "the DaemonSet deleted");
+        assert!(
+            !follows(Some(&going), Some(&here)),
+            "the DaemonSet being deleted"
+        );
+        assert!(
+            !follows(Some(&here), Some(&going)),
+            "its namespace being deleted"
+        );
+        assert!(!follows(Some(&here), None), "its namespace gone");
+    }
+
+    #[test]
+    fn without_its_rights_a_router_is_being_uninstalled_and_otherwise_cannot_tell() {
+        let api = |code| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..Default::default()
+            }))
+        };
+        assert!(!follows_despite(&api(403)));
+        assert!(!follows_despite(&api(401)));
+        assert!(
+            follows_despite(&api(500)),
+            "the flows stay when nobody can tell"
+        );
+        assert!(follows_despite(&api(429)));
+    }
 }

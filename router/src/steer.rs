@@ -8,7 +8,7 @@ use std::net::SocketAddrV4;
 use std::path::Path;
 
 use anyhow::{Context, Result, anyhow};
-use aya::maps::{Array, HashMap, MapData, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapType, PerCpuArray};
 use aya::programs::cgroup_sock_addr::CgroupSockAddrLink;
 use aya::programs::links::CgroupAttachMode;
 use aya::programs::tc::SchedClassifierLinkId;
@@ -33,6 +33,86 @@ const HOST: [&str; 8] = [
     "kt_host_getpeername6",
 ];
 
+/// The flow maps, both directions: what [`Steering::sweep`] cleans, and what a router leaves
+/// pinned for the next one on its node (a rollout, an eviction), so that connections steered
+/// before the restart keep their shadow.
+const FLOW_MAPS: [&str; 2] = ["KT_FLOWS_FWD", "KT_FLOWS_REV"];
+
+/// bpffs's `statfs` magic.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The filesystem type (`statfs` magic) of `path`.
+pub fn fs_magic(path: &Path) -> Result<i64> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .context("a path with a NUL byte")?;
+    // SAFETY: a plain C struct, for which all zeroes is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: statfs into that struct, with a NUL-terminated path.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("reading {}", path.display()));
+    }
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs between libcs
+    Ok(st.f_type as i64)
+}
+
+/// Makes `dir` ready to hold the flow maps' pins: a folder on a bpf filesystem, created if
+/// missing. A pin left there that the programs cannot use (another layout or size: a router
+/// of another version) is removed, so that a fresh map replaces it.
+pub fn prepare_pins(dir: &Path) -> Result<()> {
+    prepare_pins_for(dir, kt_common::steer::MAX_FLOWS)
+}
+
+fn prepare_pins_for(dir: &Path, max_flows: u32) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if fs_magic(dir)? != BPF_FS_MAGIC {
+        anyhow::bail!(
+            "{} is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)",
+            dir.display()
+        );
+    }
+    for name in FLOW_MAPS {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let fits = MapData::from_pin(&path).and_then(|m| m.info()).map(|i| {
+            matches!(i.map_type(), Ok(MapType::LruHash))
+                && i.key_size() as usize == std::mem::size_of::<FlowKey>()
+                && i.value_size() as usize == std::mem::size_of::<Flow>()
+                && i.max_entries() == max_flows
+        });
+        match fits {
+            Ok(true) => {
+                tracing::info!(map = name, pin = %path.display(), "taking over the flows an earlier router left")
+            }
+            Ok(false) | Err(_) => {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing the unusable pin {}", path.display()))?;
+                tracing::warn!(map = name, pin = %path.display(), "an earlier router's flows do not fit these programs (another version); starting without them");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes the flow maps' pins from `dir`, and `dir` if that leaves it empty: what a router
+/// that nobody follows on its node does when it stops. The maps go once no program or
+/// process holds them.
+pub fn unpin(dir: &Path) -> Result<()> {
+    for name in FLOW_MAPS {
+        match std::fs::remove_file(dir.join(name)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("removing {}", dir.join(name).display()));
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(())
+}
+
 /// A transport protocol that can be steered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Proto {
@@ -49,11 +129,39 @@ impl Proto {
     }
 }
 
+/// How the tc programs attach to an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum TcAttach {
+    /// TCX links where the kernel has them (Linux >= 6.6), netlink filters on a clsact qdisc
+    /// before.
+    #[default]
+    Auto,
+    /// TCX links (Linux >= 6.6): they go with the router's process, however it ends.
+    Tcx,
+    /// Netlink filters on a clsact qdisc (any kernel): they outlive a killed router, so the
+    /// next one removes its predecessor's before attaching.
+    Netlink,
+}
+
 /// The programs, loaded (not yet attached), and their maps.
 pub struct Steering {
     /// The sock_addr programs' links on the node's cgroup (dropping one detaches it).
     host: Vec<CgroupSockAddrLink>,
     ebpf: Ebpf,
+    tc_attach: TcAttach,
+    /// What the programs were told ([`Steering::set_timeouts`]), for [`Steering::sweep`].
+    timeouts: Timeouts,
+}
+
+/// What a [`Steering::sweep`] found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Swept {
+    /// Live flow entries (both directions).
+    pub live: usize,
+    /// Expired entries removed.
+    pub removed: usize,
+    /// Whether the tc programs act (something is steered, or a flow lives).
+    pub active: bool,
 }
 
 /// The two links of one interface.
@@ -66,16 +174,27 @@ pub struct Attached {
 impl Steering {
     /// Loads the programs with the flow maps at their default size.
     pub fn load() -> Result<Steering> {
-        Steering::load_with(None)
+        Steering::load_with(None, None)
     }
 
-    /// Loads the programs; `max_flows` overrides the flow maps' capacity.
-    fn load_with(max_flows: Option<u32>) -> Result<Steering> {
+    /// Loads the programs with the flow maps pinned in `dir` ([`prepare_pins`] first): the
+    /// flows an earlier router left there are taken over, and stay there for the next one
+    /// unless [`unpin`] removes them.
+    pub fn load_pinned(dir: &Path) -> Result<Steering> {
+        Steering::load_with(None, Some(dir))
+    }
+
+    /// Loads the programs; `max_flows` overrides the flow maps' capacity, `pins` is where
+    /// they are pinned.
+    fn load_with(max_flows: Option<u32>, pins: Option<&Path>) -> Result<Steering> {
         let mut loader = EbpfLoader::new();
-        if let Some(n) = max_flows {
-            loader
-                .map_max_entries("KT_FLOWS_FWD", n)
-                .map_max_entries("KT_FLOWS_REV", n);
+        for name in FLOW_MAPS {
+            if let Some(n) = max_flows {
+                loader.map_max_entries(name, n);
+            }
+            if let Some(dir) = pins {
+                loader.map_pin_path(name, dir.join(name));
+            }
         }
         let mut ebpf = loader
             .load(OBJECT)
@@ -90,7 +209,12 @@ impl Steering {
                 .load()
                 .with_context(|| format!("verifying {name}"))?;
         }
-        Ok(Steering { host: vec![], ebpf })
+        Ok(Steering {
+            host: vec![],
+            ebpf,
+            tc_attach: TcAttach::Auto,
+            timeouts: Timeouts::default(),
+        })
     }
 
     /// Steers the node's own sockets too: attaches the sock_addr programs to `cgroup` (the
@@ -137,17 +261,56 @@ impl Steering {
         self.host.clear();
     }
 
-    /// Attaches both programs to `iface` (TCX links on Linux >= 6.6, a clsact qdisc before).
+    /// How [`Steering::attach`] attaches (by default TCX where the kernel has it).
+    pub fn set_tc_attach(&mut self, how: TcAttach) {
+        self.tc_attach = how;
+    }
+
+    /// Attaches both programs to `iface` (see [`TcAttach`]).
     pub fn attach(&mut self, iface: &str) -> Result<Attached> {
-        use aya::util::KernelVersion;
-        if KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0)) {
+        use aya::programs::links::LinkOrder;
+        use aya::programs::tc::{NlOptions, TcAttachOptions};
+        let netlink = match self.tc_attach {
+            TcAttach::Auto => {
+                use aya::util::KernelVersion;
+                KernelVersion::current().is_ok_and(|v| v < KernelVersion::new(6, 6, 0))
+            }
+            TcAttach::Tcx => false,
+            TcAttach::Netlink => true,
+        };
+        if netlink {
             // Adding it twice is harmless (EEXIST).
             let _ = aya::programs::tc::qdisc_add_clsact(iface);
+            // A router killed before it could detach left its filters, which would run
+            // before ours with maps nobody updates any more.
+            for (kind, name) in [
+                (TcAttachType::Ingress, INGRESS),
+                (TcAttachType::Egress, EGRESS),
+            ] {
+                if aya::programs::tc::qdisc_detach_program(iface, kind, name).is_ok() {
+                    tracing::info!(
+                        iface,
+                        program = name,
+                        "removed a filter an earlier router left"
+                    );
+                }
+            }
         }
+        let options = || {
+            if netlink {
+                TcAttachOptions::Netlink(NlOptions::default())
+            } else {
+                TcAttachOptions::TcxOrder(LinkOrder::default())
+            }
+        };
         let ingress = classifier(&mut self.ebpf, INGRESS)?
-            .attach(iface, TcAttachType::Ingress)
+            .attach_with_options(iface, TcAttachType::Ingress, options())
             .with_context(|| format!("attaching {INGRESS} to {iface}"))?;
-        let egress = match classifier(&mut self.ebpf, EGRESS)?.attach(iface, TcAttachType::Egress) {
+        let egress = match classifier(&mut self.ebpf, EGRESS)?.attach_with_options(
+            iface,
+            TcAttachType::Egress,
+            options(),
+        ) {
             Ok(l) => l,
             Err(e) => {
                 let _ = classifier(&mut self.ebpf, INGRESS)?.detach(ingress);
@@ -171,6 +334,8 @@ impl Steering {
             port: to.port().to_be(),
             pad: 0,
         };
+        // On before the entry exists: a first packet must not slip past it.
+        self.set_active(true)?;
         self.steers()?
             .insert(steer_key(dst, proto), target, 0)
             .with_context(|| format!("steering {dst} to {to}"))
@@ -196,7 +361,58 @@ impl Steering {
             .map_mut("KT_TC_TIMEOUTS")
             .context("no timeouts map")?;
         Array::<_, Timeouts>::try_from(map)?.set(0, t, 0)?;
+        self.timeouts = t;
         Ok(())
+    }
+
+    /// Turns the tc programs on or off (`KT_TC_ACTIVE`; see `kt_common::steer`).
+    fn set_active(&mut self, on: bool) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("KT_TC_ACTIVE")
+            .context("no activity map")?;
+        Array::<_, u32>::try_from(map)?.set(0, u32::from(on), 0)?;
+        Ok(())
+    }
+
+    /// Whether the tc programs act now.
+    #[cfg(test)]
+    fn active(&self) -> Result<bool> {
+        let map = self.ebpf.map("KT_TC_ACTIVE").context("no activity map")?;
+        Ok(Array::<_, u32>::try_from(map)?.get(&0, 0)? != 0)
+    }
+
+    /// Removes the flow entries idle past their timeout (the programs only notice one when a
+    /// packet of its flow comes), and turns the tc programs off when nothing is steered and no
+    /// flow lives, on when something is: run it periodically, and once after loading (flows
+    /// taken over from an earlier router need the programs on).
+    pub fn sweep(&mut self) -> Result<Swept> {
+        let now = monotonic_ns()?;
+        let mut swept = Swept::default();
+        for name in FLOW_MAPS {
+            let map = self.ebpf.map_mut(name).context("no flow map")?;
+            let mut flows = HashMap::<_, FlowKey, Flow>::try_from(map)?;
+            let mut expired = vec![];
+            for entry in flows.iter() {
+                // An entry removed by the programs meanwhile ends nothing here.
+                let Ok((key, flow)) = entry else { continue };
+                let idle = self.timeouts.idle_ns(key.proto, flow.state);
+                if now.saturating_sub(flow.seen_ns) > idle {
+                    expired.push(key);
+                } else {
+                    swept.live += 1;
+                }
+            }
+            for key in expired {
+                if flows.remove(&key).is_ok() {
+                    swept.removed += 1;
+                }
+            }
+        }
+        let steering = self.steers()?.keys().next().is_some();
+        swept.active = steering || swept.live > 0;
+        self.set_active(swept.active)?;
+        Ok(swept)
     }
 
     /// The counters (`kt_common::steer::counter`), summed over CPUs.
@@ -266,6 +482,17 @@ impl FlowReader {
     }
 }
 
+/// CLOCK_MONOTONIC in nanoseconds: the programs' clock (`bpf_ktime_get_ns`).
+fn monotonic_ns() -> Result<u64> {
+    // SAFETY: a plain C struct, for which all zeroes is a valid value.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: clock_gettime into that struct.
+    if unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("reading CLOCK_MONOTONIC");
+    }
+    Ok(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
 fn steer_key(dst: SocketAddrV4, proto: Proto) -> SteerKey {
     SteerKey {
         addr: u32::from(*dst.ip()).to_be(),
@@ -293,3 +520,5 @@ fn classifier<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassif
 mod host_tests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod veth_tests;

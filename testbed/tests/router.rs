@@ -116,15 +116,27 @@ fn urls() -> [String; 3] {
     ]
 }
 
-/// Both clients get `want` by ClusterIP, name and pod IP.
-fn all_get(what: &str, want: &str, timeout: Duration) {
+/// Calls `f(client, url)` for both clients and the three ways of reaching nginx.
+fn each_caller(mut f: impl FnMut(&str, &str)) {
+    let urls = urls();
     for client in [FAR, HOST] {
-        for url in urls() {
-            eventually(&format!("{url} to give {client} {what}"), timeout, || {
-                from(client, &url) == want
-            });
+        for url in &urls {
+            f(client, url);
         }
     }
+}
+
+/// Both clients get `want` by ClusterIP, name and pod IP, with curl's `extra` arguments.
+fn all_get_with(what: &str, extra: &[&str], want: &str, timeout: Duration) {
+    each_caller(|client, url| {
+        eventually(&format!("{url} to give {client} {what}"), timeout, || {
+            from_with(client, url, extra) == want
+        })
+    });
+}
+
+fn all_get(what: &str, want: &str, timeout: Duration) {
+    all_get_with(what, &[], want, timeout);
 }
 
 fn router_logs() -> String {
@@ -151,12 +163,88 @@ fn router_programs_loaded() -> usize {
         .count()
 }
 
+/// One HTTP/1.1 keep-alive connection from a client pod to `host:80`: every [`KeepAlive::get`]
+/// sends a request on it and returns the body (empty once the connection failed).
+struct KeepAlive {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+/// Reads a line from stdin, then sends a request on the one connection and prints the body.
+const KEEP_ALIVE: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=10)
+f = s.makefile("rb")
+for _ in sys.stdin:
+    s.sendall(b"GET / HTTP/1.1\r\nHost: nginx\r\n\r\n")
+    length = 0
+    while True:
+        line = f.readline()
+        if not line:
+            sys.exit("the connection closed")
+        if line.strip() == b"":
+            break
+        name, _, value = line.decode().partition(":")
+        if name.lower() == "content-length":
+            length = int(value)
+    print(f.read(length).decode().strip(), flush=True)
+"#;
+
+impl KeepAlive {
+    fn open(client: &str, host: &str) -> KeepAlive {
+        use std::process::Stdio;
+        let tb = kt_testbed::Testbed::default();
+        let mut cmd =
+            kt_testbed::machine::command(&tb.layout, Machine::Laptop, "kubectl").expect("command");
+        cmd.args([
+            "exec", "-i", client, "--", "python3", "-c", KEEP_ALIVE, host,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+        let mut child = cmd.spawn().expect("kubectl exec");
+        let stdin = child.stdin.take().expect("stdin");
+        let out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        KeepAlive { child, stdin, out }
+    }
+
+    fn get(&mut self) -> String {
+        use std::io::{BufRead, Write};
+        if writeln!(self.stdin)
+            .and_then(|()| self.stdin.flush())
+            .is_err()
+        {
+            return String::new();
+        }
+        let mut line = String::new();
+        let _ = self.out.read_line(&mut line);
+        line.trim().to_string()
+    }
+}
+
+impl Drop for KeepAlive {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The routers' pin folders on the nodes' own bpf filesystems that exist.
+fn router_pins() -> Vec<std::path::PathBuf> {
+    let layout = kt_testbed::Testbed::default().layout;
+    (1..=2)
+        .map(|n| layout.bpffs(Machine::Node(n)).join("kt-router"))
+        .filter(|p| p.exists())
+        .collect()
+}
+
 #[test]
 #[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
 /// Without the router, `--mode ebpf` is a usage error naming the manifest; with it, callers
 /// on the other node (a pod and a hostNetwork pod) get the local page by ClusterIP, name and pod IP while the Service and
-/// the Deployment keep their resourceVersion; a router pod replaced keeps steering; Ctrl-C and
-/// `kill -9` (after `--grace`) end it; `kubectl delete -f` leaves no program loaded.
+/// the Deployment keep their resourceVersion; a router pod replaced keeps steering, and a
+/// connection steered before keeps its shadow; Ctrl-C and `kill -9` (after `--grace`) end it;
+/// `kubectl delete -f` leaves no program loaded and no flows pinned.
 fn exchange_in_ebpf_mode_steers_inside_the_nodes_and_changes_nothing() {
     let _tb = testbed();
     seed_nginx();
@@ -210,7 +298,11 @@ fn exchange_in_ebpf_mode_steers_inside_the_nodes_and_changes_nothing() {
         "the kubelet's probes and port-forwards are left alone:\n{logs}"
     );
 
-    // A router pod replaced (a rollout, an eviction): the new one steers again by itself.
+    // A router pod replaced (a rollout, an eviction): the new one steers again by itself, and
+    // a connection steered before keeps its shadow (the flows stay pinned on the node).
+    let cluster_ip = kubectl(&["get", "svc", "nginx", "-o", "jsonpath={.spec.clusterIP}"]);
+    let mut kept = KeepAlive::open(FAR, &cluster_ip);
+    assert_eq!(kept.get(), LOCAL, "a keep-alive connection, steered");
     kubectl(&[
         "-n",
         "kt-system",
@@ -232,6 +324,18 @@ fn exchange_in_ebpf_mode_steers_inside_the_nodes_and_changes_nothing() {
         "the local page after the routers came back",
         LOCAL,
         Duration::from_secs(20),
+    );
+    assert_eq!(
+        kept.get(),
+        LOCAL,
+        "the connection steered before the routers were replaced keeps its shadow:\n{}",
+        router_logs()
+    );
+    drop(kept);
+    let logs = router_logs();
+    assert!(
+        logs.contains("taking over the flows an earlier router left"),
+        "the new routers took the flows over:\n{logs}"
     );
 
     // Ctrl-C: new connections reach nginx again.
@@ -265,11 +369,17 @@ fn exchange_in_ebpf_mode_steers_inside_the_nodes_and_changes_nothing() {
         router_programs_loaded() > 0,
         "the routers' programs are loaded"
     );
+    assert_eq!(router_pins().len(), 2, "each node's router pins its flows");
     kubectl(&["delete", "-f", &manifests(), "--wait=true"]);
     eventually(
         "the routers' programs to go",
         Duration::from_secs(60),
         || router_programs_loaded() == 0,
+    );
+    assert_eq!(
+        router_pins(),
+        Vec::<std::path::PathBuf>::new(),
+        "an uninstall leaves no pinned flows on the nodes"
     );
 }
 
@@ -302,25 +412,24 @@ fn mesh_in_ebpf_mode_routes_by_header_inside_the_nodes() {
         Duration::from_secs(120),
     );
     let header = ["-H", "version: dev"];
-    for client in [FAR, HOST] {
-        for url in urls() {
-            eventually(
-                &format!("{url} with the header to give {client} the local page"),
-                Duration::from_secs(20),
-                || from_with(client, &url, &header) == LOCAL,
-            );
-            assert_eq!(
-                from(client, &url),
-                PAGE,
-                "{client}: {url} without the header reaches nginx"
-            );
-            assert_eq!(
-                from_with(client, &url, &["-H", "version: other"]),
-                PAGE,
-                "{client}: {url} with another value reaches nginx"
-            );
-        }
-    }
+    all_get_with(
+        "the local page with the header",
+        &header,
+        LOCAL,
+        Duration::from_secs(20),
+    );
+    each_caller(|client, url| {
+        assert_eq!(
+            from(client, url),
+            PAGE,
+            "{client}: {url} without the header reaches nginx"
+        );
+        assert_eq!(
+            from_with(client, url, &["-H", "version: other"]),
+            PAGE,
+            "{client}: {url} with another value reaches nginx"
+        );
+    });
     assert_eq!(
         (resource_version("svc"), resource_version("deploy")),
         (svc_rv.clone(), deploy_rv.clone()),
@@ -336,15 +445,12 @@ fn mesh_in_ebpf_mode_routes_by_header_inside_the_nodes() {
 
     // Ctrl-C: the route goes with the shadow; the header reaches nginx.
     assert_eq!(k.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));
-    for client in [FAR, HOST] {
-        for url in urls() {
-            eventually(
-                &format!("{url} with the header to give {client} nginx after Ctrl-C"),
-                Duration::from_secs(20),
-                || from_with(client, &url, &header) == PAGE,
-            );
-        }
-    }
+    all_get_with(
+        "nginx with the header after Ctrl-C",
+        &header,
+        PAGE,
+        Duration::from_secs(20),
+    );
     assert_eq!(
         (resource_version("svc"), resource_version("deploy")),
         (svc_rv, deploy_rv),

@@ -94,7 +94,7 @@ pub fn run(lint: bool) -> Result<()> {
         ])
     });
     s.run(
-        "root tests (the router's tc programs on crafted packets)",
+        "root tests (the router's tc programs on crafted packets and real veths)",
         || {
             cargo(&[
                 "test",

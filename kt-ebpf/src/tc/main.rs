@@ -48,6 +48,11 @@ static KT_FLOWS_FWD: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MA
 static KT_FLOWS_REV: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(MAX_FLOWS, 0);
 #[map]
 static KT_TC_TIMEOUTS: Array<Timeouts> = Array::with_max_entries(1, 0);
+/// Non-zero while anything is steered on the node or a steered flow may live (set by the
+/// router, [`kt_common::steer`]): at 0 the tc programs leave every packet alone after one
+/// array read, so a node nobody steers through pays almost nothing.
+#[map]
+static KT_TC_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
 /// The node's network namespace cookie (0: the sock_addr programs do nothing).
 #[map]
 pub(crate) static KT_HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
@@ -77,6 +82,12 @@ const TCP_FIN: u8 = 0x01;
 const TCP_SYN: u8 = 0x02;
 const TCP_RST: u8 = 0x04;
 const TCP_ACK: u8 = 0x10;
+
+/// Whether the tc programs have anything to do on this node (`KT_TC_ACTIVE`).
+#[inline(always)]
+fn active() -> bool {
+    KT_TC_ACTIVE.get(0).is_some_and(|v| *v != 0)
+}
 
 #[inline(always)]
 pub(crate) fn bump(idx: u32) {
@@ -184,10 +195,13 @@ fn parse(ctx: &TcContext) -> Option<Packet> {
     })
 }
 
-/// A live flow entry of `map`; an expired one is removed (and counted) and is `None`.
+/// A live flow entry of `map`, and the time now; an expired one is removed (and counted) and
+/// is `None`. The clock is read only when there is an entry: most packets have none, and they
+/// should cost no more than the lookup.
 #[inline(always)]
-fn live(map: &LruHashMap<FlowKey, Flow>, key: &FlowKey, now: u64) -> Option<*mut Flow> {
+fn live(map: &LruHashMap<FlowKey, Flow>, key: &FlowKey) -> Option<(*mut Flow, u64)> {
     let f = map.get_ptr_mut(key)?;
+    let now = now();
     // SAFETY: a map value pointer, valid for this program run.
     let (state, seen) = unsafe { ((*f).state, (*f).seen_ns) };
     let idle = KT_TC_TIMEOUTS
@@ -199,7 +213,7 @@ fn live(map: &LruHashMap<FlowKey, Flow>, key: &FlowKey, now: u64) -> Option<*mut
         bump(counter::EXPIRED);
         return None;
     }
-    Some(f)
+    Some((f, now))
 }
 
 /// Records a packet of the flow in both its entries: last activity, and closing once a FIN
@@ -284,14 +298,15 @@ fn store_rewrite(
 /// Packets leaving a pod: steer new flows, rewrite the destination of steered ones.
 #[classifier]
 pub fn kt_tc_ingress(ctx: TcContext) -> i32 {
-    let _ = ingress(&ctx);
+    if active() {
+        let _ = ingress(&ctx);
+    }
     TC_ACT_OK
 }
 
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> Option<()> {
     let p = parse(ctx)?;
-    let now = now();
     let key = FlowKey {
         client: p.src,
         peer: p.dst,
@@ -300,11 +315,11 @@ fn ingress(ctx: &TcContext) -> Option<()> {
         proto: p.proto,
         pad: [0; 3],
     };
-    let mut known = live(&KT_FLOWS_FWD, &key, now).map(|f| {
+    let mut known = live(&KT_FLOWS_FWD, &key).map(|(f, now)| {
         // SAFETY: a map value pointer, valid for this program run.
-        (f, unsafe { *f })
+        (f, unsafe { *f }, now)
     });
-    if let Some((_, flow)) = known
+    if let Some((_, flow, _)) = known
         && p.flags & TCP_SYN != 0
         && flow.state & flow_state::CLOSING != 0
     {
@@ -313,7 +328,7 @@ fn ingress(ctx: &TcContext) -> Option<()> {
         let _ = KT_FLOWS_FWD.remove(key);
         known = None;
     }
-    let (f, flow) = match known {
+    let (f, flow, now) = match known {
         Some(k) => k,
         None => {
             if !p.opens() {
@@ -328,6 +343,7 @@ fn ingress(ctx: &TcContext) -> Option<()> {
                     pad: 0,
                 })
             }?;
+            let now = now();
             let flow = Flow {
                 addr: t.addr,
                 port: t.port,
@@ -339,7 +355,7 @@ fn ingress(ctx: &TcContext) -> Option<()> {
                 return None;
             }
             bump(counter::STEERED);
-            (KT_FLOWS_FWD.get_ptr_mut(key)?, flow)
+            (KT_FLOWS_FWD.get_ptr_mut(key)?, flow, now)
         }
     };
     let rkey = FlowKey {
@@ -366,14 +382,15 @@ fn ingress(ctx: &TcContext) -> Option<()> {
 /// Packets entering a pod: give a shadow's replies the original source back.
 #[classifier]
 pub fn kt_tc_egress(ctx: TcContext) -> i32 {
-    let _ = egress(&ctx);
+    if active() {
+        let _ = egress(&ctx);
+    }
     TC_ACT_OK
 }
 
 #[inline(always)]
 fn egress(ctx: &TcContext) -> Option<()> {
     let p = parse(ctx)?;
-    let now = now();
     let key = FlowKey {
         client: p.dst,
         peer: p.src,
@@ -382,7 +399,7 @@ fn egress(ctx: &TcContext) -> Option<()> {
         proto: p.proto,
         pad: [0; 3],
     };
-    let f = live(&KT_FLOWS_REV, &key, now)?;
+    let (f, now) = live(&KT_FLOWS_REV, &key)?;
     // SAFETY: a map value pointer, valid for this program run.
     let flow = unsafe { *f };
     let fkey = FlowKey {

@@ -500,8 +500,11 @@ mod tests {
         assert_eq!(d.len(), 2);
     }
 
-    fn mesh_pod(name: &str, ip: &str, ready: bool, created: &str, value: &str) -> Arc<Pod> {
-        let mut p = (*pod(name, ip, ready, created, json!([{"containerPort": 8080}]))).clone();
+    /// A mesh shadow created `second` seconds into 2026, with the route `version: value`.
+    fn mesh_pod(name: &str, ip: &str, ready: bool, second: u8, value: &str) -> Arc<Pod> {
+        let created = format!("2026-01-01T00:00:{second:02}Z");
+        let ports = json!([{"containerPort": 8080}]);
+        let mut p = (*pod(name, ip, ready, &created, ports)).clone();
         p.metadata.labels = Some([(MESH_EBPF.to_string(), "nginx".to_string())].into());
         p.metadata.annotations = Some(
             [
@@ -516,16 +519,10 @@ mod tests {
     #[test]
     fn a_meshed_service_gets_its_tcp_ports_and_one_route_per_ready_shadow_oldest_first() {
         let pods = [
-            mesh_pod("bob", "10.244.2.4", true, "2026-01-01T00:00:02Z", "bob"),
-            mesh_pod("ann", "10.244.1.3", true, "2026-01-01T00:00:01Z", "ann"),
-            mesh_pod("cid", "10.244.1.4", false, "2026-01-01T00:00:00Z", "cid"),
-            mesh_pod(
-                "bad",
-                "10.244.1.6",
-                true,
-                "2026-01-01T00:00:00Z",
-                "has space ",
-            ),
+            mesh_pod("bob", "10.244.2.4", true, 2, "bob"),
+            mesh_pod("ann", "10.244.1.3", true, 1, "ann"),
+            mesh_pod("cid", "10.244.1.4", false, 0, "cid"),
+            mesh_pod("bad", "10.244.1.6", true, 0, "has space "),
         ];
         let got = meshed(&pods, &[service()], &[slice()]);
         assert_eq!(got.len(), 1, "{got:?}");
@@ -575,29 +572,11 @@ mod tests {
 
     #[test]
     fn no_mesh_without_a_ready_shadow_with_a_route_or_without_its_service() {
-        let not_ready = [mesh_pod(
-            "cid",
-            "10.244.1.4",
-            false,
-            "2026-01-01T00:00:00Z",
-            "cid",
-        )];
+        let not_ready = [mesh_pod("cid", "10.244.1.4", false, 0, "cid")];
         assert!(meshed(&not_ready, &[service()], &[slice()]).is_empty());
-        let no_route = [mesh_pod(
-            "bad",
-            "10.244.1.6",
-            true,
-            "2026-01-01T00:00:00Z",
-            "",
-        )];
+        let no_route = [mesh_pod("bad", "10.244.1.6", true, 0, "")];
         assert!(meshed(&no_route, &[service()], &[slice()]).is_empty());
-        let ready = [mesh_pod(
-            "ann",
-            "10.244.1.3",
-            true,
-            "2026-01-01T00:00:01Z",
-            "ann",
-        )];
+        let ready = [mesh_pod("ann", "10.244.1.3", true, 1, "ann")];
         assert!(meshed(&ready, &[], &[slice()]).is_empty());
     }
 }

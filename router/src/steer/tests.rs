@@ -394,7 +394,7 @@ fn idle_udp_flows_expire_and_are_steered_afresh() {
 #[test]
 #[ignore = "needs root: loads the tc programs and runs them with BPF_PROG_TEST_RUN"]
 fn the_flow_maps_stay_within_their_capacity() {
-    let mut s = Steering::load_with(Some(16)).expect("load");
+    let mut s = Steering::load_with(Some(16), None).expect("load");
     s.steer(CLUSTER_IP, Proto::Tcp, SHADOW).unwrap();
     for port in 41000..41200 {
         out_of_pod(&s, &Pkt::tcp(client(port), CLUSTER_IP, SYN));
@@ -414,4 +414,184 @@ fn the_flow_maps_stay_within_their_capacity() {
         CLUSTER_IP
     );
     assert_eq!(count(&s, counter::STEERED), 200);
+}
+
+#[test]
+#[ignore = "needs root: loads the tc programs and runs them with BPF_PROG_TEST_RUN"]
+fn the_programs_act_only_while_something_is_steered_or_a_flow_lives() {
+    let mut s = Steering::load().expect("load");
+    assert!(!s.active().unwrap(), "nothing steered: off");
+    s.steer(CLUSTER_IP, Proto::Tcp, SHADOW).unwrap();
+    assert!(s.active().unwrap(), "on before the first steering entry");
+    let c = client(44000);
+    assert_eq!(
+        seen(&out_of_pod(&s, &Pkt::tcp(c, CLUSTER_IP, SYN))).dst,
+        SHADOW
+    );
+    s.unsteer(CLUSTER_IP, Proto::Tcp).unwrap();
+    let swept = s.sweep().unwrap();
+    assert_eq!(
+        (swept.live, swept.active),
+        (2, true),
+        "the flow lives on (both directions), so the programs stay on"
+    );
+    assert_eq!(
+        seen(&out_of_pod(&s, &Pkt::tcp(c, CLUSTER_IP, ACK))).dst,
+        SHADOW,
+        "and it keeps its shadow"
+    );
+    // It idles out: the sweep removes it and turns the programs off.
+    s.set_timeouts(Timeouts {
+        tcp_ns: 1,
+        udp_ns: 1,
+        closing_ns: 1,
+    })
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    assert_eq!(
+        s.sweep().unwrap(),
+        Swept {
+            live: 0,
+            removed: 2,
+            active: false
+        }
+    );
+    assert!(flow_keys(&s, "KT_FLOWS_FWD").is_empty() && flow_keys(&s, "KT_FLOWS_REV").is_empty());
+    assert!(!s.active().unwrap());
+}
+
+#[test]
+#[ignore = "needs root: loads the tc programs and runs them with BPF_PROG_TEST_RUN"]
+fn off_the_programs_leave_even_a_known_flow_alone() {
+    let mut s = steering();
+    let c = client(44100);
+    assert_eq!(
+        seen(&out_of_pod(&s, &Pkt::tcp(c, CLUSTER_IP, SYN))).dst,
+        SHADOW
+    );
+    s.set_active(false).unwrap();
+    let data = Pkt::tcp(c, CLUSTER_IP, ACK | PSH);
+    assert_eq!(out_of_pod(&s, &data), data.bytes(), "untouched");
+    let reply = Pkt::tcp(SHADOW, c, ACK);
+    assert_eq!(into_pod(&s, &reply), reply.bytes(), "untouched");
+    s.set_active(true).unwrap();
+    assert_eq!(seen(&out_of_pod(&s, &data)).dst, SHADOW);
+    assert_eq!(seen(&into_pod(&s, &reply)).src, CLUSTER_IP);
+}
+
+/// A bpf filesystem of the test's own on a temporary folder: unmounted, with every pin on
+/// it, when dropped.
+struct Bpffs(std::path::PathBuf);
+
+impl Bpffs {
+    fn new(name: &str) -> Bpffs {
+        let dir = std::env::temp_dir().join(format!("kt-bpffs-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("folder");
+        let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: mount(2) with NUL-terminated strings and no data.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                c.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        let fs = Bpffs(dir);
+        assert_eq!(rc, 0, "mount: {}", std::io::Error::last_os_error());
+        fs
+    }
+}
+
+impl Drop for Bpffs {
+    fn drop(&mut self) {
+        let c = std::ffi::CString::new(self.0.as_os_str().as_encoded_bytes()).expect("path");
+        // SAFETY: umount2(2) with a NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+#[ignore = "needs root: mounts a bpf filesystem and loads the tc programs"]
+fn flows_pinned_by_one_router_carry_on_in_the_next() {
+    let fs = Bpffs::new("carry");
+    let pins = fs.0.join("kt-router");
+    prepare_pins(&pins).expect("a folder on bpffs");
+    let c = client(42000);
+    {
+        let mut s = Steering::load_pinned(&pins).expect("load");
+        s.steer(CLUSTER_IP, Proto::Tcp, SHADOW).unwrap();
+        assert_eq!(
+            seen(&out_of_pod(&s, &Pkt::tcp(c, CLUSTER_IP, SYN))).dst,
+            SHADOW
+        );
+    }
+    // The router is gone (its programs and map handles closed); the next one starts with no
+    // steering yet, as a restarted router does before it has listed the cluster.
+    prepare_pins(&pins).expect("the pins fit");
+    let mut s = Steering::load_pinned(&pins).expect("load again");
+    let swept = s.sweep().expect("the sweep after loading");
+    assert_eq!(
+        (swept.live, swept.active),
+        (2, true),
+        "the flow taken over turns the programs on"
+    );
+    let data = Pkt::tcp(c, CLUSTER_IP, ACK | PSH);
+    assert_eq!(
+        seen(&out_of_pod(&s, &data)).dst,
+        SHADOW,
+        "the connection steered before the restart keeps its shadow"
+    );
+    assert_eq!(
+        seen(&into_pod(&s, &Pkt::tcp(SHADOW, c, ACK))).src,
+        CLUSTER_IP,
+        "and its replies their address"
+    );
+    assert_eq!(
+        seen(&out_of_pod(&s, &Pkt::tcp(client(42001), CLUSTER_IP, SYN))).dst,
+        CLUSTER_IP,
+        "a new connection waits for the new router's steering"
+    );
+    // A router without pins forgets it.
+    let fresh = Steering::load().expect("load without pins");
+    assert_eq!(seen(&out_of_pod(&fresh, &data)).dst, CLUSTER_IP);
+
+    drop(s);
+    unpin(&pins).expect("unpin");
+    assert!(!pins.exists(), "the pins and their folder are gone");
+}
+
+#[test]
+#[ignore = "needs root: mounts a bpf filesystem and loads the tc programs"]
+fn a_pinned_flow_map_that_does_not_fit_is_replaced() {
+    let fs = Bpffs::new("misfit");
+    let pins = fs.0.join("kt-router");
+    std::fs::create_dir_all(&pins).expect("folder");
+    {
+        // Another version's maps: another capacity.
+        let mut s = Steering::load_with(Some(16), Some(&pins)).expect("load");
+        s.steer(CLUSTER_IP, Proto::Tcp, SHADOW).unwrap();
+        out_of_pod(&s, &Pkt::tcp(client(42100), CLUSTER_IP, SYN));
+        assert_eq!(flow_keys(&s, "KT_FLOWS_FWD").len(), 1);
+    }
+    prepare_pins(&pins).expect("prepare");
+    let s = Steering::load_pinned(&pins).expect("load");
+    assert!(flow_keys(&s, "KT_FLOWS_FWD").is_empty(), "a fresh map");
+    let info = MapData::from_pin(pins.join("KT_FLOWS_FWD"))
+        .and_then(|m| m.info())
+        .expect("the new pin");
+    assert_eq!(info.max_entries(), kt_common::steer::MAX_FLOWS);
+}
+
+#[test]
+fn pins_need_a_bpf_filesystem() {
+    let dir = std::env::temp_dir().join(format!("kt-not-bpffs-{}", std::process::id()));
+    let err = prepare_pins(&dir).expect_err("not bpffs");
+    let _ = std::fs::remove_dir(&dir);
+    assert!(
+        format!("{err:#}").contains("is not on a bpf filesystem"),
+        "{err:#}"
+    );
 }
