@@ -176,11 +176,10 @@ pub async fn run(global: &Global, args: &MeshArgs) -> Result<u8> {
             .into());
         }
     }
-    if ebpf {
+    if !manual {
         inbound::check_lock(&kube, &svc_name, lock).await?;
     }
     if !manual && !ebpf {
-        inbound::check_lock(&kube, &svc_name, lock).await?;
         let route = Api::<ConfigMap>::namespaced(kube.client.clone(), &kube.namespace)
             .get_opt(&route_name(&svc_name, &mark))
             .await
