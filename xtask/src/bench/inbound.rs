@@ -27,8 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use kt_testbed::{Machine, Testbed, machine};
 
-use super::load::{Origin, Values, measure_path, push};
+use super::bpfstats::{StatsOn, percent};
+use super::load::{Origin, Sizes, Values, measure_path, push, wrk_percentile, wrk_requests};
 use super::process::{Bg, bg, laptop, with_output};
+use super::settle::settle;
 use super::{Bench, SERVICE};
 
 /// The client pod the load runs in.
@@ -83,6 +85,7 @@ impl Inbound {
         repeat: &str,
     ) -> Result<()> {
         eprintln!("bench: {repeat}: cluster -> Service");
+        settle(&b.tb, "cluster -> Service")?;
         // After a session the Service may still go to the shadow or router for a moment.
         self.wait_served_by(b, None, "pod")?;
         measure_path(
@@ -96,6 +99,7 @@ impl Inbound {
         {
             let _router = RouterDaemonSet::install(&b.tb)?;
             eprintln!("bench: {repeat}: cluster -> Service, the router loaded on every node");
+            settle(&b.tb, "the router loaded")?;
             self.wait_served_by(b, None, "pod")?;
             measure_path(
                 &b.tb,
@@ -105,7 +109,17 @@ impl Inbound {
                 &b.sizes,
                 raw.entry("cluster-service-router".into()).or_default(),
             )?;
+            if let Err(e) = router_cost(
+                &b.tb,
+                &self.client,
+                &self.base,
+                &b.sizes,
+                raw.entry("cluster-service-router".into()).or_default(),
+            ) {
+                eprintln!("bench: no run time of the router's programs: {e:#}");
+            }
             eprintln!("bench: {repeat}: cluster -> Service steered by the routers -> laptop");
+            settle(&b.tb, "exchange --mode ebpf")?;
             self.exchange(
                 b,
                 ktctl,
@@ -114,6 +128,7 @@ impl Inbound {
             )?;
         }
         eprintln!("bench: {repeat}: cluster -> exchanged Service -> laptop");
+        settle(&b.tb, "exchange")?;
         self.exchange(
             b,
             ktctl,
@@ -121,6 +136,7 @@ impl Inbound {
             raw.entry("exchange".into()).or_default(),
         )?;
         eprintln!("bench: {repeat}: cluster -> mesh router (without, with the header)");
+        settle(&b.tb, "mesh")?;
         self.mesh(b, ktctl, raw)
     }
 
@@ -622,4 +638,63 @@ impl Drop for RouterDaemonSet<'_> {
             eprintln!("bench: removing the router DaemonSet failed: {e:#}");
         }
     }
+}
+
+/// The router's programs' own run time on the Service's traffic, which they do not steer (see
+/// `bpfstats`): per keep-alive small request, against that run's p50, and during one bulk
+/// download, against its duration. Both are what the programs add to the path (they run in
+/// line with every packet), whatever the end-to-end comparison's noise.
+fn router_cost(
+    tb: &Testbed,
+    from: &Origin,
+    base: &str,
+    s: &Sizes,
+    values: &mut Values,
+) -> Result<()> {
+    let stats = StatsOn::new()?;
+    let before = stats.router()?;
+    let ka = from.sh(
+        tb,
+        &format!("wrk -t1 -c1 -d{}s --latency {base}/1k", s.secs),
+    )?;
+    let spent = stats.router()? - before;
+    let (Some(requests), Some(p50)) = (wrk_requests(&ka), wrk_percentile(&ka, "50%")) else {
+        bail!("no request count or p50 in wrk's output:\n{ka}");
+    };
+    anyhow::ensure!(requests > 0, "wrk completed no request:\n{ka}");
+    let per_request = spent.ns as f64 / requests as f64;
+    push(values, "router_bpf_ns_per_request", Some(per_request));
+    push(
+        values,
+        "router_bpf_runs_per_request",
+        Some(spent.runs as f64 / requests as f64),
+    );
+    push(
+        values,
+        "router_bpf_p50_percent",
+        Some(100.0 * per_request / (p50 * 1e6)),
+    );
+    let before = stats.router()?;
+    let out = from.sh(
+        tb,
+        &format!("curl -sS -o /dev/null -m 300 -w '%{{time_total}}' {base}/bulk"),
+    )?;
+    let spent = stats.router()? - before;
+    let secs: f64 = out
+        .trim()
+        .parse()
+        .with_context(|| format!("curl's time_total: {out:?}"))?;
+    push(
+        values,
+        "router_bpf_bulk_percent",
+        percent(spent, secs * 1e9),
+    );
+    if spent.runs > 0 {
+        push(
+            values,
+            "router_bpf_ns_per_run",
+            Some(spent.ns as f64 / spent.runs as f64),
+        );
+    }
+    Ok(())
 }

@@ -33,6 +33,16 @@ pub(super) fn wrk_percentile(out: &str, pct: &str) -> Option<f64> {
     })
 }
 
+/// wrk's count of requests completed ("  12345 requests in 10.00s, ...").
+pub(super) fn wrk_requests(out: &str) -> Option<u64> {
+    out.lines()
+        .find(|l| l.contains(" requests in "))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 fn wrk_rate(out: &str) -> Option<f64> {
     out.lines()
         .find(|l| l.starts_with("Requests/sec:"))?
@@ -132,10 +142,46 @@ pub(super) fn measure_path(
     let fair = from.sh(tb, &format!("wrk -t1 -c1 -d{d} --latency{h} {base}/1k"));
     drop(bulk);
     push("fairness_p99_under_bulk_ms", wrk_percentile(&fair?, "99%"));
+    // In the log, to explain a rate that differs from its neighbours': how many of the
+    // client's ports wait in TIME_WAIT (a client short of ports spends its time looking for
+    // one), what the machine's CPU went to, and the client's TCP trouble counters (a SYN
+    // retransmitted waits a second). nstat keeps its baseline in a file: the load's own,
+    // removed after reading.
+    let file = format!("/tmp/kt-bench-nstat-{}", std::process::id());
+    let history = format!("NSTAT_HISTORY={file}");
+    let waiting = from
+        .sh(
+            tb,
+            &format!("ss -tan state time-wait | wc -l; {history} nstat -n"),
+        )
+        .unwrap_or_default();
+    let (before, started) = (super::profile::cpu_times(), std::time::Instant::now());
     let conns = from.sh(
         tb,
         &format!("wrk -t2 -c16 -d{d}{h} -H 'Connection: close' {base}/1k"),
     )?;
+    let cores =
+        super::profile::cores_by_process(&before, &super::profile::cpu_times(), started.elapsed());
+    let top: Vec<String> = cores
+        .iter()
+        .take(8)
+        .map(|(p, c)| format!("{p} {c:.2}"))
+        .collect();
+    let counters = from
+        .sh(
+            tb,
+            &format!(
+                "{history} nstat | grep -E 'Retrans|Timeouts|AttemptFails|Resets|OutRsts|PAWS|TWRecycled|ListenDrops'; rm -f {file}"
+            ),
+        )
+        .unwrap_or_default();
+    eprintln!(
+        "bench: new connections/s {:?} ({} TIME_WAIT before); cores: {}; client counters: {}",
+        wrk_rate(&conns),
+        waiting.trim(),
+        top.join(", "),
+        counters.split_whitespace().collect::<Vec<_>>().join(" ")
+    );
     push("new_connections_per_s", wrk_rate(&conns));
     Ok(())
 }
@@ -152,5 +198,7 @@ mod tests {
         assert_eq!(wrk_percentile(WRK, "99%"), Some(2.5));
         assert_eq!(wrk_percentile(WRK, "42%"), None);
         assert_eq!(wrk_rate(WRK), Some(2500.5));
+        assert_eq!(wrk_requests(WRK), Some(5000));
+        assert_eq!(wrk_requests("Requests/sec: 1"), None);
     }
 }

@@ -13,12 +13,14 @@
 //! ends what runs in the laptop; [`tool`] holds the small clients the benchmark runs inside
 //! the testbed.
 
+mod bpfstats;
 mod inbound;
 mod ktconnect;
 mod load;
 mod process;
 mod profile;
 mod report;
+mod settle;
 pub mod tool;
 
 use std::collections::BTreeMap;
@@ -682,13 +684,17 @@ pub fn run(args: Args) -> Result<()> {
     let mut inbound_time = inbound_start.elapsed();
     for r in 0..repeats {
         eprintln!("bench: repeat {}/{repeats}: raw", r + 1);
+        settle::settle(&tb, "raw")?;
         bench.raw(raw.entry("raw".into()).or_default())?;
         eprintln!("bench: repeat {}/{repeats}: kubectl port-forward", r + 1);
+        settle::settle(&tb, "kubectl port-forward")?;
         bench.port_forward(raw.entry("port-forward".into()).or_default())?;
         eprintln!("bench: repeat {}/{repeats}: ktctl", r + 1);
+        settle::settle(&tb, "ktctl")?;
         bench.ktctl(&ktctl, raw.entry("ktctl".into()).or_default())?;
         if let Some(k) = &kt_connect {
             eprintln!("bench: repeat {}/{repeats}: kt-connect", r + 1);
+            settle::settle(&tb, "kt-connect")?;
             let mut values = Values::new();
             match bench.kt_connect(k, &mut values) {
                 Ok(()) => {

@@ -70,6 +70,11 @@ pub const METRICS: &[(&str, &str)] = &[
     ("hooks_connect_rate_ratio", "x"),
     ("hooks_connect_cpu_ratio", "x"),
     ("hooks_bpf_cpu_percent", "%"),
+    ("router_bpf_ns_per_request", "ns"),
+    ("router_bpf_runs_per_request", "runs"),
+    ("router_bpf_p50_percent", "%"),
+    ("router_bpf_ns_per_run", "ns"),
+    ("router_bpf_bulk_percent", "%"),
 ];
 
 #[derive(Serialize, Default, Clone, Debug, PartialEq)]
@@ -315,6 +320,18 @@ pub fn goals(paths: &BTreeMap<String, PathResults>) -> Vec<Goal> {
             None,
         ),
         check(
+            "router DaemonSet, traffic it does not steer: its programs' run time per small request <= 2% of the p50 (BPF run-time stats, %)",
+            median(paths, "cluster-service-router", "router_bpf_p50_percent"),
+            |v| v <= 2.0,
+            None,
+        ),
+        check(
+            "router DaemonSet, traffic it does not steer: its programs' run time <= 2% of a bulk download's (BPF run-time stats, %)",
+            median(paths, "cluster-service-router", "router_bpf_bulk_percent"),
+            |v| v <= 2.0,
+            None,
+        ),
+        check(
             "exchange --mode ebpf: steered small-request p50 <= 1.1x selector mode's",
             over("exchange-ebpf", "exchange", "latency_keepalive_p50_ms"),
             |v| v <= 1.1,
@@ -375,7 +392,18 @@ pub fn markdown(r: &Report) -> String {
     s += "\n|---|";
     s += &"---|".repeat(PATHS.len() + BASELINES.len());
     s += "\n";
+    let measured = |paths: &[&str], m: &str| {
+        paths
+            .iter()
+            .any(|p| r.paths.get(*p).is_some_and(|x| x.contains_key(m)))
+    };
+    let outbound: Vec<&str> = PATHS.iter().map(|p| p.0).collect();
+    let inbound: Vec<&str> = INBOUND_PATHS.iter().map(|p| p.0).collect();
     for (m, unit) in METRICS {
+        // The inbound paths' own metrics (the router's) have their rows in the inbound table.
+        if !measured(&outbound, m) && measured(&inbound, m) {
+            continue;
+        }
         s += &format!("| {m} ({unit}) |");
         for (p, _, _) in PATHS {
             s += &format!(" {} |", cell(r, p, m));
