@@ -31,6 +31,7 @@ use super::bpfstats::{StatsOn, percent};
 use super::load::{Origin, Sizes, Values, measure_path, push, wrk_percentile, wrk_requests};
 use super::process::{Bg, bg, laptop, with_output};
 use super::settle::settle;
+use super::xdp::XdpPass;
 use super::{Bench, SERVICE};
 
 /// The client pod the load runs in.
@@ -96,6 +97,24 @@ impl Inbound {
             &b.sizes,
             raw.entry("cluster-service".into()).or_default(),
         )?;
+        {
+            let xdp = XdpPass::attach_node(&b.node)
+                .with_context(|| format!("attaching XDP_PASS to the veths of {}", b.node))?;
+            eprintln!(
+                "bench: {repeat}: cluster -> Service, XDP_PASS on {}'s veths ({})",
+                b.node,
+                xdp.veths.join(", ")
+            );
+            settle(&b.tb, "XDP_PASS on the veths")?;
+            measure_path(
+                &b.tb,
+                &self.client,
+                &self.base,
+                None,
+                &b.sizes,
+                raw.entry("cluster-service-xdp".into()).or_default(),
+            )?;
+        }
         {
             let _router = RouterDaemonSet::install(&b.tb)?;
             eprintln!("bench: {repeat}: cluster -> Service, the router loaded on every node");
@@ -172,6 +191,13 @@ impl Inbound {
             (
                 "mesh-no-header".into(),
                 "the same mesh, requests without the header".into(),
+            ),
+            (
+                "cluster-service-xdp".into(),
+                format!(
+                    "as cluster-service, with the smallest XDP program (`return XDP_PASS`) attached in native mode to every veth of the nginx pod's node ({}: its pods' host sides and its uplink), where the client pod and nginx both run",
+                    self.node
+                ),
             ),
             (
                 "cluster-service-router".into(),

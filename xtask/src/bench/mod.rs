@@ -22,6 +22,7 @@ mod profile;
 mod report;
 mod settle;
 pub mod tool;
+mod xdp;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

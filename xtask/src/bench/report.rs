@@ -25,6 +25,10 @@ pub const INBOUND_PATHS: &[(&str, &str)] = &[
     ("mesh-header", "cluster → mesh router (header) → laptop"),
     ("cluster-service-router", "cluster → Service, router loaded"),
     ("exchange-ebpf", "cluster → Service steered (ebpf) → laptop"),
+    (
+        "cluster-service-xdp",
+        "cluster → Service, XDP_PASS on the veths",
+    ),
 ];
 
 /// The inbound ratios, as (path, divided by, heading): exchange against ktctl connect's
@@ -44,6 +48,11 @@ const INBOUND_RATIOS: &[(&str, &str, &str)] = &[
         "Service with / without the router",
     ),
     ("exchange-ebpf", "exchange", "exchange ebpf / selector"),
+    (
+        "cluster-service-xdp",
+        "cluster-service",
+        "Service with / without XDP_PASS",
+    ),
 ];
 
 /// The baselines ktctl is compared with, as (path, heading).
