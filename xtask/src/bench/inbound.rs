@@ -89,14 +89,7 @@ impl Inbound {
         settle(&b.tb, "cluster -> Service")?;
         // After a session the Service may still go to the shadow or router for a moment.
         self.wait_served_by(b, None, "pod")?;
-        measure_path(
-            &b.tb,
-            &self.client,
-            &self.base,
-            None,
-            &b.sizes,
-            raw.entry("cluster-service".into()).or_default(),
-        )?;
+        self.service(b, raw, "cluster-service")?;
         {
             let xdp = XdpPass::attach_node(&b.node)
                 .with_context(|| format!("attaching XDP_PASS to the veths of {}", b.node))?;
@@ -106,28 +99,14 @@ impl Inbound {
                 xdp.veths.join(", ")
             );
             settle(&b.tb, "XDP_PASS on the veths")?;
-            measure_path(
-                &b.tb,
-                &self.client,
-                &self.base,
-                None,
-                &b.sizes,
-                raw.entry("cluster-service-xdp".into()).or_default(),
-            )?;
+            self.service(b, raw, "cluster-service-xdp")?;
         }
         {
             let _router = RouterDaemonSet::install(&b.tb)?;
             eprintln!("bench: {repeat}: cluster -> Service, the router loaded on every node");
             settle(&b.tb, "the router loaded")?;
             self.wait_served_by(b, None, "pod")?;
-            measure_path(
-                &b.tb,
-                &self.client,
-                &self.base,
-                None,
-                &b.sizes,
-                raw.entry("cluster-service-router".into()).or_default(),
-            )?;
+            self.service(b, raw, "cluster-service-router")?;
             if let Err(e) = router_cost(
                 &b.tb,
                 &self.client,
@@ -157,6 +136,18 @@ impl Inbound {
         eprintln!("bench: {repeat}: cluster -> mesh router (without, with the header)");
         settle(&b.tb, "mesh")?;
         self.mesh(b, ktctl, raw)
+    }
+
+    /// The client pod's load on the Service by its ClusterIP, as the path `key`.
+    fn service(&self, b: &Bench, raw: &mut BTreeMap<String, Values>, key: &str) -> Result<()> {
+        measure_path(
+            &b.tb,
+            &self.client,
+            &self.base,
+            None,
+            &b.sizes,
+            raw.entry(key.into()).or_default(),
+        )
     }
 
     /// What each inbound path was, for the report.
