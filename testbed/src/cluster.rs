@@ -1,6 +1,7 @@
 //! `up`, `down`, `status` and `exec`: the testbed's stable interface for tests and benchmarks.
 
 use std::fs;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::thread::sleep;
@@ -647,10 +648,10 @@ impl Testbed {
         let (prog, rest) = args
             .split_first()
             .context("no command given (testbed exec MACHINE -- CMD...)")?;
-        let status = machine::command(&self.layout, m, prog)?
-            .args(rest)
-            .status()
-            .with_context(|| format!("running {prog} in {m}"))?;
+        let mut cmd = machine::command(&self.layout, m, prog)?;
+        cmd.args(rest);
+        let status =
+            run_passing_signals(&mut cmd).with_context(|| format!("running {prog} in {m}"))?;
         use std::os::unix::process::ExitStatusExt;
         Ok(status
             .code()
@@ -748,6 +749,70 @@ impl Testbed {
         eprintln!("testbed: down");
         Ok(())
     }
+}
+
+/// The signals that end a foreground command.
+const ENDING_SIGNALS: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// Runs `cmd` to its end, passing on to it the ending signals that a process sends to this one
+/// (`kill -INT <pid of testbed exec>`), which would otherwise end this process alone and leave
+/// the command running in its machine. A terminal's Ctrl-C already reaches the command (the
+/// whole foreground group gets it), so signals the kernel sent are not passed on twice.
+fn run_passing_signals(
+    cmd: &mut std::process::Command,
+) -> std::io::Result<std::process::ExitStatus> {
+    // SAFETY: plain C structs for which all zeroes is a valid value, filled by libc.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: sigset calls on a set we own; pthread_sigmask on this thread only. Threads
+    // started from here on inherit the mask; the child does not (std resets it before exec).
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in ENDING_SIGNALS {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    let mut child = cmd.spawn()?;
+    // A pidfd names this child and no later process with its pid once it is reaped.
+    // SAFETY: pidfd_open(2) of our unreaped child; the descriptor is ours.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    if pidfd < 0 {
+        let e = std::io::Error::last_os_error();
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(e);
+    }
+    // SAFETY: the kernel just returned this descriptor to us, and nothing else owns it.
+    let pidfd = unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd as i32) };
+    std::thread::spawn(move || {
+        loop {
+            // SAFETY: as above; sigwaitinfo fills `info` for one of the blocked signals.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            let sig = unsafe { libc::sigwaitinfo(&set, &mut info) };
+            if sig < 0 {
+                continue;
+            }
+            if passed_on(info.si_code) {
+                // SAFETY: pidfd_send_signal(2) through our descriptor of the child.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_pidfd_send_signal,
+                        pidfd.as_raw_fd(),
+                        sig,
+                        std::ptr::null::<libc::siginfo_t>(),
+                        0,
+                    )
+                };
+            }
+        }
+    });
+    child.wait()
+}
+
+/// Whether a signal with this `si_code` came from a process (kill, sigqueue, tkill), not from
+/// the kernel (a terminal's Ctrl-C, a hang-up).
+fn passed_on(si_code: libc::c_int) -> bool {
+    si_code <= 0
 }
 
 /// The mount points of testbed node bpf filesystems (`…/testbed/state/kt-node-N.bpf`, of any
@@ -945,6 +1010,14 @@ pub fn leftovers() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signals_from_processes_are_passed_on_and_the_terminals_are_not() {
+        assert!(passed_on(libc::SI_USER), "kill(2)");
+        assert!(passed_on(libc::SI_QUEUE), "sigqueue(3)");
+        assert!(passed_on(libc::SI_TKILL), "tgkill(2)");
+        assert!(!passed_on(libc::SI_KERNEL), "a terminal's Ctrl-C");
+    }
 
     #[test]
     fn only_node_bpf_filesystems_of_a_testbed_are_swept() {

@@ -157,6 +157,70 @@ impl Drop for TempDir {
 /// over SSH with the key from the ConfigMap (as kt-connect's ktctl deploys it), a SOCKS proxy
 /// over that SSH connection reaches the cluster (kt-connect's tun2socks path), and the shadow's
 /// DNS on port 53 (TCP, kt-connect's localDNS mode) answers cluster names.
+/// `kill -INT` of `testbed exec`'s own pid (from a script or a supervisor, with no terminal to
+/// signal the whole group) reaches the command it runs in the machine, which ends as it
+/// chooses, and `testbed exec` exits with its code. Before, only `testbed exec` ended and the
+/// command ran on in the machine.
+#[test]
+#[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
+fn kill_int_of_testbed_exec_reaches_its_command() {
+    use std::io::BufRead;
+    let tb = testbed();
+    let xtask = tb.layout.target.join("debug/xtask");
+    assert!(xtask.exists(), "{} is missing", xtask.display());
+    let mut exec = std::process::Command::new(&xtask)
+        .args(["testbed", "exec", "laptop", "--", "sh", "-c"])
+        .arg("trap 'echo got INT; exit 7' INT; echo ready $$; while :; do sleep 0.1; done")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("starting xtask testbed exec");
+    let mut out = std::io::BufReader::new(exec.stdout.take().expect("piped"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("reading its output");
+    let pid: libc::pid_t = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("not ready: {line:?}"));
+    // Should the signal not reach it, the command is ended by its pid (the testbed's machines
+    // share this machine's pid namespace), so that a failure leaves nothing running.
+    struct EndCommand(libc::pid_t);
+    impl Drop for EndCommand {
+        fn drop(&mut self) {
+            // SAFETY: kill(2) of the shell this test started, if it still runs.
+            unsafe { libc::kill(self.0, libc::SIGKILL) };
+        }
+    }
+    let command = EndCommand(pid);
+    // SAFETY: kill(2) of the process this test started.
+    assert_eq!(
+        unsafe { libc::kill(exec.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(st) = exec.try_wait().expect("waiting") {
+            break st;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = exec.kill();
+            panic!("testbed exec did not end within 20 s of SIGINT");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // Checked before reading on: a command still running would hold the pipe open.
+    assert_eq!(
+        status.code(),
+        Some(7),
+        "testbed exec ends with its command's exit code, not by the signal ({status})"
+    );
+    // The command has ended and been reaped: its pid is nobody's to signal any more.
+    std::mem::forget(command);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut out, &mut rest).expect("reading its output");
+    assert_eq!(rest.trim(), "got INT", "the command got the signal");
+}
+
 #[test]
 #[ignore = "needs root and the testbed: cargo xtask e2e runs it"]
 fn kt_connects_shadow_image_serves_ssh_socks_and_dns_as_kt_connect_uses_them() {
