@@ -20,6 +20,7 @@ mod node;
 mod policy;
 mod restore;
 mod shadow;
+mod sockdiag;
 mod steer;
 
 use std::process::ExitCode;

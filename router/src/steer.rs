@@ -14,7 +14,7 @@ use aya::programs::links::CgroupAttachMode;
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use kt_common::steer::{Flow, FlowKey, SteerKey, SteerTarget, Timeouts, counter};
+use kt_common::steer::{Flow, FlowKey, SockKey, SteerKey, SteerTarget, Timeouts, counter};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kt-tc"));
 
@@ -438,27 +438,43 @@ impl Steering {
     }
 }
 
-/// A read handle on the reverse flow map, for tasks outside the loop that owns [`Steering`]
-/// (the node's mesh proxies): which original address a steered connection dialled.
-pub struct FlowReader(HashMap<MapData, FlowKey, Flow>);
+/// A read handle on the maps that know where a steered connection was going, for tasks
+/// outside the loop that owns [`Steering`] (the node's mesh proxies): the reverse flow map
+/// (pods' connections, rewritten by the tc programs) and the sock_addr programs' per-socket
+/// records (the node's own connections).
+pub struct FlowReader {
+    flows: HashMap<MapData, FlowKey, Flow>,
+    sockets: HashMap<MapData, SockKey, SteerTarget>,
+}
+
+/// A second handle on one of `ebpf`'s maps (a duplicate of its file descriptor: opening a map
+/// by id would need CAP_SYS_ADMIN).
+fn second_handle<K: aya::Pod, V: aya::Pod>(
+    ebpf: &Ebpf,
+    name: &str,
+) -> Result<HashMap<MapData, K, V>> {
+    use std::os::fd::AsFd;
+    let (fd, lru) = match ebpf.map(name).with_context(|| format!("no map {name}"))? {
+        aya::maps::Map::LruHashMap(d) => (d.fd().as_fd().try_clone_to_owned()?, true),
+        aya::maps::Map::HashMap(d) => (d.fd().as_fd().try_clone_to_owned()?, false),
+        _ => anyhow::bail!("{name} is not a hash map"),
+    };
+    let data = MapData::from_fd(fd).with_context(|| format!("a second handle on {name}"))?;
+    let map = if lru {
+        aya::maps::Map::LruHashMap(data)
+    } else {
+        aya::maps::Map::HashMap(data)
+    };
+    HashMap::try_from(map).with_context(|| format!("{name} as a hash map"))
+}
 
 impl Steering {
-    /// A second handle on the reverse flow map (a duplicate of its file descriptor: opening
-    /// a map by id would need CAP_SYS_ADMIN).
+    /// A [`FlowReader`] on this steering's maps.
     pub fn flow_reader(&self) -> Result<FlowReader> {
-        use std::os::fd::AsFd;
-        let fd = match self
-            .ebpf
-            .map("KT_FLOWS_REV")
-            .context("no reverse flow map")?
-        {
-            aya::maps::Map::LruHashMap(d) => d.fd().as_fd().try_clone_to_owned()?,
-            _ => anyhow::bail!("KT_FLOWS_REV is not an LRU hash map"),
-        };
-        let data = MapData::from_fd(fd).context("a second handle on the reverse flow map")?;
-        let map = HashMap::try_from(aya::maps::Map::LruHashMap(data))
-            .context("the reverse flow map as a hash map")?;
-        Ok(FlowReader(map))
+        Ok(FlowReader {
+            flows: second_handle(&self.ebpf, "KT_FLOWS_REV")?,
+            sockets: second_handle(&self.ebpf, "KT_SOCK_ORIG")?,
+        })
     }
 }
 
@@ -474,10 +490,35 @@ impl FlowReader {
             proto: kt_common::steer::IPPROTO_TCP,
             pad: [0; 3],
         };
-        let f = self.0.get(&key, 0).ok()?;
+        let f = self.flows.get(&key, 0).ok()?;
         Some(SocketAddrV4::new(
             u32::from_be(f.addr).into(),
             u16::from_be(f.port),
+        ))
+    }
+
+    /// The original destination of a TCP connection of this network namespace (the node's:
+    /// a hostNetwork caller) from `client` that the sock_addr programs steered to `to`: its
+    /// socket found by the kernel's socket diagnostics, its record by the socket's cookie.
+    pub fn node_original(&self, client: SocketAddrV4, to: SocketAddrV4) -> Option<SocketAddrV4> {
+        let cookie = match crate::sockdiag::tcp_cookie(client, to) {
+            Ok(c) => c?,
+            Err(e) => {
+                tracing::debug!(%client, %to, error = %e, "no socket diagnostics for a node connection");
+                return None;
+            }
+        };
+        let key = SockKey {
+            cookie,
+            addr: u32::from(*to.ip()).to_be(),
+            port: to.port().to_be(),
+            proto: kt_common::steer::IPPROTO_TCP,
+            pad: 0,
+        };
+        let o = self.sockets.get(&key, 0).ok()?;
+        Some(SocketAddrV4::new(
+            u32::from_be(o.addr).into(),
+            u16::from_be(o.port),
         ))
     }
 }

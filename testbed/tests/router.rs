@@ -139,6 +139,63 @@ fn all_get(what: &str, want: &str, timeout: Duration) {
     all_get_with(what, &[], want, timeout);
 }
 
+const SECOND_PAGE: &str = "kt-connect cluster nginx service, second pod";
+
+/// A second pod behind the nginx Service (its label, not its Deployment's), serving
+/// [`SECOND_PAGE`]; deleted when dropped.
+struct SecondNginx {
+    ip: String,
+}
+
+impl SecondNginx {
+    const NAME: &str = "e2e-nginx-second";
+
+    fn start() -> SecondNginx {
+        kubectl(&[
+            "run",
+            Self::NAME,
+            "--image=nginx:alpine",
+            "--restart=Never",
+            "--labels=app=nginx,kt-e2e-second=1",
+            "--port=80",
+        ]);
+        // The guard first: a failed wait or exec still deletes the pod.
+        let mut s = SecondNginx { ip: String::new() };
+        kubectl(&[
+            "wait",
+            &format!("pod/{}", Self::NAME),
+            "--for=condition=Ready",
+            "--timeout=90s",
+        ]);
+        kubectl(&[
+            "exec",
+            Self::NAME,
+            "--",
+            "/bin/sh",
+            "-c",
+            &format!("echo \"{SECOND_PAGE}\" > /usr/share/nginx/html/index.html"),
+        ]);
+        s.ip = kubectl(&["get", "pod", Self::NAME, "-o", "jsonpath={.status.podIP}"]);
+        s
+    }
+}
+
+impl Drop for SecondNginx {
+    fn drop(&mut self) {
+        let _ = run_in(
+            Machine::Laptop,
+            &[
+                "kubectl",
+                "delete",
+                "pod",
+                Self::NAME,
+                "--wait=true",
+                "--ignore-not-found",
+            ],
+        );
+    }
+}
+
 fn router_logs() -> String {
     kubectl(&[
         "-n",
@@ -442,6 +499,39 @@ fn mesh_in_ebpf_mode_routes_by_header_inside_the_nodes() {
             && l.contains(r#""value":"dev""#)),
         "one JSON line per route:\n{logs}"
     );
+
+    // A second pod behind the Service: a request without the header goes to the pod its
+    // caller dialled, not to whichever pod the ClusterIP would pick, for the hostNetwork
+    // caller (found by its socket) as for the pod (found by its flow).
+    let second = SecondNginx::start();
+    let first = format!(
+        "http://{}:80",
+        kubectl(&[
+            "get",
+            "pod",
+            "-l",
+            "app=nginx,!kt-e2e-second",
+            "-o",
+            "jsonpath={.items[0].status.podIP}",
+        ])
+    );
+    let second_url = format!("http://{}:80", second.ip);
+    for client in [FAR, HOST] {
+        eventually(
+            &format!("{second_url} (the new endpoint) to be meshed for {client}"),
+            Duration::from_secs(30),
+            || from_with(client, &second_url, &header) == LOCAL,
+        );
+        for _ in 0..8 {
+            assert_eq!(
+                from(client, &second_url),
+                SECOND_PAGE,
+                "{client}: {second_url}"
+            );
+            assert_eq!(from(client, &first), PAGE, "{client}: {first}");
+        }
+    }
+    drop(second);
 
     // Ctrl-C: the route goes with the shadow; the header reaches nginx.
     assert_eq!(k.stop(libc::SIGINT, Duration::from_secs(30)), Some(0));

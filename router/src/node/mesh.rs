@@ -2,8 +2,9 @@
 //! listener on the node's IP running the same proxy as `kt-router mesh`. The steering map
 //! sends the port's ClusterIP:port and endpoints there; each request carrying a shadow's
 //! header goes to that shadow, anything else to the address the caller dialled (read back
-//! from the tc programs' reverse flow map), or, for a caller whose flow is not there (a
-//! hostNetwork one), to the ClusterIP. The proxies' own connections carry
+//! from the tc programs' reverse flow map for a pod, from the node's sock_addr programs'
+//! record of the caller's socket for a hostNetwork caller), or, for a caller found in
+//! neither (its record evicted), to the ClusterIP. The proxies' own connections carry
 //! [`BYPASS_MARK`], so that the node's sock_addr programs let them through.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -135,7 +136,7 @@ impl Meshes {
         let or_else = fallback.clone();
         let default: DefaultOf = Arc::new(move |peer| {
             let original = match peer {
-                SocketAddr::V4(p) => flows.original(p, at),
+                SocketAddr::V4(p) => flows.original(p, at).or_else(|| flows.node_original(p, at)),
                 SocketAddr::V6(_) => None,
             };
             match original {

@@ -90,6 +90,24 @@ impl Drop for Cgroup {
 
 /// Runs `script` with python3 inside `netns` and `cgroup`; its stdout, parsed as JSON.
 fn python(netns: &Netns, cgroup: &Cgroup, script: &str) -> serde_json::Value {
+    let out = python_command(netns, cgroup, script)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "client output {e}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// The command that runs `script` with python3 inside `netns` and `cgroup`.
+fn python_command(netns: &Netns, cgroup: &Cgroup, script: &str) -> Command {
     let procs = CString::new(
         cgroup
             .0
@@ -117,18 +135,7 @@ fn python(netns: &Netns, cgroup: &Cgroup, script: &str) -> serde_json::Value {
             }
         })
     };
-    let out = cmd.output().expect("python3");
-    assert!(
-        out.status.success(),
-        "client failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "client output {e}: {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
+    cmd
 }
 
 /// Connects to `addr` with TCP (and `mark`), prints `"connected"` or the errno.
@@ -253,4 +260,70 @@ fn node_sockets_reach_the_shadow_and_see_the_address_they_called() {
         ENETUNREACH
     );
     assert_eq!(s.counters().unwrap()[counter::HOST_STEERED as usize], 3);
+}
+
+/// A node connection held open: the shadow (standing for the node's mesh proxy) accepts
+/// it, prints the caller's address, and waits for its stdin to close.
+const HELD: &str = r#"
+import json, socket, sys
+srv = socket.socket()
+srv.bind(("127.0.0.1", 8080))
+srv.listen()
+c = socket.create_connection(("10.96.0.10", 80), timeout=2)
+a, peer = srv.accept()
+print(json.dumps(list(peer)), flush=True)
+sys.stdin.read()
+"#;
+
+#[test]
+#[ignore = "needs root: loads BPF programs, makes namespaces and a cgroup"]
+fn the_original_destination_of_a_node_connection_is_found_by_its_socket() {
+    use std::io::BufRead;
+    let tag = std::process::id();
+    let node = Netns::new(format!("kt-steertest-held-{tag}"));
+    let cgroup = Cgroup::new(&format!("kt-steertest-held-{tag}"));
+    let mut s = Steering::load().expect("load");
+    s.steer(SERVICE, Proto::Tcp, TCP_SHADOW).unwrap();
+    s.attach_host(&cgroup.0, node.cookie())
+        .expect("attach to the cgroup");
+    let reader = s.flow_reader().expect("reader");
+
+    let mut child = python_command(&node, &cgroup, HELD)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("the caller's address");
+    let (ip, port): (Ipv4Addr, u16) =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("caller address {e}: {line:?}"));
+    let caller = SocketAddrV4::new(ip, port);
+    // The proxy asks from its own namespace: the node's.
+    let path = format!("/run/netns/{}", node.0);
+    let (found, unknown) = std::thread::scope(|sc| {
+        sc.spawn(|| {
+            let f = fs::File::open(&path).expect("netns file");
+            // SAFETY: setns on an open namespace file; only this thread moves.
+            assert_eq!(
+                unsafe { libc::setns(f.as_fd().as_raw_fd(), libc::CLONE_NEWNET) },
+                0
+            );
+            let other = SocketAddrV4::new(ip, port.wrapping_add(1).max(1));
+            (
+                reader.node_original(caller, TCP_SHADOW),
+                reader.node_original(other, TCP_SHADOW),
+            )
+        })
+        .join()
+        .expect("lookup thread")
+    });
+    drop(child.stdin.take());
+    let status = child.wait().expect("python3");
+    assert!(status.success(), "client failed");
+    assert_eq!(found, Some(SERVICE), "the address the caller dialled");
+    assert_eq!(unknown, None, "no socket, no original");
+    // The pods' flow map knows nothing of a node connection.
+    assert_eq!(reader.original(caller, TCP_SHADOW), None);
 }
