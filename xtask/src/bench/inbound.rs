@@ -1,13 +1,14 @@
 //! The inbound paths (issue 10): a client pod in the cluster calling the nginx's Service by its
 //! ClusterIP, with the load the outbound paths get from the laptop.
 //!
-//! - `cluster-service`: the Service as it is, to the nginx pod (the baseline);
+//! - `cluster-service`: the Service as it is, to the nginx pod (the baseline), measured twice
+//!   in each repeat: before the router DaemonSet is installed and after it is removed;
 //! - `exchange`: while `ktctl exchange` sends the Service to the laptop;
 //! - `mesh-no-header` and `mesh-header`: through the router of `ktctl mesh`, without the
 //!   developer's header (on to the nginx pod) and with it (on to the laptop);
 //! - `cluster-service-router`: the Service as it is, with the router DaemonSet
 //!   (deploy/router.yaml) loaded on every node and steering nothing of it: its cost on traffic
-//!   it does not steer, against `cluster-service` in the same repeat;
+//!   it does not steer, against `cluster-service` from both sides of it in the same repeat;
 //! - `exchange-ebpf`: while `ktctl exchange --mode ebpf` has the routers steer the Service to
 //!   the laptop, against `exchange` (selector mode).
 //!
@@ -91,17 +92,6 @@ impl Inbound {
         self.wait_served_by(b, None, "pod")?;
         self.service(b, raw, "cluster-service")?;
         {
-            let xdp = XdpPass::attach_node(&b.node)
-                .with_context(|| format!("attaching XDP_PASS to the veths of {}", b.node))?;
-            eprintln!(
-                "bench: {repeat}: cluster -> Service, XDP_PASS on {}'s veths ({})",
-                b.node,
-                xdp.veths.join(", ")
-            );
-            settle(&b.tb, "XDP_PASS on the veths")?;
-            self.service(b, raw, "cluster-service-xdp")?;
-        }
-        {
             let _router = RouterDaemonSet::install(&b.tb)?;
             eprintln!("bench: {repeat}: cluster -> Service, the router loaded on every node");
             settle(&b.tb, "the router loaded")?;
@@ -124,6 +114,23 @@ impl Inbound {
                 "ebpf",
                 raw.entry("exchange-ebpf".into()).or_default(),
             )?;
+        }
+        // The baseline again, the router removed: the path with the router is compared with
+        // samples from both sides of it, not with one taken minutes earlier on a shared machine.
+        eprintln!("bench: {repeat}: cluster -> Service, the router removed");
+        settle(&b.tb, "the router removed")?;
+        self.wait_served_by(b, None, "pod")?;
+        self.service(b, raw, "cluster-service")?;
+        {
+            let xdp = XdpPass::attach_node(&b.node)
+                .with_context(|| format!("attaching XDP_PASS to the veths of {}", b.node))?;
+            eprintln!(
+                "bench: {repeat}: cluster -> Service, XDP_PASS on {}'s veths ({})",
+                b.node,
+                xdp.veths.join(", ")
+            );
+            settle(&b.tb, "XDP_PASS on the veths")?;
+            self.service(b, raw, "cluster-service-xdp")?;
         }
         eprintln!("bench: {repeat}: cluster -> exchanged Service -> laptop");
         settle(&b.tb, "exchange")?;
@@ -163,7 +170,7 @@ impl Inbound {
             (
                 "cluster-service".into(),
                 format!(
-                    "from pod {CLIENT} (busybox:1, with this machine's wrk and curl) on the nginx pod's node, to service {SERVICE} by its ClusterIP"
+                    "from pod {CLIENT} (busybox:1, with this machine's wrk and curl) on the nginx pod's node, to service {SERVICE} by its ClusterIP; measured twice a repeat, before the router DaemonSet is installed and after it is removed"
                 ),
             ),
             (

@@ -4,8 +4,9 @@
 //! Outbound paths, from the laptop: `raw` (the laptop given a temporary route to the pod
 //! network: the testbed's limit), `port-forward` (kubectl port-forward to the pod),
 //! `kt-connect` (alibaba/kt-connect's `ktctl connect`, when a binary of it is given; else the
-//! report says why not), `ktctl` (ktctl connect, to the pod IP). Inbound paths, from a client
-//! pod in the cluster: see [`inbound`].
+//! report says why not), `ktctl` (ktctl connect, to the pod IP), `ktctl-forward` (the
+//! port-forward alone, by direction: see [`forward`]). Inbound paths, from a client pod in the
+//! cluster: see [`inbound`].
 //!
 //! Layout: this file runs the outbound paths and the run; [`inbound`] the inbound ones;
 //! [`load`] is the load every path gets; [`report`] makes the table, goals and plot;
@@ -14,6 +15,7 @@
 //! the testbed.
 
 mod bpfstats;
+mod forward;
 mod inbound;
 mod ktconnect;
 mod load;
@@ -661,6 +663,10 @@ pub fn run(args: Args) -> Result<()> {
             if args.quick { "debug" } else { "release" }
         ),
     );
+    clients.insert(
+        "ktctl-forward".to_string(),
+        "`ktctl forward pod/bench-pipe` (the API server's websocket port-forward, no tunnel) to a pod on the nginx pod's node that discards what it gets on one port and sends zeros on another; one stream each way".to_string(),
+    );
     let mut kt_connect_failures = vec![];
     let kt_connect = match ktconnect::locate(args.kt_connect.as_deref()) {
         Ok(k) => {
@@ -693,6 +699,16 @@ pub fn run(args: Args) -> Result<()> {
         eprintln!("bench: repeat {}/{repeats}: ktctl", r + 1);
         settle::settle(&tb, "ktctl")?;
         bench.ktctl(&ktctl, raw.entry("ktctl".into()).or_default())?;
+        eprintln!(
+            "bench: repeat {}/{repeats}: ktctl forward (the port-forward by direction)",
+            r + 1
+        );
+        settle::settle(&tb, "ktctl forward")?;
+        forward::measure(
+            &bench,
+            &ktctl,
+            raw.entry("ktctl-forward".into()).or_default(),
+        )?;
         if let Some(k) = &kt_connect {
             eprintln!("bench: repeat {}/{repeats}: kt-connect", r + 1);
             settle::settle(&tb, "kt-connect")?;

@@ -84,6 +84,8 @@ pub const METRICS: &[(&str, &str)] = &[
     ("router_bpf_p50_percent", "%"),
     ("router_bpf_ns_per_run", "ns"),
     ("router_bpf_bulk_percent", "%"),
+    ("upload_1_stream_mib_s", "MiB/s"),
+    ("download_1_stream_mib_s", "MiB/s"),
 ];
 
 #[derive(Serialize, Default, Clone, Debug, PartialEq)]
@@ -407,10 +409,10 @@ pub fn markdown(r: &Report) -> String {
             .any(|p| r.paths.get(*p).is_some_and(|x| x.contains_key(m)))
     };
     let outbound: Vec<&str> = PATHS.iter().map(|p| p.0).collect();
-    let inbound: Vec<&str> = INBOUND_PATHS.iter().map(|p| p.0).collect();
     for (m, unit) in METRICS {
-        // The inbound paths' own metrics (the router's) have their rows in the inbound table.
-        if !measured(&outbound, m) && measured(&inbound, m) {
+        // The inbound paths' own metrics (the router's) have their rows in the inbound table,
+        // the port-forward's by direction a paragraph of their own.
+        if !measured(&outbound, m) {
             continue;
         }
         s += &format!("| {m} ({unit}) |");
@@ -428,6 +430,7 @@ pub fn markdown(r: &Report) -> String {
         s += "\n";
     }
     s += &inbound_table(r);
+    s += &forward_paragraph(r);
     s += "\n| goal | this run | |\n|---|---|---|\n";
     for g in &r.goals {
         let v = g
@@ -465,6 +468,30 @@ pub fn markdown(r: &Report) -> String {
         s += &format!("\n**{p}**: not measured. {why}\n");
     }
     s + &profile::markdown(&r.profiles)
+}
+
+/// The port-forward by direction, and exchange's bulk ratio with that asymmetry taken out;
+/// empty when it was not measured.
+fn forward_paragraph(r: &Report) -> String {
+    let (Some(up), Some(down)) = (
+        median(&r.paths, "ktctl-forward", "upload_1_stream_mib_s"),
+        median(&r.paths, "ktctl-forward", "download_1_stream_mib_s"),
+    ) else {
+        return String::new();
+    };
+    let mut s = format!(
+        "\nThe port-forward alone, by direction (`ktctl forward`, one stream, no tunnel): up (to the pod) {} MiB/s, down {} MiB/s: up / down {:.2}×.",
+        cell(r, "ktctl-forward", "upload_1_stream_mib_s"),
+        cell(r, "ktctl-forward", "download_1_stream_mib_s"),
+        up / down
+    );
+    if let Some(w) = r.ratios.get("exchange/ktctl bulk_1_stream_mib_s") {
+        s += &format!(
+            " Exchange's downloads go up the port-forward and connect's come down it: exchange / connect bulk (1 stream) {w:.2}× is {:.2}× of the port-forward's own up / down.",
+            w / (up / down)
+        );
+    }
+    s + "\n"
 }
 
 /// The inbound paths' table, with their ratios; empty when none was measured.
@@ -676,6 +703,35 @@ mod tests {
         );
         assert!(svg(&r).contains("kt-connect: not measured"));
         assert!(!md.contains("Inbound"), "no inbound table: {md}");
+    }
+
+    #[test]
+    fn the_port_forward_by_direction_has_a_paragraph_and_no_table_rows() {
+        let raw = results(&[
+            ("ktctl", "bulk_1_stream_mib_s", 175.0),
+            ("exchange", "bulk_1_stream_mib_s", 140.0),
+            ("ktctl-forward", "upload_1_stream_mib_s", 150.0),
+            ("ktctl-forward", "download_1_stream_mib_s", 200.0),
+        ]);
+        let r = Report::new(raw, BTreeMap::new(), BTreeMap::new(), vec![], true, 1);
+        let md = markdown(&r);
+        assert!(
+            md.contains("up (to the pod) 150 [150–150] MiB/s, down 200 [200–200] MiB/s: up / down 0.75×. Exchange's downloads go up the port-forward and connect's come down it: exchange / connect bulk (1 stream) 0.80× is 1.07× of the port-forward's own up / down."),
+            "{md}"
+        );
+        assert!(
+            !md.contains("| upload_1_stream_mib_s"),
+            "no table row: {md}"
+        );
+        let r = Report::new(
+            results(&[("ktctl", "bulk_1_stream_mib_s", 175.0)]),
+            BTreeMap::new(),
+            BTreeMap::new(),
+            vec![],
+            true,
+            1,
+        );
+        assert!(!markdown(&r).contains("port-forward alone"));
     }
 
     #[test]

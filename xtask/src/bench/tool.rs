@@ -20,6 +20,11 @@ pub enum Tool {
     },
     /// Open N idle connections to ADDR, print "ready", hold them until stdin closes
     Hold { addr: SocketAddr, n: usize },
+    /// Send MIB MiB of zeros to ADDR, half-close, wait for the other end to close (everything
+    /// delivered); print MiB/s
+    Send { addr: SocketAddr, mib: usize },
+    /// Read MIB MiB from ADDR, then close; print MiB/s
+    Receive { addr: SocketAddr, mib: usize },
 }
 
 pub fn run(t: Tool) -> Result<()> {
@@ -96,9 +101,39 @@ pub fn run(t: Tool) -> Result<()> {
             let mut buf = Vec::new();
             let _ = std::io::stdin().read_to_end(&mut buf);
         }
+        Tool::Send { addr, mib } => {
+            let mut s = TcpStream::connect(addr)?;
+            let buf = vec![0u8; CHUNK];
+            let start = Instant::now();
+            for _ in 0..mib * (1 << 20) / CHUNK {
+                s.write_all(&buf)?;
+            }
+            s.shutdown(std::net::Shutdown::Write)?;
+            // The far end closes once it has read everything.
+            let mut rest = Vec::new();
+            s.read_to_end(&mut rest)?;
+            println!("{:.1}", mib as f64 / start.elapsed().as_secs_f64());
+        }
+        Tool::Receive { addr, mib } => {
+            let mut s = TcpStream::connect(addr)?;
+            let mut buf = vec![0u8; CHUNK];
+            let start = Instant::now();
+            let mut left = mib * (1 << 20);
+            while left > 0 {
+                let n = s.read(&mut buf[..left.min(CHUNK)])?;
+                if n == 0 {
+                    anyhow::bail!("{addr} closed with {left} bytes still to come");
+                }
+                left -= n;
+            }
+            println!("{:.1}", mib as f64 / start.elapsed().as_secs_f64());
+        }
     }
     Ok(())
 }
+
+/// The send and receive helpers' buffer.
+const CHUNK: usize = 1 << 20;
 
 /// User and system CPU time of this process so far (all its threads), in seconds.
 fn cpu_seconds() -> f64 {
