@@ -8,7 +8,9 @@
 //!   developer's header (on to the nginx pod) and with it (on to the laptop);
 //! - `cluster-service-router`: the Service as it is, with the router DaemonSet
 //!   (deploy/router.yaml) loaded on every node and steering nothing of it: its cost on traffic
-//!   it does not steer, against `cluster-service` from both sides of it in the same repeat;
+//!   it does not steer, against `cluster-service` from both sides of it in the same repeat
+//!   (both also timed with the client and nginx pinned to one core: [`pinned`], which the
+//!   router's goals read);
 //! - `exchange-ebpf`: while `ktctl exchange --mode ebpf` has the routers steer the Service to
 //!   the laptop, against `exchange` (selector mode).
 //!
@@ -30,6 +32,7 @@ use kt_testbed::{Machine, Testbed, machine};
 
 use super::bpfstats::{StatsOn, percent};
 use super::load::{Origin, Sizes, Values, measure_path, push, wrk_percentile, wrk_requests};
+use super::pinned;
 use super::process::{Bg, bg, laptop, with_output};
 use super::settle::settle;
 use super::xdp::XdpPass;
@@ -68,6 +71,7 @@ impl Inbound {
             );
         }
         client_pod(b)?;
+        pinned::install_tool(&b.tb, CLIENT, &b.xtask)?;
         Ok(Inbound {
             client: Origin::Pod(CLIENT.to_string()),
             base: format!("http://{}", b.service_ip),
@@ -91,12 +95,14 @@ impl Inbound {
         // After a session the Service may still go to the shadow or router for a moment.
         self.wait_served_by(b, None, "pod")?;
         self.service(b, raw, "cluster-service")?;
+        self.pinned(b, raw, "cluster-service");
         {
             let _router = RouterDaemonSet::install(&b.tb)?;
             eprintln!("bench: {repeat}: cluster -> Service, the router loaded on every node");
             settle(&b.tb, "the router loaded")?;
             self.wait_served_by(b, None, "pod")?;
             self.service(b, raw, "cluster-service-router")?;
+            self.pinned(b, raw, "cluster-service-router");
             if let Err(e) = router_cost(
                 &b.tb,
                 &self.client,
@@ -121,6 +127,7 @@ impl Inbound {
         settle(&b.tb, "the router removed")?;
         self.wait_served_by(b, None, "pod")?;
         self.service(b, raw, "cluster-service")?;
+        self.pinned(b, raw, "cluster-service");
         {
             let xdp = XdpPass::attach_node(&b.node)
                 .with_context(|| format!("attaching XDP_PASS to the veths of {}", b.node))?;
@@ -155,6 +162,17 @@ impl Inbound {
             &b.sizes,
             raw.entry(key.into()).or_default(),
         )
+    }
+
+    /// The Service's pinned figures ([`pinned`]) for `key`; a failure is logged and leaves the
+    /// router's goals unmeasured (the report says so), not the rest of the run.
+    fn pinned(&self, b: &Bench, raw: &mut BTreeMap<String, Values>, key: &str) {
+        let values = raw.entry(key.into()).or_default();
+        if let Err(e) =
+            pinned::measure(&b.tb, &self.client, &b.service_ip, &b.pod, &b.sizes, values)
+        {
+            eprintln!("bench: {key}: no pinned figures: {e:#}");
+        }
     }
 
     /// What each inbound path was, for the report.

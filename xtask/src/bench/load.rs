@@ -58,6 +58,8 @@ pub(super) struct Sizes {
     pub(super) bulk_mib: u32,
     pub(super) idle_conns: usize,
     pub(super) conn_rate_n: usize,
+    /// Runs of each workload in a phase of the pinned measurement (`pinned`).
+    pub(super) pinned_runs: usize,
 }
 
 /// Where a path's load runs: the laptop, or a client pod in the cluster (through `kubectl

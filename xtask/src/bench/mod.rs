@@ -19,6 +19,7 @@ mod forward;
 mod inbound;
 mod ktconnect;
 mod load;
+mod pinned;
 mod process;
 mod profile;
 mod report;
@@ -616,6 +617,7 @@ pub fn run(args: Args) -> Result<()> {
             bulk_mib: 32,
             idle_conns: 1000,
             conn_rate_n: 4000,
+            pinned_runs: 2,
         }
     } else {
         Sizes {
@@ -623,6 +625,7 @@ pub fn run(args: Args) -> Result<()> {
             bulk_mib: 256,
             idle_conns: 1000,
             conn_rate_n: 20000,
+            pinned_runs: 5,
         }
     };
     let repeats = if args.quick { 1 } else { args.repeats.max(1) };

@@ -2,9 +2,9 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 /// Helpers run inside the laptop by the benchmark (hidden from `--help`).
 #[derive(clap::Subcommand, Debug)]
@@ -25,6 +25,14 @@ pub enum Tool {
     Send { addr: SocketAddr, mib: usize },
     /// Read MIB MiB from ADDR, then close; print MiB/s
     Receive { addr: SocketAddr, mib: usize },
+    /// GET PATH from the HTTP server at ADDR, one request at a time on one keep-alive
+    /// connection, for SECS seconds; print the p50 in µs (nanosecond clock: wrk's percentiles
+    /// have 1 µs steps) and the number of requests
+    Latency {
+        addr: SocketAddr,
+        path: String,
+        secs: f64,
+    },
 }
 
 pub fn run(t: Tool) -> Result<()> {
@@ -128,9 +136,65 @@ pub fn run(t: Tool) -> Result<()> {
             }
             println!("{:.1}", mib as f64 / start.elapsed().as_secs_f64());
         }
+        Tool::Latency { addr, path, secs } => {
+            let mut times = latencies(addr, &path, Duration::from_secs_f64(secs))?;
+            anyhow::ensure!(!times.is_empty(), "no request completed");
+            times.sort_unstable();
+            let p50 = times[times.len() / 2];
+            println!("{:.3} {}", p50.as_nanos() as f64 / 1e3, times.len());
+        }
     }
     Ok(())
 }
+
+/// The time of each request for `path` on one keep-alive connection to `addr` during `run`.
+fn latencies(addr: SocketAddr, path: &str, run: Duration) -> Result<Vec<Duration>> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_nodelay(true)?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    let mut buf = vec![0u8; LATENCY_BUF];
+    let mut times = Vec::with_capacity(1 << 16);
+    let start = Instant::now();
+    while start.elapsed() < run {
+        let sent = Instant::now();
+        s.write_all(request.as_bytes())?;
+        let mut have = 0;
+        let body = loop {
+            if have == buf.len() {
+                anyhow::bail!("a response head longer than {} bytes", buf.len());
+            }
+            let n = s.read(&mut buf[have..])?;
+            if n == 0 {
+                anyhow::bail!("{addr} closed the connection");
+            }
+            have += n;
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut r = httparse::Response::new(&mut headers);
+            if let httparse::Status::Complete(head) = r.parse(&buf[..have])? {
+                anyhow::ensure!(r.code == Some(200), "{path}: status {:?}", r.code);
+                let len: usize = r
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+                    .context("a response without Content-Length")?;
+                break head + len;
+            }
+        };
+        while have < body {
+            let n = s.read(&mut buf[..(body - have).min(LATENCY_BUF)])?;
+            if n == 0 {
+                anyhow::bail!("{addr} closed the connection mid-body");
+            }
+            have += n;
+        }
+        times.push(sent.elapsed());
+    }
+    Ok(times)
+}
+
+/// The latency helper's buffer: a response head must fit; a body is read in pieces of this.
+const LATENCY_BUF: usize = 64 << 10;
 
 /// The send and receive helpers' buffer.
 const CHUNK: usize = 1 << 20;
@@ -143,4 +207,65 @@ fn cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     secs(u.ru_utime) + secs(u.ru_stime)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A server on loopback that answers each request on its one connection with `response`,
+    /// `times` times, and closes when the next one has come (read: a clean close, no reset).
+    fn server(response: &'static [u8], times: usize) -> SocketAddr {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut c, _) = l.accept().unwrap();
+            let mut buf = [0u8; 4096];
+            for answered in 0.. {
+                let mut have = 0;
+                while !buf[..have].windows(4).any(|w| w == b"\r\n\r\n") {
+                    let n = c.read(&mut buf[have..]).unwrap();
+                    if n == 0 {
+                        return;
+                    }
+                    have += n;
+                }
+                if answered == times {
+                    return;
+                }
+                // In two writes: the body is read past the first piece.
+                let (head, body) = response.split_at(response.len() - 3);
+                c.write_all(head).unwrap();
+                c.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(1));
+                c.write_all(body).unwrap();
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn each_request_is_timed_until_its_whole_body_is_in() {
+        let addr = server(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 1000);
+        let times = latencies(addr, "/1k", Duration::from_millis(50)).unwrap();
+        assert!(!times.is_empty());
+        // Every response's last bytes come 1 ms after its head.
+        assert!(
+            times.iter().all(|t| *t >= Duration::from_millis(1)),
+            "{times:?}"
+        );
+    }
+
+    #[test]
+    fn a_response_it_cannot_time_is_an_error() {
+        let no_length = server(b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\n\r\nhello", 1);
+        let e = latencies(no_length, "/", Duration::from_secs(1)).unwrap_err();
+        assert!(format!("{e:#}").contains("without Content-Length"), "{e:#}");
+        let not_found = server(b"HTTP/1.1 404 Not Found\r\nContent-Length: 3\r\n\r\nno!", 1);
+        let e = latencies(not_found, "/x", Duration::from_secs(1)).unwrap_err();
+        assert!(format!("{e:#}").contains("status Some(404)"), "{e:#}");
+        let closes = server(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello", 1);
+        let e = latencies(closes, "/", Duration::from_secs(1)).unwrap_err();
+        assert!(format!("{e:#}").contains("closed the connection"), "{e:#}");
+    }
 }
