@@ -21,7 +21,7 @@ use super::load::{Origin, Sizes, Values, push};
 use super::process::laptop;
 
 /// The pinned small-request p50 (`pinned_keepalive_p50_us`) and one-stream bulk throughput
-/// (`pinned_bulk_1_stream_mib_s`) from `client` to `base`, the workers of the nginx in
+/// (`pinned_bulk_1_stream_mib_s`) from `client` to the Service at `service_ip`, the workers of the nginx in
 /// `nginx_pod` on the same core as the client's requests (the client pod holds this program as
 /// [`TOOL`], put there by [`install_tool`]).
 pub(super) fn measure(
