@@ -9,7 +9,11 @@
 //! on that core's clock, so what the router adds shows in full. The small requests' p50 is
 //! timed by `bench-tool latency` on a nanosecond clock (wrk's percentiles have 1 µs steps,
 //! about 2% of this p50: the first runs of this measurement with wrk gave nothing but whole
-//! µs). Each phase takes several short runs of each workload and keeps their trimmed mean.
+//! µs). Each phase takes several short runs of each workload and keeps their trimmed mean. The
+//! bulk figure is timed the same way, by `bench-tool throughput` (the file downloaded again
+//! and again on one connection for as long as a p50 run), not by single downloads of the
+//! file: one of those takes a fifth of a second at these rates, and five of them ranged over
+//! ±12% in one phase where the time-bounded runs kept within about ±3%.
 
 use std::fs;
 use std::path::Path;
@@ -34,41 +38,31 @@ pub(super) fn measure(
 ) -> Result<()> {
     let cpu = core();
     let _pinned = Pinned::nginx(tb, nginx_pod, cpu)?;
-    let runs = s.pinned_runs;
     let secs = (s.secs / 4).max(1);
-    let mut p50 = Vec::with_capacity(runs);
-    let mut bulk = Vec::with_capacity(runs);
-    for _ in 0..runs {
-        let out = client.sh(
-            tb,
-            &format!("taskset -c {cpu} {TOOL} bench-tool latency {service_ip}:80 /1k {secs}"),
-        )?;
-        let us = out
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-            .with_context(|| format!("no p50 in bench-tool's output: {out:?}"))?;
-        p50.push(us);
-    }
-    for _ in 0..runs {
-        let out = client.sh(
-            tb,
-            &format!(
-                "taskset -c {cpu} curl -sS -o /dev/null -m 300 -w '%{{speed_download}}' http://{service_ip}/bulk"
-            ),
-        )?;
-        let bytes: f64 = out
-            .trim()
-            .parse()
-            .with_context(|| format!("curl's speed_download: {out:?}"))?;
-        bulk.push(bytes / 1048576.0);
-    }
+    let runs = |what: &str, path: &str| -> Result<Vec<f64>> {
+        (0..s.pinned_runs)
+            .map(|_| {
+                let out = client.sh(
+                    tb,
+                    &format!(
+                        "taskset -c {cpu} {TOOL} bench-tool {what} {service_ip}:80 {path} {secs}"
+                    ),
+                )?;
+                out.split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .with_context(|| format!("no figure in bench-tool {what}'s output: {out:?}"))
+            })
+            .collect()
+    };
+    let p50 = runs("latency", "/1k")?;
+    let bulk = runs("throughput", "/bulk")?;
     push(values, "pinned_keepalive_p50_us", trimmed_mean(p50));
     push(values, "pinned_bulk_1_stream_mib_s", trimmed_mean(bulk));
     Ok(())
 }
 
-/// Where the client pod holds this program, for `bench-tool latency`.
+/// Where the client pod holds this program, for `bench-tool latency` and `throughput`.
 const TOOL: &str = "/tmp/kt-bench-tool";
 
 /// Copies this program into the client `pod` as [`TOOL`]. (A pod's root is an overlay on this

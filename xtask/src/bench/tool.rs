@@ -33,6 +33,15 @@ pub enum Tool {
         path: String,
         secs: f64,
     },
+    /// GET PATH from the HTTP server at ADDR again and again on one keep-alive connection for
+    /// SECS seconds (the response under way then is finished); print the bodies' MiB/s and
+    /// bytes. A time-bounded run, unlike one download of a fixed size: its figure does not
+    /// depend on what else the machine did during a fraction of a second
+    Throughput {
+        addr: SocketAddr,
+        path: String,
+        secs: f64,
+    },
 }
 
 pub fn run(t: Tool) -> Result<()> {
@@ -143,23 +152,53 @@ pub fn run(t: Tool) -> Result<()> {
             let p50 = times[times.len() / 2];
             println!("{:.3} {}", p50.as_nanos() as f64 / 1e3, times.len());
         }
+        Tool::Throughput { addr, path, secs } => {
+            let (bytes, took) = throughput(addr, &path, Duration::from_secs_f64(secs))?;
+            anyhow::ensure!(bytes > 0, "no body byte came");
+            println!(
+                "{:.1} {bytes}",
+                bytes as f64 / (1 << 20) as f64 / took.as_secs_f64()
+            );
+        }
     }
     Ok(())
 }
 
 /// The time of each request for `path` on one keep-alive connection to `addr` during `run`.
 fn latencies(addr: SocketAddr, path: &str, run: Duration) -> Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(1 << 16);
+    requests(addr, path, run, |took, _| times.push(took))?;
+    Ok(times)
+}
+
+/// The body bytes received for `path`, requested again and again on one keep-alive connection
+/// to `addr` during `run`, and the time they took (from the first request to the last byte).
+fn throughput(addr: SocketAddr, path: &str, run: Duration) -> Result<(u64, Duration)> {
+    let mut bytes = 0;
+    let start = Instant::now();
+    requests(addr, path, run, |_, body| bytes += body as u64)?;
+    Ok((bytes, start.elapsed()))
+}
+
+/// GETs `path` one request at a time on one keep-alive connection to `addr` until `run` has
+/// passed, and gives `done` each response's time (from sending the request to its body's last
+/// byte) and body length.
+fn requests(
+    addr: SocketAddr,
+    path: &str,
+    run: Duration,
+    mut done: impl FnMut(Duration, usize),
+) -> Result<()> {
     let mut s = TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n");
-    let mut buf = vec![0u8; LATENCY_BUF];
-    let mut times = Vec::with_capacity(1 << 16);
+    let mut buf = vec![0u8; BUF];
     let start = Instant::now();
     while start.elapsed() < run {
         let sent = Instant::now();
         s.write_all(request.as_bytes())?;
         let mut have = 0;
-        let body = loop {
+        let (head, len) = loop {
             if have == buf.len() {
                 anyhow::bail!("a response head longer than {} bytes", buf.len());
             }
@@ -178,23 +217,24 @@ fn latencies(addr: SocketAddr, path: &str, run: Duration) -> Result<Vec<Duration
                     .find(|h| h.name.eq_ignore_ascii_case("content-length"))
                     .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
                     .context("a response without Content-Length")?;
-                break head + len;
+                break (head, len);
             }
         };
-        while have < body {
-            let n = s.read(&mut buf[..(body - have).min(LATENCY_BUF)])?;
+        let end = head + len;
+        while have < end {
+            let n = s.read(&mut buf[..(end - have).min(BUF)])?;
             if n == 0 {
                 anyhow::bail!("{addr} closed the connection mid-body");
             }
             have += n;
         }
-        times.push(sent.elapsed());
+        done(sent.elapsed(), len);
     }
-    Ok(times)
+    Ok(())
 }
 
-/// The latency helper's buffer: a response head must fit; a body is read in pieces of this.
-const LATENCY_BUF: usize = 64 << 10;
+/// The request helpers' buffer: a response head must fit; a body is read in pieces of this.
+const BUF: usize = 256 << 10;
 
 /// The send and receive helpers' buffer.
 const CHUNK: usize = 1 << 20;
@@ -254,6 +294,20 @@ mod tests {
             times.iter().all(|t| *t >= Duration::from_millis(1)),
             "{times:?}"
         );
+    }
+
+    #[test]
+    fn throughput_counts_the_bodies_and_nothing_else() {
+        let addr = server(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+            usize::MAX,
+        );
+        let (bytes, took) = throughput(addr, "/bulk", Duration::from_millis(50)).unwrap();
+        assert!(took >= Duration::from_millis(50), "{took:?}");
+        // Whole bodies of 5 bytes, at most one a millisecond (the server pauses in each).
+        assert!(bytes > 0 && bytes % 5 == 0, "{bytes}");
+        let most = 5 * (took.as_millis() as u64 + 1);
+        assert!(bytes <= most, "{bytes} bytes in {took:?}: more than bodies");
     }
 
     #[test]
