@@ -43,6 +43,11 @@ const CLIENT: &str = "bench-client";
 /// The laptop's nginx listens on 127.0.0.1 here; exchange and mesh expose it as the Service's
 /// port 80.
 const LOCAL_PORT: u16 = 18070;
+/// Another Service (its own nginx), steered by a session while the router's cost on
+/// [`SERVICE`] is measured once more ([`Inbound::steering_another`]).
+const OTHER: &str = "bench-other";
+/// The Service without the router, the path every other is compared with.
+const BASE: &str = "cluster-service";
 /// `--versionMark` of the mesh, and the header that selects its route.
 const MARK: &str = "VERSION:bench";
 const HEADER: &str = "VERSION: bench";
@@ -52,6 +57,8 @@ pub(super) struct Inbound {
     client: Origin,
     /// Base URL of the Service, by its ClusterIP.
     base: String,
+    /// Base URL of [`OTHER`], by its ClusterIP.
+    other_base: String,
     _local: LocalNginx,
     /// The Service's selector before the run: what exchange and mesh must put back.
     selector: String,
@@ -72,9 +79,11 @@ impl Inbound {
         }
         client_pod(b)?;
         pinned::install_tool(&b.tb, CLIENT, &b.xtask)?;
+        super::nginx_service(&b.tb, OTHER, OTHER)?;
         Ok(Inbound {
             client: Origin::Pod(CLIENT.to_string()),
             base: format!("http://{}", b.service_ip),
+            other_base: format!("http://{}", super::cluster_ip(&b.tb, OTHER)?),
             _local: LocalNginx::start(&b.tb, b.sizes.bulk_mib)?,
             selector,
             router_nodes: BTreeSet::new(),
@@ -95,14 +104,12 @@ impl Inbound {
         // After a session the Service may still go to the shadow or router for a moment.
         self.wait_served_by(b, None, "pod")?;
         self.service(b, raw, "cluster-service")?;
-        self.pinned(b, raw, "cluster-service");
         {
             let _router = RouterDaemonSet::install(&b.tb)?;
             eprintln!("bench: {repeat}: cluster -> Service, the router loaded on every node");
             settle(&b.tb, "the router loaded")?;
             self.wait_served_by(b, None, "pod")?;
             self.service(b, raw, "cluster-service-router")?;
-            self.pinned(b, raw, "cluster-service-router");
             if let Err(e) = router_cost(
                 &b.tb,
                 &self.client,
@@ -127,7 +134,9 @@ impl Inbound {
         settle(&b.tb, "the router removed")?;
         self.wait_served_by(b, None, "pod")?;
         self.service(b, raw, "cluster-service")?;
-        self.pinned(b, raw, "cluster-service");
+        if let Err(e) = self.router_alternation(b, ktctl, raw, repeat) {
+            eprintln!("bench: {repeat}: the router's pinned comparison ended early: {e:#}");
+        }
         {
             let xdp = XdpPass::attach_node(&b.node)
                 .with_context(|| format!("attaching XDP_PASS to the veths of {}", b.node))?;
@@ -164,15 +173,119 @@ impl Inbound {
         )
     }
 
-    /// The Service's pinned figures ([`pinned`]) for `key`; a failure is logged and leaves the
-    /// router's goals unmeasured (the report says so), not the rest of the run.
-    fn pinned(&self, b: &Bench, raw: &mut BTreeMap<String, Values>, key: &str) {
-        let values = raw.entry(key.into()).or_default();
-        if let Err(e) =
-            pinned::measure(&b.tb, &self.client, &b.service_ip, &b.pod, &b.sizes, values)
-        {
-            eprintln!("bench: {key}: no pinned figures: {e:#}");
+    /// The router's cost on the Service's traffic it does not steer, from pinned readings
+    /// ([`pinned`]) taken alternately without the router and with it: `router_cycles` times with
+    /// the router idle, then once while it steers another Service ([`OTHER`]). Each reading with
+    /// the router is set against the mean of the two without it just before and after
+    /// (`pinned_*_vs_without`; the goals take the median of these): a pinned figure still
+    /// drifts by several per cent over a minute on a shared machine, in stretches of tens of
+    /// seconds, so only readings this close together can be compared at 2%.
+    fn router_alternation(
+        &self,
+        b: &Bench,
+        ktctl: &Path,
+        raw: &mut BTreeMap<String, Values>,
+        repeat: &str,
+    ) -> Result<()> {
+        let mut readings = Vec::new();
+        let result = self.alternate(b, ktctl, raw, repeat, &mut readings);
+        for (key, ratio) in pinned::against_without(&readings, BASE) {
+            let values = raw.entry(key.into()).or_default();
+            push(values, "pinned_keepalive_p50_vs_without", Some(ratio.p50));
+            push(values, "pinned_bulk_1_stream_vs_without", Some(ratio.bulk));
         }
+        result
+    }
+
+    /// The readings of [`Inbound::router_alternation`], in order, into `readings`.
+    fn alternate(
+        &self,
+        b: &Bench,
+        ktctl: &Path,
+        raw: &mut BTreeMap<String, Values>,
+        repeat: &str,
+        readings: &mut Vec<(&'static str, pinned::Sample)>,
+    ) -> Result<()> {
+        readings.push((BASE, self.pinned(b, raw, BASE)?));
+        for cycle in 0..=b.sizes.router_cycles {
+            let active = cycle == b.sizes.router_cycles;
+            let key = if active {
+                "cluster-service-router-active"
+            } else {
+                "cluster-service-router"
+            };
+            eprintln!(
+                "bench: {repeat}: pinned, the router {} ({}/{})",
+                if active {
+                    format!("steering {OTHER}")
+                } else {
+                    "idle".to_string()
+                },
+                cycle + 1,
+                b.sizes.router_cycles + 1
+            );
+            let with = {
+                let _router = RouterDaemonSet::install(&b.tb)?;
+                if active {
+                    self.steering_another(b, ktctl, raw)?
+                } else {
+                    self.wait_served_by(b, None, "pod")?;
+                    self.pinned(b, raw, key)?
+                }
+            };
+            readings.push((key, with));
+            self.wait_served_by(b, None, "pod")?;
+            readings.push((BASE, self.pinned(b, raw, BASE)?));
+        }
+        Ok(())
+    }
+
+    /// A pinned reading of the Service ([`pinned`]) once the machine is quiet, recorded as the
+    /// path `key`'s.
+    fn pinned(
+        &self,
+        b: &Bench,
+        raw: &mut BTreeMap<String, Values>,
+        key: &str,
+    ) -> Result<pinned::Sample> {
+        settle(&b.tb, &format!("{key}, pinned"))?;
+        let sample = pinned::measure(&b.tb, &self.client, &b.service_ip, &b.pod, &b.sizes)
+            .with_context(|| format!("{key}: pinned figures"))?;
+        sample.push(raw.entry(key.into()).or_default());
+        Ok(sample)
+    }
+
+    /// A pinned reading of the Service ([`Inbound::pinned`]) while the routers steer another
+    /// Service ([`OTHER`], by `exchange --mode ebpf`): their tc programs then parse each packet
+    /// on the node and look its flow up, where on a node that steers nothing they leave it
+    /// after one flag read.
+    fn steering_another(
+        &self,
+        b: &Bench,
+        ktctl: &Path,
+        raw: &mut BTreeMap<String, Values>,
+    ) -> Result<pinned::Sample> {
+        let expose = format!("{LOCAL_PORT}:80");
+        let node = b.node_selector();
+        let args = [
+            "exchange",
+            OTHER,
+            "--expose",
+            &expose,
+            "--mode",
+            "ebpf",
+            "--nodeSelector",
+            &node,
+        ];
+        let ready = format!("Now all request to service '{OTHER}' will be redirected to local");
+        let (k, _) = bg(&b.tb, ktctl, &args, &ready, Duration::from_secs(120))?;
+        let sample = with_output(&k, || {
+            self.wait_reached(b, &self.other_base, OTHER, None, "laptop")?;
+            self.wait_served_by(b, None, "pod")?;
+            self.pinned(b, raw, "cluster-service-router-active")
+        })?;
+        self.stop(b, k, &format!("exchange {OTHER} --mode ebpf"))?;
+        Ok(sample)
     }
 
     /// What each inbound path was, for the report.
@@ -188,7 +301,7 @@ impl Inbound {
             (
                 "cluster-service".into(),
                 format!(
-                    "from pod {CLIENT} (busybox:1, with this machine's wrk and curl) on the nginx pod's node, to service {SERVICE} by its ClusterIP; measured twice a repeat, before the router DaemonSet is installed and after it is removed"
+                    "from pod {CLIENT} (busybox:1, with this machine's wrk and curl) on the nginx pod's node, to service {SERVICE} by its ClusterIP; measured twice a repeat, before the router DaemonSet is installed and after it is removed, and its pinned figures (client and nginx's workers on one core) before and after each pinned reading with the router"
                 ),
             ),
             (
@@ -217,7 +330,13 @@ impl Inbound {
             ),
             (
                 "cluster-service-router".into(),
-                "as cluster-service, with the router DaemonSet (deploy/router.yaml) loaded on every node and steering nothing of this Service".into(),
+                "as cluster-service, with the router DaemonSet (deploy/router.yaml) loaded on every node and steering nothing of this Service; its pinned figures from readings that alternate with the Service's without the router (installed before each, removed after it)".into(),
+            ),
+            (
+                "cluster-service-router-active".into(),
+                format!(
+                    "as cluster-service-router, while `ktctl exchange {OTHER} {expose} --mode ebpf` has the routers steer another Service (its own nginx pod), so that their tc programs parse every packet and look up its flow (pinned figures only)"
+                ),
             ),
             (
                 "exchange-ebpf".into(),
@@ -384,9 +503,22 @@ impl Inbound {
     /// Waits until the client pod's requests (with `header`) to the Service reach the server
     /// whose `where` page says `want`: until then they may still go to the old endpoints.
     fn wait_served_by(&self, b: &Bench, header: Option<&str>, want: &str) -> Result<()> {
+        self.wait_reached(b, &self.base, SERVICE, header, want)
+    }
+
+    /// Waits until the client's requests to `service` at `base` reach `want` (its `/where`
+    /// says so).
+    fn wait_reached(
+        &self,
+        b: &Bench,
+        base: &str,
+        service: &str,
+        header: Option<&str>,
+        want: &str,
+    ) -> Result<()> {
         let start = Instant::now();
         let h = header.map(|h| format!(" -H '{h}'")).unwrap_or_default();
-        let line = format!("curl -sS -m 2{h} {}/where", self.base);
+        let line = format!("curl -sS -m 2{h} {base}/where");
         loop {
             if let Ok(page) = self.client.sh(&b.tb, &line)
                 && page.trim() == want
@@ -395,7 +527,7 @@ impl Inbound {
             }
             if start.elapsed() > Duration::from_secs(60) {
                 bail!(
-                    "requests from pod {CLIENT} to service {SERVICE} did not reach the {want} within 60 s"
+                    "requests from pod {CLIENT} to service {service} did not reach the {want} within 60 s"
                 );
             }
             std::thread::sleep(Duration::from_millis(200));

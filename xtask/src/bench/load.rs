@@ -58,8 +58,11 @@ pub(super) struct Sizes {
     pub(super) bulk_mib: u32,
     pub(super) idle_conns: usize,
     pub(super) conn_rate_n: usize,
-    /// Runs of each workload in a phase of the pinned measurement (`pinned`).
+    /// Runs of each workload in a reading of the pinned measurement (`pinned`).
     pub(super) pinned_runs: usize,
+    /// Readings with the router idle in each repeat's pinned comparison, each between two
+    /// without it (`Inbound::router_alternation`).
+    pub(super) router_cycles: usize,
 }
 
 /// Where a path's load runs: the laptop, or a client pod in the cluster (through `kubectl

@@ -98,51 +98,7 @@ const SERVICE: &str = "bench-nginx";
 /// Creates the benchmark's nginx with a 1 KiB page, a bulk file and a page `where` that says
 /// "pod" (the laptop's says "laptop"), and a Service in front of it.
 fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<Nginx> {
-    let exists = |what: &str| -> Result<bool> {
-        Ok(
-            machine::output(&tb.layout, Machine::Laptop, &["kubectl", "get", what])?
-                .status
-                .success(),
-        )
-    };
-    if !exists("deploy/bench-nginx")? {
-        laptop(
-            tb,
-            &[
-                "kubectl",
-                "create",
-                "deployment",
-                "bench-nginx",
-                "--image=nginx:alpine",
-                "--port=80",
-            ],
-        )?;
-    }
-    if !exists(&format!("service/{SERVICE}"))? {
-        laptop(
-            tb,
-            &[
-                "kubectl",
-                "expose",
-                "deployment",
-                "bench-nginx",
-                "--name",
-                SERVICE,
-                "--port=80",
-                "--target-port=80",
-            ],
-        )?;
-    }
-    laptop(
-        tb,
-        &[
-            "kubectl",
-            "rollout",
-            "status",
-            "deploy/bench-nginx",
-            "--timeout=90s",
-        ],
-    )?;
+    nginx_service(tb, "bench-nginx", SERVICE)?;
     let found = first_pod(
         tb,
         "app=bench-nginx",
@@ -167,28 +123,85 @@ fn fixtures(tb: &Testbed, bulk_mib: u32) -> Result<Nginx> {
             ),
         ],
     )?;
-    let service_ip = laptop(
-        tb,
-        &[
-            "kubectl",
-            "get",
-            "service",
-            SERVICE,
-            "-o",
-            "jsonpath={.spec.clusterIP}",
-        ],
-    )?
-    .trim()
-    .to_string();
-    if service_ip.is_empty() || service_ip == "None" {
-        bail!("service {SERVICE} has no ClusterIP");
-    }
+    let service_ip = cluster_ip(tb, SERVICE)?;
     Ok(Nginx {
         pod,
         ip,
         node,
         service_ip,
     })
+}
+
+/// An nginx Deployment `deployment` (one pod) with the Service `service` in front of it, created
+/// unless there, and ready.
+fn nginx_service(tb: &Testbed, deployment: &str, service: &str) -> Result<()> {
+    let exists = |what: &str| -> Result<bool> {
+        Ok(
+            machine::output(&tb.layout, Machine::Laptop, &["kubectl", "get", what])?
+                .status
+                .success(),
+        )
+    };
+    if !exists(&format!("deploy/{deployment}"))? {
+        laptop(
+            tb,
+            &[
+                "kubectl",
+                "create",
+                "deployment",
+                deployment,
+                "--image=nginx:alpine",
+                "--port=80",
+            ],
+        )?;
+    }
+    if !exists(&format!("service/{service}"))? {
+        laptop(
+            tb,
+            &[
+                "kubectl",
+                "expose",
+                "deployment",
+                deployment,
+                "--name",
+                service,
+                "--port=80",
+                "--target-port=80",
+            ],
+        )?;
+    }
+    laptop(
+        tb,
+        &[
+            "kubectl",
+            "rollout",
+            "status",
+            &format!("deploy/{deployment}"),
+            "--timeout=90s",
+        ],
+    )?;
+    Ok(())
+}
+
+/// The ClusterIP of `service`.
+fn cluster_ip(tb: &Testbed, service: &str) -> Result<String> {
+    let ip = laptop(
+        tb,
+        &[
+            "kubectl",
+            "get",
+            "service",
+            service,
+            "-o",
+            "jsonpath={.spec.clusterIP}",
+        ],
+    )?
+    .trim()
+    .to_string();
+    if ip.is_empty() || ip == "None" {
+        bail!("service {service} has no ClusterIP");
+    }
+    Ok(ip)
 }
 
 /// A field of /proc/PID/status in MiB (VmRSS: now, VmHWM: the peak).
@@ -618,6 +631,7 @@ pub fn run(args: Args) -> Result<()> {
             idle_conns: 1000,
             conn_rate_n: 4000,
             pinned_runs: 2,
+            router_cycles: 1,
         }
     } else {
         Sizes {
@@ -625,7 +639,8 @@ pub fn run(args: Args) -> Result<()> {
             bulk_mib: 256,
             idle_conns: 1000,
             conn_rate_n: 20000,
-            pinned_runs: 5,
+            pinned_runs: 3,
+            router_cycles: 3,
         }
     };
     let repeats = if args.quick { 1 } else { args.repeats.max(1) };

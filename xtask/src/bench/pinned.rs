@@ -24,23 +24,71 @@ use kt_testbed::Testbed;
 use super::load::{Origin, Sizes, Values, push};
 use super::process::laptop;
 
-/// The pinned small-request p50 (`pinned_keepalive_p50_us`) and one-stream bulk throughput
-/// (`pinned_bulk_1_stream_mib_s`) from `client` to the Service at `service_ip`, the workers of the nginx in
-/// `nginx_pod` on the same core as the client's requests (the client pod holds this program as
-/// [`TOOL`], put there by [`install_tool`]).
+/// One pinned reading of the Service: the trimmed means of its runs.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Sample {
+    /// Small-request p50, µs (`pinned_keepalive_p50_us`).
+    pub(super) p50_us: f64,
+    /// One-stream bulk throughput, MiB/s (`pinned_bulk_1_stream_mib_s`).
+    pub(super) bulk_mib_s: f64,
+}
+
+impl Sample {
+    /// Records this reading as `path`'s.
+    pub(super) fn push(&self, values: &mut Values) {
+        push(values, "pinned_keepalive_p50_us", Some(self.p50_us));
+        push(values, "pinned_bulk_1_stream_mib_s", Some(self.bulk_mib_s));
+    }
+}
+
+/// A reading over the mean of the two around it, figure by figure.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(super) struct Ratio {
+    pub(super) p50: f64,
+    pub(super) bulk: f64,
+}
+
+/// Each reading of `readings` (path, reading, in the order taken) that is not `base`'s, set
+/// against the mean of the `base` readings just before and after it. A reading without a
+/// `base` one on both sides has no ratio.
+pub(super) fn against_without<'a>(
+    readings: &[(&'a str, Sample)],
+    base: &str,
+) -> Vec<(&'a str, Ratio)> {
+    readings
+        .windows(3)
+        .filter_map(|w| match w {
+            [(b0, before), (path, with), (b1, after)]
+                if *b0 == base && *b1 == base && *path != base =>
+            {
+                Some((
+                    *path,
+                    Ratio {
+                        p50: with.p50_us / ((before.p50_us + after.p50_us) / 2.0),
+                        bulk: with.bulk_mib_s / ((before.bulk_mib_s + after.bulk_mib_s) / 2.0),
+                    },
+                ))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// The pinned small-request p50 and one-stream bulk throughput from `client` to the Service at
+/// `service_ip`, the workers of the nginx in `nginx_pod` on the same core as the client's
+/// requests (the client pod holds this program as [`TOOL`], put there by [`install_tool`]).
 pub(super) fn measure(
     tb: &Testbed,
     client: &Origin,
     service_ip: &str,
     nginx_pod: &str,
     s: &Sizes,
-    values: &mut Values,
-) -> Result<()> {
+) -> Result<Sample> {
     let cpu = core();
     let _pinned = Pinned::nginx(tb, nginx_pod, cpu)?;
     let secs = (s.secs / 4).max(1);
-    let runs = |what: &str, path: &str| -> Result<Vec<f64>> {
-        (0..s.pinned_runs)
+    let runs = |what: &str, path: &str| -> Result<f64> {
+        let v = (0..s.pinned_runs)
             .map(|_| {
                 let out = client.sh(
                     tb,
@@ -53,13 +101,13 @@ pub(super) fn measure(
                     .and_then(|v| v.parse::<f64>().ok())
                     .with_context(|| format!("no figure in bench-tool {what}'s output: {out:?}"))
             })
-            .collect()
+            .collect::<Result<Vec<f64>>>()?;
+        trimmed_mean(v).with_context(|| format!("no run of bench-tool {what}"))
     };
-    let p50 = runs("latency", "/1k")?;
-    let bulk = runs("throughput", "/bulk")?;
-    push(values, "pinned_keepalive_p50_us", trimmed_mean(p50));
-    push(values, "pinned_bulk_1_stream_mib_s", trimmed_mean(bulk));
-    Ok(())
+    Ok(Sample {
+        p50_us: runs("latency", "/1k")?,
+        bulk_mib_s: runs("throughput", "/bulk")?,
+    })
 }
 
 /// Where the client pod holds this program, for `bench-tool latency` and `throughput`.
@@ -179,6 +227,40 @@ fn set_affinity(pid: libc::pid_t, set: &libc::cpu_set_t) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_reading_is_set_against_the_two_without_around_it() {
+        let r = |p50_us, bulk_mib_s| Sample { p50_us, bulk_mib_s };
+        let readings = [
+            ("base", r(100.0, 1000.0)),
+            ("idle", r(103.0, 1000.0)),
+            ("base", r(106.0, 1100.0)),
+            ("active", r(104.0, 1050.0)),
+            ("base", r(102.0, 1000.0)),
+            // Cut short: no reading without the router after it.
+            ("idle", r(500.0, 1.0)),
+        ];
+        let ratios = against_without(&readings, "base");
+        assert_eq!(
+            ratios,
+            [
+                (
+                    "idle",
+                    Ratio {
+                        p50: 1.0,
+                        bulk: 1000.0 / 1050.0
+                    }
+                ),
+                (
+                    "active",
+                    Ratio {
+                        p50: 1.0,
+                        bulk: 1.0
+                    }
+                ),
+            ]
+        );
+    }
 
     #[test]
     fn the_trimmed_mean_leaves_out_the_extremes_of_three_or_more() {
