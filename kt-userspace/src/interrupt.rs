@@ -12,6 +12,30 @@ use tokio::sync::watch;
 
 use crate::pidfile::PidFile;
 
+/// The signals that end a command (after its cleanup).
+const ENDING: [libc::c_int; 4] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGQUIT];
+
+/// Unblocks `signals` in this thread (the runtime's, where they are then taken). A signal mask
+/// survives exec: a parent that blocked them (a supervisor that passes signals on, and many
+/// a test harness) would otherwise leave every Ctrl-C pending in ktctl forever, and its session
+/// would never be cleaned up.
+fn unblock(signals: &[libc::c_int]) -> std::io::Result<()> {
+    // SAFETY: a sigset_t we own, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; pthread_sigmask changes this thread's mask only.
+    let rc = unsafe {
+        libc::sigemptyset(&mut set);
+        for &sig in signals {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut())
+    };
+    if rc != 0 {
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    Ok(())
+}
+
 /// The "signal" of a removed pid file.
 pub const PID_FILE_REMOVED: i32 = -1;
 /// How often the pid file is looked at.
@@ -30,6 +54,7 @@ impl Interrupts {
     /// end the process by themselves), and writes `command`'s pid file, whose removal counts
     /// as a signal. A pid file that cannot be written is a warning, not a failure.
     pub fn install(command: &str) -> std::io::Result<Interrupts> {
+        unblock(&ENDING)?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
         let mut hup = signal(SignalKind::hangup())?;
@@ -113,5 +138,47 @@ pub fn describe(sig: i32) -> &'static str {
         libc::SIGQUIT => "Quit",
         PID_FILE_REMOVED => "Stopped (pid file removed)",
         _ => "Signalled",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `sig` is blocked in this thread.
+    fn blocked(sig: libc::c_int) -> bool {
+        // SAFETY: pthread_sigmask only reads this thread's mask into a set we own.
+        unsafe {
+            let mut now: libc::sigset_t = std::mem::zeroed();
+            libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut now);
+            libc::sigismember(&now, sig) == 1
+        }
+    }
+
+    #[test]
+    fn ending_signals_a_parent_left_blocked_are_unblocked_and_no_others() {
+        // On a thread of its own, as a parent's mask would be on ktctl's main thread.
+        std::thread::spawn(|| {
+            // SAFETY: a set we own; pthread_sigmask changes this thread's mask only.
+            unsafe {
+                let mut set: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut set);
+                for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1] {
+                    libc::sigaddset(&mut set, sig);
+                }
+                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            }
+            assert!(blocked(libc::SIGINT));
+            unblock(&ENDING).unwrap();
+            for sig in ENDING {
+                assert!(!blocked(sig), "signal {sig} still blocked");
+            }
+            assert!(
+                blocked(libc::SIGUSR1),
+                "a signal ktctl does not take stays as it was"
+            );
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -764,13 +764,22 @@ fn run_passing_signals(
     // SAFETY: plain C structs for which all zeroes is a valid value, filled by libc.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: sigset calls on a set we own; pthread_sigmask on this thread only. Threads
-    // started from here on inherit the mask; the child does not (std resets it before exec).
+    // started from here on inherit the mask, and so would the child: a signal mask survives
+    // exec, and std leaves it as it is (since Rust 1.86 or so). The child unblocks them again
+    // between fork and exec, or a Ctrl-C or a passed-on signal would stay pending in it forever.
     unsafe {
         libc::sigemptyset(&mut set);
         for sig in ENDING_SIGNALS {
             libc::sigaddset(&mut set, sig);
         }
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        std::os::unix::process::CommandExt::pre_exec(cmd, move || {
+            // sigprocmask(2) is async-signal-safe, and `set` a copy made beforehand.
+            if libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
     let mut child = cmd.spawn()?;
     // A pidfd names this child and no later process with its pid once it is reaped.
@@ -1010,6 +1019,28 @@ pub fn leftovers() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_command_gets_the_ending_signals_unblocked() {
+        let out = std::env::temp_dir().join(format!("kt-testbed-sigblk-{}", std::process::id()));
+        // Not through a shell: dash clears its signal mask when it starts.
+        let mut cmd = std::process::Command::new("grep");
+        cmd.args(["SigBlk", "/proc/self/status"])
+            .stdout(fs::File::create(&out).unwrap());
+        // On a thread of its own: this blocks the ending signals in the calling thread.
+        let status = std::thread::spawn(move || run_passing_signals(&mut cmd))
+            .join()
+            .unwrap()
+            .unwrap();
+        assert!(status.success());
+        let line = fs::read_to_string(&out).unwrap();
+        let _ = fs::remove_file(&out);
+        let mask = u64::from_str_radix(line.trim().trim_start_matches("SigBlk:").trim(), 16)
+            .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+        for sig in ENDING_SIGNALS {
+            assert_eq!(mask & (1 << (sig - 1)), 0, "signal {sig} blocked: {line}");
+        }
+    }
 
     #[test]
     fn signals_from_processes_are_passed_on_and_the_terminals_are_not() {
