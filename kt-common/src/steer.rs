@@ -31,6 +31,16 @@
 //! for a task of a cgroup in `KT_HOST_EXEMPT` (the kubelet: its probes and port-forwards must
 //! reach the pods they name).
 //!
+//! While the programs act, most packets on a node belong to no steered flow, and finding that
+//! out in a flow map costs a hash lookup per packet. `KT_TC_ADDRS` ([`AddrFilter`]) spares
+//! them: a bitmap of the `address:port`s that steering can involve (steered destinations,
+//! their shadows, and the peers of flows still alive after their steering ended), one bit
+//! per [`filter_bit`]. A packet leaving a pod is looked up only if its destination's bit is
+//! set, one entering a pod only if its source's is. Bits may be set for nothing (a shared bit
+//! costs a lookup that finds nothing); a missing bit would break a flow, so the router sets a
+//! destination's and its shadow's bits before it steers them, and clears bits only in its
+//! sweep, which recomputes them from what is steered and what flows live.
+//!
 //! Addresses and ports in keys and values are in network byte order, as they are on the wire;
 //! timestamps are `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
 
@@ -127,6 +137,53 @@ pub struct Flow {
     pub seen_ns: u64,
 }
 
+/// The `address:port`s that steering can involve (`KT_TC_ADDRS`, slot 0): bit
+/// [`filter_bit`]`(addr, port)` of `words`, bit `i` being bit `i % 64` of `words[i / 64]`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AddrFilter {
+    /// The bits, 64 a word.
+    pub words: [u64; FILTER_BITS as usize / 64],
+}
+
+impl Default for AddrFilter {
+    fn default() -> AddrFilter {
+        AddrFilter {
+            words: [0; FILTER_BITS as usize / 64],
+        }
+    }
+}
+
+/// Bits of an [`AddrFilter`]: with a few dozen `address:port`s set, a packet of an unrelated
+/// flow hits a set bit about one time in a hundred.
+pub const FILTER_BITS: u32 = 1 << FILTER_SHIFT;
+const FILTER_SHIFT: u32 = 12;
+
+/// The bit of `addr:port` (both in network order) in an [`AddrFilter`]: a multiplicative
+/// (Fibonacci) hash of both, below [`FILTER_BITS`].
+#[inline(always)]
+pub fn filter_bit(addr: u32, port: u16) -> u32 {
+    let port = u32::from(port);
+    (addr ^ (port << 16 | port)).wrapping_mul(0x9e37_79b1) >> (32 - FILTER_SHIFT)
+}
+
+impl AddrFilter {
+    /// Sets the bit of `addr:port`.
+    pub fn set(&mut self, addr: u32, port: u16) {
+        let i = filter_bit(addr, port);
+        self.words[(i / 64) as usize] |= 1 << (i % 64);
+    }
+
+    /// Whether the bit of `addr:port` is set.
+    #[inline(always)]
+    pub fn has(&self, addr: u32, port: u16) -> bool {
+        let i = filter_bit(addr, port);
+        self.words
+            .get((i / 64) as usize)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
+    }
+}
+
 /// `Flow.state` bits.
 pub mod flow_state {
     /// A FIN or RST went by: the flow is closing and gets the short idle timeout.
@@ -203,6 +260,8 @@ mod pod {
     unsafe impl aya::Pod for super::Timeouts {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockKey {}
+    // SAFETY: as above (an array of integers).
+    unsafe impl aya::Pod for super::AddrFilter {}
 }
 
 #[cfg(test)]
@@ -217,6 +276,34 @@ mod tests {
         assert_eq!(core::mem::size_of::<Flow>(), 16);
         assert_eq!(core::mem::size_of::<Timeouts>(), 24);
         assert_eq!(core::mem::size_of::<SockKey>(), 16);
+        assert_eq!(core::mem::size_of::<AddrFilter>(), FILTER_BITS as usize / 8);
+    }
+
+    #[test]
+    fn the_filter_holds_the_bits_set_and_spreads_neighbouring_addresses() {
+        let addr = |last: u8| u32::from_be_bytes([10, 96, 0, last]).to_be();
+        let port = 80u16.to_be();
+        let mut f = AddrFilter::default();
+        f.set(addr(10), port);
+        assert!(f.has(addr(10), port));
+        assert!(
+            !f.has(addr(11), port),
+            "the next address has a bit of its own"
+        );
+        assert!(!f.has(addr(10), 81u16.to_be()), "and so has the next port");
+        // A Service range's worth of addresses on one port fills most of the bits, not a
+        // handful (a hash that ignored the address's low bits would).
+        let mut g = AddrFilter::default();
+        for i in 0..=255u8 {
+            for j in 0..16u8 {
+                g.set(u32::from_be_bytes([10, 96, j, i]).to_be(), port);
+            }
+        }
+        let set: u32 = g.words.iter().map(|w| w.count_ones()).sum();
+        assert!(
+            set > FILTER_BITS / 2,
+            "{set} of {FILTER_BITS} bits for 4096 addresses"
+        );
     }
 
     #[test]

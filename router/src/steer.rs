@@ -14,7 +14,9 @@ use aya::programs::links::CgroupAttachMode;
 use aya::programs::tc::SchedClassifierLinkId;
 use aya::programs::{CgroupSockAddr, SchedClassifier, TcAttachType};
 use aya::{Ebpf, EbpfLoader};
-use kt_common::steer::{Flow, FlowKey, SockKey, SteerKey, SteerTarget, Timeouts, counter};
+use kt_common::steer::{
+    AddrFilter, Flow, FlowKey, SockKey, SteerKey, SteerTarget, Timeouts, counter,
+};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kt-tc"));
 
@@ -151,7 +153,16 @@ pub struct Steering {
     tc_attach: TcAttach,
     /// What the programs were told ([`Steering::set_timeouts`]), for [`Steering::sweep`].
     timeouts: Timeouts,
+    /// Steering entries removed lately, and when: their bits stay in the address filter until
+    /// a sweep after [`Steering::retire_after`], as a program run that found the entry just
+    /// before its removal may still be adding its flow.
+    retiring: Vec<(SteerKey, SteerTarget, std::time::Instant)>,
+    retire_after: std::time::Duration,
 }
+
+/// How long a removed steering entry keeps its bits in the address filter (a program run
+/// lasts microseconds).
+const RETIRE_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// What a [`Steering::sweep`] found.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -214,6 +225,8 @@ impl Steering {
             ebpf,
             tc_attach: TcAttach::Auto,
             timeouts: Timeouts::default(),
+            retiring: vec![],
+            retire_after: RETIRE_AFTER,
         })
     }
 
@@ -334,16 +347,26 @@ impl Steering {
             port: to.port().to_be(),
             pad: 0,
         };
-        // On before the entry exists: a first packet must not slip past it.
+        let key = steer_key(dst, proto);
+        // The filter's bits and the programs on before the entry exists: a first packet must
+        // not slip past it, nor its flow's next ones.
+        let mut filter = self.filter()?;
+        filter.set(key.addr, key.port);
+        filter.set(target.addr, target.port);
+        self.set_filter(filter)?;
         self.set_active(true)?;
         self.steers()?
-            .insert(steer_key(dst, proto), target, 0)
+            .insert(key, target, 0)
             .with_context(|| format!("steering {dst} to {to}"))
     }
 
     /// Stops steering new flows to `dst`; flows under way keep their shadow until they end.
     pub fn unsteer(&mut self, dst: SocketAddrV4, proto: Proto) -> Result<()> {
-        match self.steers()?.remove(&steer_key(dst, proto)) {
+        let key = steer_key(dst, proto);
+        if let Ok(target) = self.steers()?.get(&key, 0) {
+            self.retiring.push((key, target, std::time::Instant::now()));
+        }
+        match self.steers()?.remove(&key) {
             Ok(()) => Ok(()),
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.kind() == std::io::ErrorKind::NotFound =>
@@ -375,6 +398,21 @@ impl Steering {
         Ok(())
     }
 
+    /// The address filter (`KT_TC_ADDRS`; see `kt_common::steer`).
+    fn filter(&self) -> Result<AddrFilter> {
+        let map = self.ebpf.map("KT_TC_ADDRS").context("no address filter")?;
+        Ok(Array::<_, AddrFilter>::try_from(map)?.get(&0, 0)?)
+    }
+
+    fn set_filter(&mut self, f: AddrFilter) -> Result<()> {
+        let map = self
+            .ebpf
+            .map_mut("KT_TC_ADDRS")
+            .context("no address filter")?;
+        Array::<_, AddrFilter>::try_from(map)?.set(0, f, 0)?;
+        Ok(())
+    }
+
     /// Whether the tc programs act now.
     #[cfg(test)]
     fn active(&self) -> Result<bool> {
@@ -383,12 +421,15 @@ impl Steering {
     }
 
     /// Removes the flow entries idle past their timeout (the programs only notice one when a
-    /// packet of its flow comes), and turns the tc programs off when nothing is steered and no
-    /// flow lives, on when something is: run it periodically, and once after loading (flows
-    /// taken over from an earlier router need the programs on).
+    /// packet of its flow comes), sets the address filter to what is steered and what the live
+    /// flows use (bits of what is gone are cleared), and turns the tc programs off when
+    /// nothing is steered and no flow lives, on when something is: run it periodically, and
+    /// once after loading (flows taken over from an earlier router need the filter and the
+    /// programs on).
     pub fn sweep(&mut self) -> Result<Swept> {
         let now = monotonic_ns()?;
         let mut swept = Swept::default();
+        let mut filter = AddrFilter::default();
         for name in FLOW_MAPS {
             let map = self.ebpf.map_mut(name).context("no flow map")?;
             let mut flows = HashMap::<_, FlowKey, Flow>::try_from(map)?;
@@ -401,6 +442,8 @@ impl Steering {
                     expired.push(key);
                 } else {
                     swept.live += 1;
+                    // Forward: the original destination; reverse: the shadow.
+                    filter.set(key.peer, key.peer_port);
                 }
             }
             for key in expired {
@@ -409,7 +452,20 @@ impl Steering {
                 }
             }
         }
-        let steering = self.steers()?.keys().next().is_some();
+        let mut steering = false;
+        for entry in self.steers()?.iter() {
+            let Ok((key, target)) = entry else { continue };
+            steering = true;
+            filter.set(key.addr, key.port);
+            filter.set(target.addr, target.port);
+        }
+        let after = self.retire_after;
+        self.retiring.retain(|(_, _, at)| at.elapsed() < after);
+        for (key, target, _) in &self.retiring {
+            filter.set(key.addr, key.port);
+            filter.set(target.addr, target.port);
+        }
+        self.set_filter(filter)?;
         swept.active = steering || swept.live > 0;
         self.set_active(swept.active)?;
         Ok(swept)

@@ -7,6 +7,10 @@
 //! - `kt_tc_egress`, on egress of the same veth (packets to the pod): the shadow's replies get
 //!   the original `address:port` back as their source.
 //!
+//! Both leave a packet after one flag read while the node steers nothing, and after one more
+//! array read when its destination (out of a pod) or source (into a pod) has no bit in the
+//! address filter (`KT_TC_ADDRS`): only the packets that may be steered pay for a flow lookup.
+//!
 //! IPv4 over Ethernet only (pod veths); IP fragments, other protocols and packets that match
 //! no flow leave untouched, and so does a packet whose rewrite fails (counted). The verdict is
 //! always `TC_ACT_OK`: the kernel routes the rewritten packet and netfilter's conntrack sees
@@ -32,8 +36,8 @@ use aya_ebpf::macros::{classifier, map};
 use aya_ebpf::maps::{Array, HashMap, LruHashMap, PerCpuArray};
 use aya_ebpf::programs::TcContext;
 use kt_common::steer::{
-    Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_FLOWS, MAX_STEERS, SockKey, SteerKey, SteerTarget,
-    Timeouts, counter, flow_state,
+    AddrFilter, Flow, FlowKey, IPPROTO_TCP, IPPROTO_UDP, MAX_FLOWS, MAX_STEERS, SockKey, SteerKey,
+    SteerTarget, Timeouts, counter, flow_state,
 };
 
 /// Steered destinations -> the shadow they go to.
@@ -53,6 +57,11 @@ static KT_TC_TIMEOUTS: Array<Timeouts> = Array::with_max_entries(1, 0);
 /// array read, so a node nobody steers through pays almost nothing.
 #[map]
 static KT_TC_ACTIVE: Array<u32> = Array::with_max_entries(1, 0);
+/// The `address:port`s steering can involve ([`AddrFilter`]): a packet whose destination (out
+/// of a pod) or source (into a pod) has no bit here belongs to no steered flow, and is left
+/// after one array read instead of a flow-map lookup.
+#[map]
+static KT_TC_ADDRS: Array<AddrFilter> = Array::with_max_entries(1, 0);
 /// The node's network namespace cookie (0: the sock_addr programs do nothing).
 #[map]
 pub(crate) static KT_HOST_NETNS: Array<u64> = Array::with_max_entries(1, 0);
@@ -87,6 +96,12 @@ const TCP_ACK: u8 = 0x10;
 #[inline(always)]
 fn active() -> bool {
     KT_TC_ACTIVE.get(0).is_some_and(|v| *v != 0)
+}
+
+/// Whether `addr:port` may take part in steering (`KT_TC_ADDRS`).
+#[inline(always)]
+fn involved(addr: u32, port: u16) -> bool {
+    KT_TC_ADDRS.get(0).is_some_and(|f| f.has(addr, port))
 }
 
 #[inline(always)]
@@ -307,6 +322,9 @@ pub fn kt_tc_ingress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn ingress(ctx: &TcContext) -> Option<()> {
     let p = parse(ctx)?;
+    if !involved(p.dst, p.dport) {
+        return None;
+    }
     let key = FlowKey {
         client: p.src,
         peer: p.dst,
@@ -391,6 +409,9 @@ pub fn kt_tc_egress(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn egress(ctx: &TcContext) -> Option<()> {
     let p = parse(ctx)?;
+    if !involved(p.src, p.sport) {
+        return None;
+    }
     let key = FlowKey {
         client: p.dst,
         peer: p.src,

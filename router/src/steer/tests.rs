@@ -8,7 +8,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use aya::programs::{SchedClassifier, TestRun, TestRunOptions};
-use kt_common::steer::{IPPROTO_TCP, IPPROTO_UDP, flow_state};
+use kt_common::steer::{AddrFilter, IPPROTO_TCP, IPPROTO_UDP, flow_state};
 
 use super::*;
 
@@ -458,6 +458,71 @@ fn the_programs_act_only_while_something_is_steered_or_a_flow_lives() {
     );
     assert!(flow_keys(&s, "KT_FLOWS_FWD").is_empty() && flow_keys(&s, "KT_FLOWS_REV").is_empty());
     assert!(!s.active().unwrap());
+}
+
+/// Whether the address filter has `a`'s bit.
+fn in_filter(s: &Steering, a: SocketAddrV4) -> bool {
+    s.filter()
+        .unwrap()
+        .has(u32::from(*a.ip()).to_be(), a.port().to_be())
+}
+
+#[test]
+#[ignore = "needs root: loads the tc programs and runs them with BPF_PROG_TEST_RUN"]
+fn the_address_filter_holds_what_is_steered_and_what_live_flows_use() {
+    let mut s = Steering::load().expect("load");
+    s.retire_after = std::time::Duration::ZERO;
+    s.steer(CLUSTER_IP, Proto::Tcp, SHADOW).unwrap();
+    assert!(in_filter(&s, CLUSTER_IP) && in_filter(&s, SHADOW));
+    assert!(!in_filter(&s, OTHER), "nothing else");
+    let c = client(45000);
+    assert_eq!(
+        seen(&out_of_pod(&s, &Pkt::tcp(c, CLUSTER_IP, SYN))).dst,
+        SHADOW
+    );
+    s.unsteer(CLUSTER_IP, Proto::Tcp).unwrap();
+    s.sweep().unwrap();
+    assert!(
+        in_filter(&s, CLUSTER_IP) && in_filter(&s, SHADOW),
+        "kept for the flow that lives on"
+    );
+    // The programs take the filter's word: without its bits, the flow's packets pass as they
+    // are, in both directions.
+    s.set_filter(AddrFilter::default()).unwrap();
+    let data = Pkt::tcp(c, CLUSTER_IP, ACK | PSH);
+    assert_eq!(out_of_pod(&s, &data), data.bytes());
+    let reply = Pkt::tcp(SHADOW, c, ACK);
+    assert_eq!(into_pod(&s, &reply), reply.bytes());
+    // The sweep puts them back while the flow lives, and clears them once it has idled out.
+    s.sweep().unwrap();
+    assert_eq!(seen(&out_of_pod(&s, &data)).dst, SHADOW);
+    assert_eq!(seen(&into_pod(&s, &reply)).src, CLUSTER_IP);
+    s.set_timeouts(Timeouts {
+        tcp_ns: 1,
+        udp_ns: 1,
+        closing_ns: 1,
+    })
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1));
+    s.sweep().unwrap();
+    assert_eq!(s.filter().unwrap(), AddrFilter::default());
+}
+
+#[test]
+#[ignore = "needs root: loads the tc programs and runs them with BPF_PROG_TEST_RUN"]
+fn a_removed_steering_entry_keeps_its_bits_for_a_moment() {
+    let mut s = Steering::load().expect("load");
+    s.retire_after = std::time::Duration::from_secs(3600);
+    s.steer(CLUSTER_IP, Proto::Tcp, SHADOW).unwrap();
+    s.unsteer(CLUSTER_IP, Proto::Tcp).unwrap();
+    s.sweep().unwrap();
+    assert!(
+        in_filter(&s, CLUSTER_IP) && in_filter(&s, SHADOW),
+        "a program run that found the entry may still be adding its flow"
+    );
+    s.retire_after = std::time::Duration::ZERO;
+    s.sweep().unwrap();
+    assert!(!in_filter(&s, CLUSTER_IP) && !in_filter(&s, SHADOW));
 }
 
 #[test]
