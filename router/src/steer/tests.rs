@@ -441,13 +441,7 @@ fn the_programs_act_only_while_something_is_steered_or_a_flow_lives() {
         "and it keeps its shadow"
     );
     // It idles out: the sweep removes it and turns the programs off.
-    s.set_timeouts(Timeouts {
-        tcp_ns: 1,
-        udp_ns: 1,
-        closing_ns: 1,
-    })
-    .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1));
+    idle_out_every_flow(&mut s);
     assert_eq!(
         s.sweep().unwrap(),
         Swept {
@@ -458,6 +452,17 @@ fn the_programs_act_only_while_something_is_steered_or_a_flow_lives() {
     );
     assert!(flow_keys(&s, "KT_FLOWS_FWD").is_empty() && flow_keys(&s, "KT_FLOWS_REV").is_empty());
     assert!(!s.active().unwrap());
+}
+
+/// Makes every flow idle past its timeout (1 ns), for the next sweep to remove.
+fn idle_out_every_flow(s: &mut Steering) {
+    s.set_timeouts(Timeouts {
+        tcp_ns: 1,
+        udp_ns: 1,
+        closing_ns: 1,
+    })
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1));
 }
 
 /// Whether the address filter has `a`'s bit.
@@ -497,13 +502,7 @@ fn the_address_filter_holds_what_is_steered_and_what_live_flows_use() {
     s.sweep().unwrap();
     assert_eq!(seen(&out_of_pod(&s, &data)).dst, SHADOW);
     assert_eq!(seen(&into_pod(&s, &reply)).src, CLUSTER_IP);
-    s.set_timeouts(Timeouts {
-        tcp_ns: 1,
-        udp_ns: 1,
-        closing_ns: 1,
-    })
-    .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1));
+    idle_out_every_flow(&mut s);
     s.sweep().unwrap();
     assert_eq!(s.filter().unwrap(), AddrFilter::default());
 }

@@ -265,20 +265,7 @@ impl Inbound {
         ktctl: &Path,
         raw: &mut BTreeMap<String, Values>,
     ) -> Result<pinned::Sample> {
-        let expose = format!("{LOCAL_PORT}:80");
-        let node = b.node_selector();
-        let args = [
-            "exchange",
-            OTHER,
-            "--expose",
-            &expose,
-            "--mode",
-            "ebpf",
-            "--nodeSelector",
-            &node,
-        ];
-        let ready = format!("Now all request to service '{OTHER}' will be redirected to local");
-        let (k, _) = bg(&b.tb, ktctl, &args, &ready, Duration::from_secs(120))?;
+        let k = start_exchange(b, ktctl, OTHER, "ebpf")?;
         let sample = with_output(&k, || {
             self.wait_reached(b, &self.other_base, OTHER, None, "laptop")?;
             self.wait_served_by(b, None, "pod")?;
@@ -352,20 +339,7 @@ impl Inbound {
     fn exchange(&self, b: &Bench, ktctl: &Path, mode: &str, values: &mut Values) -> Result<()> {
         self.wait_released(b)?;
         let start = Instant::now();
-        let expose = format!("{LOCAL_PORT}:80");
-        let node = b.node_selector();
-        let args = [
-            "exchange",
-            SERVICE,
-            "--expose",
-            &expose,
-            "--mode",
-            mode,
-            "--nodeSelector",
-            &node,
-        ];
-        let ready = format!("Now all request to service '{SERVICE}' will be redirected to local");
-        let (k, _) = bg(&b.tb, ktctl, &args, &ready, Duration::from_secs(120))?;
+        let k = start_exchange(b, ktctl, SERVICE, mode)?;
         with_output(&k, || {
             self.wait_served_by(b, None, "laptop")?;
             push(
@@ -533,6 +507,26 @@ impl Inbound {
             std::thread::sleep(Duration::from_millis(200));
         }
     }
+}
+
+/// `ktctl exchange service` in `mode` to the laptop's nginx, its shadow on the nginx pod's
+/// node, once it says that requests are redirected.
+fn start_exchange(b: &Bench, ktctl: &Path, service: &str, mode: &str) -> Result<Bg> {
+    let expose = format!("{LOCAL_PORT}:80");
+    let node = b.node_selector();
+    let args = [
+        "exchange",
+        service,
+        "--expose",
+        &expose,
+        "--mode",
+        mode,
+        "--nodeSelector",
+        &node,
+    ];
+    let ready = format!("Now all request to service '{service}' will be redirected to local");
+    let (k, _) = bg(&b.tb, ktctl, &args, &ready, Duration::from_secs(120))?;
+    Ok(k)
 }
 
 /// The Service's selector and annotations (as JSON).
