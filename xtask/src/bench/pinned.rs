@@ -9,11 +9,13 @@
 //! on that core's clock, so what the router adds shows in full. The small requests' p50 is
 //! timed by `bench-tool latency` on a nanosecond clock (wrk's percentiles have 1 µs steps,
 //! about 2% of this p50: the first runs of this measurement with wrk gave nothing but whole
-//! µs). Each phase takes several short runs of each workload and keeps their trimmed mean. The
+//! µs). A reading takes several short runs of each workload and keeps their trimmed mean. The
 //! bulk figure is timed the same way, by `bench-tool throughput` (the file downloaded again
 //! and again on one connection for as long as a p50 run), not by single downloads of the
 //! file: one of those takes a fifth of a second at these rates, and five of them ranged over
-//! ±12% in one phase where the time-bounded runs kept within about ±3%.
+//! ±12% in one phase where the time-bounded runs kept within about ±1%. Readings minutes apart
+//! still differ by several per cent: the bench compares only neighbouring ones
+//! ([`against_without`]).
 
 use std::fs;
 use std::path::Path;
