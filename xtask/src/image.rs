@@ -81,7 +81,7 @@ fn append(
     Ok(())
 }
 
-/// Builds target/image/kt-router-<version>.oci.tar and returns its path.
+/// Builds `target/image/kt-router-<version>.oci.tar` and returns its path.
 pub fn build() -> Result<PathBuf> {
     let bin = std::fs::read(static_binary()?)?;
     // The layer: / with the binary, a /tmp and the CA bundle folder left empty.
