@@ -36,7 +36,7 @@ pub(super) struct Sample {
 }
 
 impl Sample {
-    /// Records this reading as `path`'s.
+    /// Records this reading in a path's `values`.
     pub(super) fn push(&self, values: &mut Values) {
         push(values, "pinned_keepalive_p50_us", Some(self.p50_us));
         push(values, "pinned_bulk_1_stream_mib_s", Some(self.bulk_mib_s));
